@@ -1,0 +1,111 @@
+//! cgsentry's kernel side. Tracepoints only (stable formats: one object for 6.1 and 6.18).
+//!
+//! `sched:sched_switch` charges the time since the previous switch on this CPU to the
+//! cgroup of the task leaving it (`bpf_get_current_cgroup_id()`: at this tracepoint,
+//! `current` is still the previous task). Every map is per-CPU: no atomics, no
+//! cross-CPU cache-line bouncing on the hottest path of the kernel. Nothing is logged
+//! per event: drops are counted in `STATS`, and only the first drop on a CPU is logged.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use monitor_common::{CGROUP_CPU_MAX_ENTRIES, CgroupCpu, CpuSlice, DEFAULT_NEXT_PID_OFFSET, Stat};
+
+#[map(name = "CGROUP_CPU")]
+static CGROUP_CPU: PerCpuHashMap<u64, CgroupCpu> =
+    PerCpuHashMap::with_max_entries(CGROUP_CPU_MAX_ENTRIES, 0);
+
+#[map(name = "CPU_SLICE")]
+static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// Set by the loader from tracefs' `sched_switch/format` (see `monitor-common`).
+#[unsafe(no_mangle)]
+static NEXT_PID_OFFSET: u32 = DEFAULT_NEXT_PID_OFFSET;
+
+/// `BPF_NOEXIST`: create only; a concurrent creator on this CPU cannot exist (per-CPU
+/// maps are updated with preemption disabled), so this never races.
+const BPF_NOEXIST: u64 = 1;
+
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    match try_sched_switch(&ctx) {
+        Ok(()) => 0,
+        Err(stat) => {
+            if count(stat) == 1 {
+                // First occurrence on this CPU: worth one line in the agent's log.
+                warn!(&ctx, "sched_switch: first {} on this CPU", stat as u32);
+            }
+            0
+        }
+    }
+}
+
+fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let offset = unsafe { core::ptr::read_volatile(&raw const NEXT_PID_OFFSET) };
+    let next_pid: u32 = unsafe { ctx.read_at(offset as usize) }.map_err(|_| Stat::ReadError)?;
+    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(Stat::ReadError)?;
+    // SAFETY: per-CPU value of a per-CPU array; preemption is off in tracepoints.
+    let start = unsafe { (*slice).start_ns };
+    unsafe {
+        (*slice).start_ns = now;
+        (*slice).pid = next_pid;
+    }
+    if start == 0 {
+        return Ok(()); // first switch seen on this CPU: nothing to charge yet
+    }
+    // The low 32 bits are the thread id; 0 is the idle task, whose time is not charged.
+    #[expect(clippy::cast_possible_truncation, reason = "low half is the thread id")]
+    let prev_pid = bpf_get_current_pid_tgid() as u32;
+    if prev_pid == 0 {
+        return Ok(());
+    }
+    let delta = now.checked_sub(start).ok_or(Stat::ClockBackwards)?;
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    match CGROUP_CPU.get_ptr_mut(cgroup) {
+        Some(value) => unsafe {
+            (*value).on_cpu_ns += delta;
+            (*value).switches += 1;
+        },
+        None => {
+            let value = CgroupCpu {
+                on_cpu_ns: delta,
+                switches: 1,
+            };
+            CGROUP_CPU
+                .insert(cgroup, value, BPF_NOEXIST)
+                .map_err(|_| Stat::CgroupMapFull)?;
+        }
+    }
+    Ok(())
+}
+
+/// Bumps a health counter; returns its new value on this CPU.
+fn count(stat: Stat) -> u64 {
+    match STATS.get_ptr_mut(stat as u32) {
+        Some(counter) => unsafe {
+            *counter += 1;
+            *counter
+        },
+        None => 0,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,87 @@
+//! Command line (clap derive). Help texts teach: what, unit, default, example.
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cgsentry",
+    version,
+    about = "Per-cgroup resource guard: sees runaway loops, leaks and process explosions \
+             in the kernel (eBPF) and contains them before the OOM killer acts",
+    after_help = "Run as root. Logs go to stderr (filter with RUST_LOG, e.g. RUST_LOG=debug); \
+                  tables and JSON go to stdout."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs and show the busiest cgroups every tick (Ctrl-C stops,
+    /// detaching everything).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Time between ticks: `1s`, `500ms`, `2` (seconds). Between 50ms and 1h.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// Rows in the table: the N busiest cgroups.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+
+    /// Print one JSON object per tick (every cgroup with CPU in that tick) instead of
+    /// the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop after N ticks (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_name = "N")]
+    pub ticks: Option<u64>,
+}
+
+/// `1s`, `250ms`, `1m`, or a bare number of seconds (`2`, `0.5`).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s:?} is not a positive duration")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?,
+    };
+    if d < Duration::from_millis(50) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?}: the interval must be between 50ms and 1h"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_interval("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_interval("10ms").unwrap_err().contains("between"));
+        assert!(parse_interval("2h").is_err());
+        assert!(parse_interval("-1").is_err());
+        assert!(parse_interval("soon").is_err());
+        assert!(parse_interval("NaN").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["cgsentry", "run", "--top", "3", "--json", "--ticks", "2"])
+            .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!((args.top, args.json, args.ticks), (3, true, Some(2)));
+        assert_eq!(args.interval, Duration::from_secs(1));
+    }
+}

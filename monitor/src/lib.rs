@@ -1,0 +1,13 @@
+//! cgsentry, the agent: collects per-cgroup signals from eBPF and cgroup v2 files and,
+//! in later stages, detects, decides and contains (see DESIGN.md's pipeline).
+//!
+//! Stages: [`preflight`] (is the kernel usable), [`probes`] (eBPF load/attach/maps),
+//! [`cgroupfs`] (cgroup v2 files), [`collect`] (one `Snapshot` per tick),
+//! [`report`] (table, JSON), [`agent`] (the tokio loop), [`cli`].
+pub mod agent;
+pub mod cgroupfs;
+pub mod cli;
+pub mod collect;
+pub mod preflight;
+pub mod probes;
+pub mod report;

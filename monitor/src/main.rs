@@ -1,0 +1,38 @@
+//! The `cgsentry` binary: parses the command line and hands over to the library.
+use cgsentry::cli::{Cli, Command};
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    // Logs (ours, and aya-log's records through the `log` bridge) go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cgsentry: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => cgsentry::agent::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cgsentry: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

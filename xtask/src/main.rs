@@ -1,0 +1,135 @@
+//! `cargo xtask`: everything that *runs* things for cgsentry (aya-template convention:
+//! building the eBPF object is monitor/build.rs's job, not ours).
+mod cmd;
+mod setup;
+
+use std::{ffi::OsString, process::Command};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{as_root, cargo, is_root, run, workspace_root};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test cgsentry",
+    long_about = "Build, run and test cgsentry.\n\n\
+        Every command installs what it needs first (`setup`), so on a fresh machine\n\
+        `cargo xtask test` and `cargo xtask run` work alone."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing needs: Debian packages (bpftool, qemu,
+    /// busybox, cpio), nightly rust-src and bpf-linker. Idempotent.
+    Setup {
+        /// Only report what is missing; exit non-zero if anything is.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the agent (release), with its eBPF programs embedded.
+    Build,
+    /// Build and run `cgsentry run` as root (re-executed through sudo when not root).
+    /// Arguments after `--` go to `cgsentry run`, e.g. `cargo xtask run -- --top 5 --json`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// README's test command: fmt, clippy (agent and eBPF), unit tests, then the host
+    /// integration tests as root.
+    Test {
+        /// Skip the host integration tests (they need root and an eBPF-capable kernel).
+        #[arg(long)]
+        no_host: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup { check } => setup::setup(check),
+        Task::Build => build(),
+        Task::Run { args } => {
+            build()?;
+            let bin = workspace_root().join("target/release/cgsentry");
+            let mut cmd = as_root(bin);
+            cmd.arg("run").args(args);
+            let status = cmd::status(&mut cmd)?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { no_host } => test(no_host),
+    }
+}
+
+fn build() -> Result<()> {
+    setup::ensure()?;
+    run(cargo().args(["build", "--release", "--package", "monitor"]))
+}
+
+fn test(no_host: bool) -> Result<()> {
+    setup::ensure()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    clippy_ebpf()?;
+    run(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "monitor-ebpf",
+        "--lib",
+        "--bins",
+    ]))?;
+    if no_host {
+        eprintln!("xtask: host integration tests skipped (--no-host)");
+        return Ok(());
+    }
+    // Kernel tests are serial: they share the machine's cgroup tree and BPF programs.
+    let host = [
+        "test",
+        "--package",
+        "monitor",
+        "--test",
+        "host",
+        "--",
+        "--test-threads=1",
+    ];
+    if is_root() {
+        run(cargo().args(host))
+    } else {
+        let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run(as_root(cargo_bin).current_dir(workspace_root()).args(host))
+    }
+}
+
+/// Clippy on the eBPF crate, for its own target: nightly, bpfel, `-Z build-std=core`,
+/// in its own target directory so it never fights the main build for the lock.
+fn clippy_ebpf() -> Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(workspace_root())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "monitor-ebpf",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]);
+    for var in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        cmd.env_remove(var);
+    }
+    if run(&mut cmd).is_err() {
+        bail!("clippy found problems in monitor-ebpf (see above)");
+    }
+    Ok(())
+}
