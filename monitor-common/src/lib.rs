@@ -40,12 +40,12 @@ pub struct CgroupCpu {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuSlice {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the last switch on this CPU; 0 if none seen.
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) at the last switch on this CPU; 0 if none seen.
     pub start_ns: u64,
     /// Thread id switched in at `start_ns`; 0 is the idle task.
     pub pid: u32,
-    /// Explicit padding: keeps the layout identical on both sides.
-    pub _pad: u32,
+    /// Explicit padding: keeps the layout identical on both sides. Always 0.
+    pub padding: u32,
 }
 
 /// Counters of the eBPF side's own health, indexes into [`STATS_MAP`].
@@ -65,6 +65,7 @@ impl Stat {
     /// Every stat, in id order.
     pub const ALL: [Stat; 3] = [Stat::CgroupMapFull, Stat::ClockBackwards, Stat::ReadError];
     /// Number of slots in [`STATS_MAP`].
+    #[expect(clippy::cast_possible_truncation, reason = "3 stats fit in u32")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// Stable name for logs and metrics.

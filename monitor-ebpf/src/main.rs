@@ -36,6 +36,10 @@ static NEXT_PID_OFFSET: u32 = DEFAULT_NEXT_PID_OFFSET;
 const BPF_NOEXIST: u64 = 1;
 
 #[tracepoint(category = "sched", name = "sched_switch")]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[tracepoint] macro's signature"
+)]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
         Ok(()) => 0,
@@ -71,22 +75,21 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
     }
     let delta = now.checked_sub(start).ok_or(Stat::ClockBackwards)?;
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    match CGROUP_CPU.get_ptr_mut(cgroup) {
-        Some(value) => unsafe {
+    if let Some(value) = CGROUP_CPU.get_ptr_mut(cgroup) {
+        // SAFETY: this CPU's copy of a per-CPU value; preemption is off in tracepoints.
+        unsafe {
             (*value).on_cpu_ns += delta;
             (*value).switches += 1;
-        },
-        None => {
-            let value = CgroupCpu {
-                on_cpu_ns: delta,
-                switches: 1,
-            };
-            CGROUP_CPU
-                .insert(cgroup, value, BPF_NOEXIST)
-                .map_err(|_| Stat::CgroupMapFull)?;
         }
+        return Ok(());
     }
-    Ok(())
+    let value = CgroupCpu {
+        on_cpu_ns: delta,
+        switches: 1,
+    };
+    CGROUP_CPU
+        .insert(cgroup, value, BPF_NOEXIST)
+        .map_err(|_| Stat::CgroupMapFull)
 }
 
 /// Bumps a health counter; returns its new value on this CPU.

@@ -15,7 +15,7 @@ use crate::{
     cli::RunArgs,
     collect::Collector,
     preflight,
-    probes::Probes,
+    probes::{LoadOptions, Probes},
     report,
 };
 
@@ -25,7 +25,10 @@ use crate::{
 /// Preflight or loading failed (the message says what to do), or stdout closed.
 pub async fn run(args: RunArgs) -> Result<()> {
     let env = preflight::prepare()?;
-    let mut probes = Probes::load(&env)?;
+    let options = LoadOptions {
+        cgroup_map_capacity: args.cgroup_map_capacity,
+    };
+    let mut probes = Probes::load(&env, options)?;
     spawn_ebpf_logger(&mut probes);
     let index = CgroupIndex::new(CgroupReader::new(&env.cgroup_root));
     let mut collector = Collector::new(probes, index, "/proc");

@@ -156,8 +156,9 @@ pub fn parse_proc_cgroup(text: &str) -> Option<String> {
         .map(|p| p.trim_end_matches(" (deleted)").to_owned())
 }
 
-/// Resolves cgroup ids to paths, re-walking the tree at most once per call to
-/// [`CgroupIndex::resolve_all`] when an id is unknown (a cgroup created since).
+/// Resolves cgroup ids to paths. A cached path is trusted only while its directory
+/// still has that inode (one `stat`); an unknown or stale id triggers at most one
+/// re-walk per call to [`CgroupIndex::resolve_all`].
 #[derive(Debug)]
 pub struct CgroupIndex {
     reader: CgroupReader,
@@ -176,8 +177,14 @@ impl CgroupIndex {
         &self.reader
     }
 
-    /// Path of every id in `ids`; ids still unknown after one re-walk are gone
-    /// (deleted cgroups) and map to `None`.
+    fn cached_and_current(&self, id: CgroupId) -> bool {
+        self.by_id
+            .get(&id)
+            .is_some_and(|rel| self.reader.id_of(rel).ok().flatten() == Some(id))
+    }
+
+    /// Path of every id in `ids`; ids not found by a fresh walk are gone (deleted
+    /// cgroups) and map to `None`.
     pub fn resolve_all<'a>(
         &mut self,
         ids: impl IntoIterator<Item = &'a CgroupId> + Clone,
@@ -185,7 +192,7 @@ impl CgroupIndex {
         if ids
             .clone()
             .into_iter()
-            .any(|id| !self.by_id.contains_key(id))
+            .any(|id| !self.cached_and_current(*id))
         {
             self.by_id = self.reader.walk();
         }
@@ -273,6 +280,20 @@ mod tests {
         let got = index.resolve_all(&[new_id, c_id]);
         assert_eq!(got[&new_id].as_deref(), Some("/new"));
         assert_eq!(got[&c_id], None, "a deleted cgroup resolves to None");
+    }
+
+    #[test]
+    fn index_notices_deleted_cgroup_it_knew() {
+        let (dir, reader) = tree();
+        let mut index = CgroupIndex::new(reader);
+        let c_id = std::fs::metadata(dir.path().join("c")).unwrap().ino();
+        assert_eq!(index.resolve_all(&[c_id])[&c_id].as_deref(), Some("/c"));
+        std::fs::remove_dir(dir.path().join("c")).unwrap();
+        assert_eq!(
+            index.resolve_all(&[c_id])[&c_id],
+            None,
+            "cached path is re-checked"
+        );
     }
 
     #[test]

@@ -42,6 +42,13 @@ pub struct RunArgs {
     /// Stop after N ticks (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub ticks: Option<u64>,
+
+    /// Cgroups the eBPF side can track at once. Deleted cgroups are forgotten every
+    /// tick; if more than this many are alive, CPU time of the newest is dropped and
+    /// counted ("eBPF dropped" in the table, `ebpf.cgroup_map_full` in JSON).
+    #[arg(long, value_name = "N", default_value_t = monitor_common::CGROUP_CPU_MAX_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub cgroup_map_capacity: u32,
 }
 
 /// `1s`, `250ms`, `1m`, or a bare number of seconds (`2`, `0.5`).
@@ -51,7 +58,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         Ok(_) => return Err(format!("{s:?} is not a positive duration")),
         Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?,
     };
-    if d < Duration::from_millis(50) || d > Duration::from_secs(3600) {
+    if d < Duration::from_millis(50) || d > Duration::from_hours(1) {
         return Err(format!("{s:?}: the interval must be between 50ms and 1h"));
     }
     Ok(d)

@@ -194,6 +194,9 @@ pub struct Snapshot {
 }
 
 /// Monotonic clock, nanoseconds: the clock of `bpf_ktime_get_ns()`.
+///
+/// # Panics
+/// Never on Linux: `CLOCK_MONOTONIC` always exists.
 #[must_use]
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -225,9 +228,10 @@ impl Collector {
         }
     }
 
-    /// The probes, e.g. to attach the eBPF logger.
-    pub fn probes_mut(&mut self) -> &mut Probes {
-        &mut self.probes
+    /// The probes whose maps this collector reads.
+    #[must_use]
+    pub fn probes(&self) -> &Probes {
+        &self.probes
     }
 
     /// One tick: deltas since the previous call (or since `new`).

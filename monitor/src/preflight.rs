@@ -205,7 +205,7 @@ fn ensure_bpffs() {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (<https://lwn.net/Articles/837122/>).
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK` (<https://lwn.net/Articles/837122/>).
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -43,7 +43,7 @@ pub const PROBES: &[ProbeSpec] = &[ProbeSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("loading the eBPF object failed: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {program} is not in the eBPF object (build mismatch)")]
     MissingProgram { program: &'static str },
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
@@ -54,13 +54,13 @@ pub enum ProbeError {
         category: &'static str,
         tracepoint: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("reading eBPF map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -72,8 +72,24 @@ pub struct Probes {
     stats: PerCpuArray<MapData, u64>,
     /// Names of the probes that attached.
     pub attached: Vec<&'static str>,
+    cgroup_map_capacity: u32,
     // Last: the programs (and their links) outlive the maps above while dropping.
     ebpf: Ebpf,
+}
+
+/// Knobs of [`Probes::load`].
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the per-cgroup map (default [`CGROUP_CPU_MAX_ENTRIES`]).
+    pub cgroup_map_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            cgroup_map_capacity: CGROUP_CPU_MAX_ENTRIES,
+        }
+    }
 }
 
 impl Probes {
@@ -81,11 +97,12 @@ impl Probes {
     ///
     /// # Errors
     /// The object does not load, or a required probe does not attach.
-    pub fn load(env: &Environment) -> Result<Self, ProbeError> {
+    pub fn load(env: &Environment, options: LoadOptions) -> Result<Self, ProbeError> {
         let mut ebpf = EbpfLoader::new()
             .override_global(NEXT_PID_OFFSET_GLOBAL, &env.next_pid_offset, true)
+            .map_max_entries(CGROUP_CPU_MAP, options.cgroup_map_capacity)
             .load(EBPF_OBJECT)
-            .map_err(ProbeError::Load)?;
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut attached = Vec::new();
         for spec in PROBES {
             match attach(&mut ebpf, spec) {
@@ -98,7 +115,12 @@ impl Probes {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
         };
-        let map_err = |map| move |source| ProbeError::Map { map, source };
+        let map_err = |map| {
+            move |source| ProbeError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
         let cgroup_cpu = PerCpuHashMap::try_from(take(&mut ebpf, CGROUP_CPU_MAP)?)
             .map_err(map_err(CGROUP_CPU_MAP))?;
         let cpu_slice = PerCpuArray::try_from(take(&mut ebpf, CPU_SLICE_MAP)?)
@@ -110,6 +132,7 @@ impl Probes {
             cpu_slice,
             stats,
             attached,
+            cgroup_map_capacity: options.cgroup_map_capacity,
             ebpf,
         })
     }
@@ -124,7 +147,7 @@ impl Probes {
     #[must_use]
     pub fn cgroup_cpu(&self) -> HashMap<u64, CgroupCpu> {
         let mut out = HashMap::new();
-        for item in self.cgroup_cpu.iter() {
+        for item in &self.cgroup_cpu {
             let Ok((id, per_cpu)) = item else { continue };
             let sum = per_cpu
                 .iter()
@@ -153,7 +176,7 @@ impl Probes {
             .map(|v| v.iter().copied().collect())
             .map_err(|source| ProbeError::Map {
                 map: CPU_SLICE_MAP,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -163,14 +186,13 @@ impl Probes {
         let read = |stat: Stat| {
             self.stats
                 .get(&(stat as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0)
+                .map_or(0, |v| v.iter().sum())
         };
         EbpfStats {
             cgroup_map_full: read(Stat::CgroupMapFull),
             clock_backwards: read(Stat::ClockBackwards),
             read_errors: read(Stat::ReadError),
-            cgroup_map_capacity: CGROUP_CPU_MAX_ENTRIES,
+            cgroup_map_capacity: self.cgroup_map_capacity,
         }
     }
 }
@@ -193,7 +215,7 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
         program: spec.program,
         category: spec.category,
         tracepoint: spec.tracepoint,
-        source,
+        source: Box::new(source),
     };
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
