@@ -59,13 +59,23 @@ pub enum Stat {
     ClockBackwards = 1,
     /// A tracepoint record could not be read.
     ReadError = 2,
+    /// Updating the cgroup map failed for a reason other than "full".
+    UpdateError = 3,
 }
 
 impl Stat {
     /// Every stat, in id order.
-    pub const ALL: [Stat; 3] = [Stat::CgroupMapFull, Stat::ClockBackwards, Stat::ReadError];
+    pub const ALL: [Stat; 4] = [
+        Stat::CgroupMapFull,
+        Stat::ClockBackwards,
+        Stat::ReadError,
+        Stat::UpdateError,
+    ];
     /// Number of slots in [`STATS_MAP`].
-    #[expect(clippy::cast_possible_truncation, reason = "3 stats fit in u32")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a handful of stats fit in u32"
+    )]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// Stable name for logs and metrics.
@@ -75,6 +85,7 @@ impl Stat {
             Stat::CgroupMapFull => "cgroup_map_full",
             Stat::ClockBackwards => "clock_backwards",
             Stat::ReadError => "read_error",
+            Stat::UpdateError => "update_error",
         }
     }
 }

@@ -31,9 +31,13 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[unsafe(no_mangle)]
 static NEXT_PID_OFFSET: u32 = DEFAULT_NEXT_PID_OFFSET;
 
-/// `BPF_NOEXIST`: create only; a concurrent creator on this CPU cannot exist (per-CPU
-/// maps are updated with preemption disabled), so this never races.
-const BPF_NOEXIST: u64 = 1;
+/// `BPF_ANY`. Two CPUs can miss the lookup of the same new cgroup at once (the keys of a
+/// per-CPU hash are shared): with `BPF_NOEXIST` the second insert would fail. From a
+/// program, an update of a per-CPU hash writes only this CPU's slot, so `BPF_ANY` is
+/// right in that race too: the other CPU's slot keeps its own value.
+const BPF_ANY: u64 = 0;
+/// `-E2BIG`: the map is full.
+const E2BIG: i64 = -7;
 
 #[tracepoint(category = "sched", name = "sched_switch")]
 #[expect(
@@ -44,9 +48,17 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     match try_sched_switch(&ctx) {
         Ok(()) => 0,
         Err(stat) => {
+            // The first occurrence on a CPU is worth one line in the agent's log.
             if count(stat) == 1 {
-                // First occurrence on this CPU: worth one line in the agent's log.
-                warn!(&ctx, "sched_switch: first {} on this CPU", stat as u32);
+                match stat {
+                    Stat::CgroupMapFull => warn!(
+                        &ctx,
+                        "sched_switch: cgroup map full, CPU time of new cgroups is dropped"
+                    ),
+                    Stat::ClockBackwards => warn!(&ctx, "sched_switch: clock went backwards"),
+                    Stat::ReadError => warn!(&ctx, "sched_switch: tracepoint record unreadable"),
+                    Stat::UpdateError => warn!(&ctx, "sched_switch: cgroup map update failed"),
+                }
             }
             0
         }
@@ -87,9 +99,13 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
         on_cpu_ns: delta,
         switches: 1,
     };
-    CGROUP_CPU
-        .insert(cgroup, value, BPF_NOEXIST)
-        .map_err(|_| Stat::CgroupMapFull)
+    CGROUP_CPU.insert(cgroup, value, BPF_ANY).map_err(|e| {
+        if i64::from(e) == E2BIG {
+            Stat::CgroupMapFull
+        } else {
+            Stat::UpdateError
+        }
+    })
 }
 
 /// Bumps a health counter; returns its new value on this CPU.

@@ -192,6 +192,7 @@ impl Probes {
             cgroup_map_full: read(Stat::CgroupMapFull),
             clock_backwards: read(Stat::ClockBackwards),
             read_errors: read(Stat::ReadError),
+            update_errors: read(Stat::UpdateError),
             cgroup_map_capacity: self.cgroup_map_capacity,
         }
     }
@@ -206,6 +207,8 @@ pub struct EbpfStats {
     pub clock_backwards: u64,
     /// Tracepoint records that could not be read.
     pub read_errors: u64,
+    /// Map updates that failed for another reason than a full map.
+    pub update_errors: u64,
     /// Capacity of the per-cgroup map.
     pub cgroup_map_capacity: u32,
 }

@@ -16,7 +16,7 @@ pub fn table(snap: &Snapshot, top: usize) -> String {
         snap.cpus,
         busy,
         snap.tracked_cgroups,
-        snap.ebpf.cgroup_map_full + snap.ebpf.read_errors,
+        snap.ebpf.cgroup_map_full + snap.ebpf.read_errors + snap.ebpf.update_errors,
         snap.tracked_cgroups,
         snap.ebpf.cgroup_map_capacity,
     );

@@ -2,6 +2,7 @@
 //! building the eBPF object is monitor/build.rs's job, not ours).
 mod cmd;
 mod setup;
+mod vm;
 
 use std::{ffi::OsString, process::Command};
 
@@ -46,7 +47,13 @@ enum Task {
         /// Skip the host integration tests (they need root and an eBPF-capable kernel).
         #[arg(long)]
         no_host: bool,
+        /// Skip the VM scenarios (`vm-test`).
+        #[arg(long)]
+        no_vm: bool,
     },
+    /// Boot a pure cgroup v2 kernel under QEMU and run scenarios from tests/scenarios/
+    /// (all by default), checking each one's expectations.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,7 +79,11 @@ fn run_task(task: Task) -> Result<()> {
             let status = cmd::status(&mut cmd)?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Test { no_host } => test(no_host),
+        Task::Test { no_host, no_vm } => test(no_host, no_vm),
+        Task::VmTest(args) => {
+            setup::ensure()?;
+            vm::vm_test(&args)
+        }
     }
 }
 
@@ -81,7 +92,7 @@ fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "--package", "monitor"]))
 }
 
-fn test(no_host: bool) -> Result<()> {
+fn test(no_host: bool, no_vm: bool) -> Result<()> {
     setup::ensure()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -96,24 +107,34 @@ fn test(no_host: bool) -> Result<()> {
     ]))?;
     if no_host {
         eprintln!("xtask: host integration tests skipped (--no-host)");
+    } else {
+        // Kernel tests are serial: they share the machine's cgroup tree and BPF programs.
+        let host = [
+            "test",
+            "--package",
+            "monitor",
+            "--test",
+            "host",
+            "--",
+            "--test-threads=1",
+        ];
+        if is_root() {
+            run(cargo().args(host))?;
+        } else {
+            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            run(as_root(cargo_bin).current_dir(workspace_root()).args(host))?;
+        }
+    }
+    if no_vm {
+        eprintln!("xtask: VM scenarios skipped (--no-vm)");
         return Ok(());
     }
-    // Kernel tests are serial: they share the machine's cgroup tree and BPF programs.
-    let host = [
-        "test",
-        "--package",
-        "monitor",
-        "--test",
-        "host",
-        "--",
-        "--test-threads=1",
-    ];
-    if is_root() {
-        run(cargo().args(host))
-    } else {
-        let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        run(as_root(cargo_bin).current_dir(workspace_root()).args(host))
-    }
+    vm::vm_test(&vm::VmTestArgs {
+        scenarios: Vec::new(),
+        repeat: 1,
+        mem: None,
+        keep_logs: None,
+    })
 }
 
 /// Clippy on the eBPF crate, for its own target: nightly, bpfel, `-Z build-std=core`,

@@ -109,7 +109,7 @@ fn missing_packages() -> Option<String> {
         .map(|(p, _)| *p)
         .filter(|p| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_none_or(|s| !s.ends_with("installed"))
+                .is_none_or(|s| s.trim() != "install ok installed")
         })
         .collect();
     (!missing.is_empty()).then(|| missing.join(" "))

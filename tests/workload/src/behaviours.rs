@@ -1,0 +1,283 @@
+//! One function per behaviour. Each prints JSON status lines (`{"workload": ...}`) on
+//! stdout: once a second and at the end, so a runner always has the latest state.
+use std::{
+    io::{Read as _, Write as _},
+    os::fd::{FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::mem::{MIB, Mapping};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// SIGTERM/SIGINT set a flag the loops poll, so they can print a final status.
+pub fn install_stop_handler() {
+    let handler = on_term as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGINT, handler);
+    }
+}
+
+fn stopping() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+pub fn status(value: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Grows by `mib_per_s` (0: as fast as possible) in `chunk_mib` steps, never frees, up
+/// to `max_mib` (0: no limit), then holds.
+pub fn leak(mib_per_s: f64, chunk_mib: usize, max_mib: usize) -> Result<()> {
+    let start = Instant::now();
+    let mut held: Vec<Mapping> = Vec::new();
+    let mut last_status = Instant::now();
+    while !stopping() {
+        let total = held.len() * chunk_mib;
+        if max_mib == 0 || total < max_mib {
+            held.push(Mapping::touched(chunk_mib * MIB).context("leak: mmap")?);
+        }
+        let total = held.len() * chunk_mib;
+        if mib_per_s > 0.0 {
+            let due = Duration::from_secs_f64(total as f64 / mib_per_s);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        } else if max_mib != 0 && total >= max_mib {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            status(&json!({"workload": "leak", "mib": total, "elapsed_ms": ms(start.elapsed())}));
+            last_status = Instant::now();
+        }
+    }
+    status(&json!({"workload": "leak", "mib": held.len() * chunk_mib, "final": true}));
+    Ok(())
+}
+
+/// `threads` busy loops for `seconds` (0: until stopped).
+pub fn spin(threads: usize, seconds: f64) {
+    let start = Instant::now();
+    let deadline = (seconds > 0.0).then(|| start + Duration::from_secs_f64(seconds));
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stopping() && deadline.is_none_or(|d| Instant::now() < d) {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                        );
+                    }
+                }
+                x
+            })
+        })
+        .collect();
+    let mut last_status = Instant::now();
+    while workers.iter().any(|w| !w.is_finished()) {
+        std::thread::sleep(Duration::from_millis(50));
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            status(
+                &json!({"workload": "spin", "threads": threads, "elapsed_ms": ms(start.elapsed())}),
+            );
+            last_status = Instant::now();
+        }
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    status(&json!({"workload": "spin", "threads": threads, "final": true}));
+}
+
+/// Rises to `to_mib` over `rise_s`, holds `hold_s` (pages kept hot), frees, exits 0:
+/// a legitimate burst, like a compiler or a model load.
+pub fn spike(to_mib: usize, rise_s: f64, hold_s: f64) -> Result<()> {
+    const STEP_MIB: usize = 8;
+    let start = Instant::now();
+    let steps = to_mib.div_ceil(STEP_MIB).max(1);
+    let mut held = Vec::with_capacity(steps);
+    for i in 0..steps {
+        if stopping() {
+            break;
+        }
+        held.push(Mapping::touched(STEP_MIB * MIB).context("spike: mmap")?);
+        let due = Duration::from_secs_f64(rise_s * (i + 1) as f64 / steps as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    status(&json!({"workload": "spike", "mib": held.len() * STEP_MIB, "phase": "plateau"}));
+    let hold_until = Instant::now() + Duration::from_secs_f64(hold_s);
+    while Instant::now() < hold_until && !stopping() {
+        std::thread::sleep(Duration::from_millis(500));
+        for m in &held {
+            m.touch();
+        }
+    }
+    drop(held);
+    status(&json!({"workload": "spike", "final": true, "elapsed_ms": ms(start.elapsed())}));
+    Ok(())
+}
+
+/// Every `period_ms`: map `mib` of fresh memory, touch it, unmap it — what a new request
+/// or command does — and record the largest time between two beats. A machine that
+/// thrashes or freezes shows here; a heartbeat that only sleeps would not notice.
+pub fn heartbeat(period_ms: u64, mib: usize) -> Result<()> {
+    let period = Duration::from_millis(period_ms);
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    let mut beats = 0u64;
+    let mut last_status = Instant::now();
+    while !stopping() {
+        std::thread::sleep(period);
+        drop(Mapping::touched(mib * MIB).context("heartbeat: mmap")?);
+        let now = Instant::now();
+        max_gap = max_gap.max(now - last);
+        last = now;
+        beats += 1;
+        if now - last_status >= Duration::from_secs(1) {
+            status(
+                &json!({"workload": "heartbeat", "beats": beats, "max_gap_ms": ms(max_gap),
+                           "elapsed_ms": ms(start.elapsed())}),
+            );
+            last_status = now;
+        }
+    }
+    // The time since the last beat counts too: a heartbeat stopped while stalled.
+    max_gap = max_gap.max(last.elapsed());
+    status(
+        &json!({"workload": "heartbeat", "beats": beats, "max_gap_ms": ms(max_gap), "final": true}),
+    );
+    Ok(())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: both fds are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Incident D: a process pool handed far more work than the machine holds, at once.
+/// `workers` processes are forked first; then the parent queues `jobs` jobs whose
+/// arguments (`mib_each` MiB each) it allocates up front, as fast as it can — the
+/// queued futures that ate the machine. A worker takes a job, needs `mib_each` MiB of
+/// working memory for `hold_ms`, and reports it done; the parent then frees its
+/// arguments. With finite jobs it finishes, given room, and exits 0 with every job done.
+pub fn pool_explosion(jobs: usize, mib_each: usize, workers: usize, hold_ms: u64) -> Result<()> {
+    let (job_rx, job_tx) = pipe()?;
+    let (done_rx, done_tx) = pipe()?;
+    let mut children = Vec::new();
+    for _ in 0..workers.max(1) {
+        // SAFETY: we are single-threaded here (no thread has been spawned yet), so the
+        // child may run arbitrary code.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => {
+                drop(job_tx);
+                drop(done_rx);
+                std::process::exit(pool_worker(&job_rx, &done_tx, mib_each, hold_ms));
+            }
+            pid => children.push(pid),
+        }
+    }
+    drop(job_rx);
+    drop(done_tx);
+    let start = Instant::now();
+    let mut job_pipe = std::fs::File::from(job_tx);
+    let queue: std::sync::Arc<std::sync::Mutex<Vec<Option<Mapping>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new((0..jobs).map(|_| None).collect()));
+    let reaper = {
+        let queue = queue.clone();
+        let mut done_pipe = std::fs::File::from(done_rx);
+        std::thread::spawn(move || {
+            let mut done = 0usize;
+            let mut buf = [0u8; 4];
+            while done_pipe.read_exact(&mut buf).is_ok() {
+                let id = u32::from_ne_bytes(buf) as usize;
+                if let Some(slot) = queue.lock().unwrap().get_mut(id) {
+                    *slot = None; // frees the job's arguments
+                }
+                done += 1;
+            }
+            done
+        })
+    };
+    let mut last_status = Instant::now();
+    for id in 0..jobs {
+        if stopping() {
+            break;
+        }
+        let args = Mapping::touched(mib_each * MIB).context("pool: mmap")?;
+        queue.lock().unwrap()[id] = Some(args);
+        let id32 = u32::try_from(id).context("too many jobs")?;
+        job_pipe
+            .write_all(&id32.to_ne_bytes())
+            .context("queueing a job")?;
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            status(
+                &json!({"workload": "pool", "queued": id + 1, "elapsed_ms": ms(start.elapsed())}),
+            );
+            last_status = Instant::now();
+        }
+    }
+    status(
+        &json!({"workload": "pool", "queued": jobs, "phase": "all queued", "elapsed_ms": ms(start.elapsed())}),
+    );
+    drop(job_pipe); // workers exit at EOF
+    for pid in children {
+        let mut st = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut st, 0) };
+    }
+    let done = reaper.join().unwrap_or(0);
+    status(
+        &json!({"workload": "pool", "jobs": jobs, "jobs_done": done, "final": true,
+                   "elapsed_ms": ms(start.elapsed())}),
+    );
+    if done == jobs {
+        Ok(())
+    } else {
+        bail!("pool: {done} of {jobs} jobs done")
+    }
+}
+
+fn pool_worker(jobs: &OwnedFd, done: &OwnedFd, mib_each: usize, hold_ms: u64) -> i32 {
+    let mut jobs = std::fs::File::from(jobs.try_clone().expect("dup job fd"));
+    let mut done = std::fs::File::from(done.try_clone().expect("dup done fd"));
+    let mut buf = [0u8; 4];
+    while jobs.read_exact(&mut buf).is_ok() {
+        match Mapping::touched(mib_each * MIB) {
+            Ok(work) => {
+                std::thread::sleep(Duration::from_millis(hold_ms));
+                drop(work);
+            }
+            Err(_) => return 1,
+        }
+        if done.write_all(&buf).is_err() {
+            return 1;
+        }
+    }
+    0
+}

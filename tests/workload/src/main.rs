@@ -1,0 +1,98 @@
+//! `workload`: behaviours cgsentry must see and contain, each parameterised and
+//! printing JSON status lines, plus `vm-run`, the in-VM scenario runner.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use cgsentry_workload::{behaviours, runner};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "workload",
+    about = "Test workloads for cgsentry (VM scenarios and host tests)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Grow memory steadily and never free it.
+    Leak {
+        /// Growth rate; 0 = as fast as possible.
+        #[arg(long, default_value_t = 50.0)]
+        mib_per_s: f64,
+        /// Allocation step.
+        #[arg(long, default_value_t = 4)]
+        chunk_mib: usize,
+        /// Stop growing here (0 = never) and hold.
+        #[arg(long, default_value_t = 0)]
+        max_mib: usize,
+    },
+    /// Burn CPU in busy loops.
+    Spin {
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Run time; 0 = until SIGTERM.
+        #[arg(long, default_value_t = 0.0)]
+        seconds: f64,
+    },
+    /// Incident D: a process pool handed far more work than the machine holds, at once.
+    PoolExplosion {
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        /// Arguments of each job, allocated up front by the parent (the queue).
+        #[arg(long, default_value_t = 20)]
+        mib_each: usize,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// How long one job takes (a worker holds its working memory that long). Jobs
+        /// that take real time are what lets the queue outgrow the machine.
+        #[arg(long, default_value_t = 2000)]
+        hold_ms: u64,
+    },
+    /// A legitimate rise then plateau (compiler, model load), then exit 0.
+    Spike {
+        #[arg(long)]
+        to: usize,
+        #[arg(long, default_value_t = 2.0)]
+        rise_s: f64,
+        #[arg(long, default_value_t = 10.0)]
+        hold_s: f64,
+    },
+    /// The "did the machine freeze" meter: allocate and touch fresh memory every
+    /// period, report the largest gap between beats.
+    Heartbeat {
+        #[arg(long, default_value_t = 100)]
+        period_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        mib: usize,
+    },
+    /// Run a scenario file inside the VM and print `RESULT {json}`.
+    VmRun { scenario: PathBuf },
+}
+
+fn main() -> Result<()> {
+    behaviours::install_stop_handler();
+    match Cli::parse().command {
+        Cmd::Leak {
+            mib_per_s,
+            chunk_mib,
+            max_mib,
+        } => behaviours::leak(mib_per_s, chunk_mib.max(1), max_mib),
+        Cmd::Spin { threads, seconds } => {
+            behaviours::spin(threads, seconds);
+            Ok(())
+        }
+        Cmd::PoolExplosion {
+            jobs,
+            mib_each,
+            workers,
+            hold_ms,
+        } => behaviours::pool_explosion(jobs, mib_each, workers, hold_ms),
+        Cmd::Spike { to, rise_s, hold_s } => behaviours::spike(to, rise_s, hold_s),
+        Cmd::Heartbeat { period_ms, mib } => behaviours::heartbeat(period_ms, mib.max(1)),
+        Cmd::VmRun { scenario } => runner::vm_run(&scenario),
+    }
+}

@@ -1,0 +1,488 @@
+//! `workload vm-run SCENARIO`: runs one scenario inside the VM (as init's child) and
+//! prints one `RESULT {json}` line with what it observed. Progress lines start with
+//! `vm-run:`; workloads' and the agent's lines are echoed with their name.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _, unix::process::ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::scenario::{Role, Scenario};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+fn say(msg: &str) {
+    println!("vm-run: {msg}");
+}
+
+fn cgroup_dir(rel: &str) -> PathBuf {
+    Path::new(CGROUP_ROOT).join(rel.trim_start_matches('/'))
+}
+
+/// Creates `rel` and enables the controllers in every ancestor on the way.
+fn make_cgroup(rel: &str) -> Result<()> {
+    let mut dir = PathBuf::from(CGROUP_ROOT);
+    for part in rel.trim_start_matches('/').split('/') {
+        // Ignored: the controllers may already be on, or not exist in this kernel.
+        let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
+        dir.push(part);
+        if !dir.exists() {
+            std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts `program args` inside cgroup `rel`: the child writes "0" to an fd of
+/// cgroup.procs opened before fork, so it never runs a cycle outside.
+fn spawn_in(rel: &str, program: &str, args: &[String]) -> Result<Child> {
+    let procs = File::options()
+        .write(true)
+        .open(cgroup_dir(rel).join("cgroup.procs"))
+        .with_context(|| format!("opening {rel}/cgroup.procs"))?;
+    let fd = procs.as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: write(2) on an inherited fd is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {program} in {rel}"))
+}
+
+/// JSON lines of one process, with the time they arrived (since the runner started).
+type Lines = Arc<Mutex<Vec<(Duration, Value)>>>;
+
+/// Echoes a child's output lines with a prefix and keeps the JSON ones.
+fn pump(
+    name: String,
+    stream: impl std::io::Read + Send + 'static,
+    sink: Option<Lines>,
+    t0: Instant,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            match (&sink, serde_json::from_str::<Value>(&line)) {
+                (Some(sink), Ok(v)) => {
+                    // Agent ticks are long: keep them, print a short trace.
+                    if name == "agent" {
+                        let top = &v["cgroups"][0];
+                        println!(
+                            "[agent] tick: top {} {:.0} %",
+                            top["path"],
+                            top["cpu_percent"].as_f64().unwrap_or(0.0)
+                        );
+                    } else {
+                        println!("[{name}] {line}");
+                    }
+                    sink.lock().unwrap().push((t0.elapsed(), v));
+                }
+                _ => println!("[{name}] {line}"),
+            }
+        }
+    })
+}
+
+struct Running {
+    name: String,
+    cgroup: String,
+    role: Role,
+    child: Child,
+    exit: Option<(Duration, ExitStatus)>,
+    lines: Lines,
+    pumps: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    }
+}
+
+fn read_kv(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()?.trim_end_matches(':') == key).then(|| it.next()?.parse().ok())?
+    })
+}
+
+fn cgroup_value(rel: &str, file: &str, key: Option<&str>) -> Option<u64> {
+    let path = cgroup_dir(rel).join(file);
+    match key {
+        Some(k) => read_kv(path.to_str()?, k),
+        None => std::fs::read_to_string(path).ok()?.trim().parse().ok(),
+    }
+}
+
+fn uptime_s() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Runs the scenario and prints `RESULT {json}`.
+///
+/// # Errors
+/// The scenario cannot be read or a cgroup or process cannot be set up.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear script: setup, loop, teardown, report"
+)]
+pub fn vm_run(path: &Path) -> Result<()> {
+    let scenario = Scenario::load(path)?;
+    say(&format!(
+        "booted in {:.1} s; scenario: {}",
+        uptime_s(),
+        scenario.description
+    ));
+    let t0 = Instant::now();
+    let oom_start = read_kv("/proc/vmstat", "oom_kill").unwrap_or(0);
+
+    let mut agent: Option<Running> = None;
+    if let Some(spec) = &scenario.agent {
+        make_cgroup(&spec.cgroup)?;
+        let mut child = spawn_in(&spec.cgroup, "/bin/cgsentry", &spec.args)?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let pumps = vec![
+            pump(
+                "agent".into(),
+                child.stdout.take().expect("piped"),
+                Some(lines.clone()),
+                t0,
+            ),
+            pump(
+                "agent-log".into(),
+                child.stderr.take().expect("piped"),
+                None,
+                t0,
+            ),
+        ];
+        // Wait for the first tick: the programs are loaded and attached.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while lines.lock().unwrap().is_empty() && Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                say(&format!(
+                    "agent exited before its first tick: {}",
+                    describe(st)
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        say(&format!(
+            "agent ready after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        ));
+        agent = Some(Running {
+            name: "agent".into(),
+            cgroup: spec.cgroup.clone(),
+            role: Role::Observer,
+            child,
+            exit: None,
+            lines,
+            pumps,
+        });
+    }
+
+    for w in &scenario.workloads {
+        make_cgroup(&w.cgroup)?;
+    }
+    let run_start = Instant::now();
+    let mut pending: Vec<_> = scenario.workloads.iter().collect();
+    let mut running: Vec<Running> = Vec::new();
+    let mut series = Vec::new();
+    let mut swap_max = 0u64;
+    let mut avail_min = u64::MAX;
+    let mut mem_peak: BTreeMap<String, u64> = BTreeMap::new();
+    let period = Duration::from_millis(scenario.run.sample_ms.max(10));
+    let stop_reason = loop {
+        let elapsed = run_start.elapsed();
+        let mut i = 0;
+        while i < pending.len() {
+            let w = pending[i];
+            if elapsed.as_secs_f64() >= w.start_after_s {
+                let mut child = spawn_in(&w.cgroup, "/bin/workload", &w.args)?;
+                let lines = Arc::new(Mutex::new(Vec::new()));
+                let pumps = vec![
+                    pump(
+                        w.name.clone(),
+                        child.stdout.take().expect("piped"),
+                        Some(lines.clone()),
+                        t0,
+                    ),
+                    pump(
+                        w.name.clone(),
+                        child.stderr.take().expect("piped"),
+                        None,
+                        t0,
+                    ),
+                ];
+                say(&format!(
+                    "started {} in {}: workload {}",
+                    w.name,
+                    w.cgroup,
+                    w.args.join(" ")
+                ));
+                running.push(Running {
+                    name: w.name.clone(),
+                    cgroup: w.cgroup.clone(),
+                    role: w.role,
+                    child,
+                    exit: None,
+                    lines,
+                    pumps,
+                });
+                pending.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        for r in &mut running {
+            if r.exit.is_none()
+                && let Ok(Some(st)) = r.child.try_wait()
+            {
+                say(&format!(
+                    "{} ended: {} at {:.1} s",
+                    r.name,
+                    describe(st),
+                    elapsed.as_secs_f64()
+                ));
+                r.exit = Some((elapsed, st));
+            }
+        }
+        // Sample the machine.
+        let avail = read_kv("/proc/meminfo", "MemAvailable").unwrap_or(0) / 1024;
+        let swap = read_kv("/proc/meminfo", "SwapTotal")
+            .unwrap_or(0)
+            .saturating_sub(read_kv("/proc/meminfo", "SwapFree").unwrap_or(0))
+            / 1024;
+        avail_min = avail_min.min(avail);
+        swap_max = swap_max.max(swap);
+        let mut per_cgroup = serde_json::Map::new();
+        for r in &running {
+            let mib = cgroup_value(&r.cgroup, "memory.current", None).unwrap_or(0) >> 20;
+            let peak = mem_peak.entry(r.cgroup.clone()).or_default();
+            *peak = (*peak).max(mib);
+            per_cgroup.insert(r.cgroup.clone(), json!(mib));
+        }
+        series.push(json!({"t_ms": elapsed.as_millis(), "avail_mib": avail, "swap_mib": swap, "cgroup_mib": per_cgroup}));
+
+        let heartbeat_gap = running
+            .iter()
+            .filter_map(|r| {
+                r.lines.lock().unwrap().last().and_then(|(_, v)| {
+                    (v["workload"] == "heartbeat")
+                        .then(|| v["max_gap_ms"].as_f64())
+                        .flatten()
+                })
+            })
+            .fold(0.0, f64::max);
+        if elapsed.as_secs_f64() >= scenario.run.max_s {
+            break "max_s reached";
+        }
+        if scenario.run.stop_when_subjects_exit
+            && pending.iter().all(|w| w.role != Role::Subject)
+            && running
+                .iter()
+                .filter(|r| r.role == Role::Subject)
+                .all(|r| r.exit.is_some())
+        {
+            break "all subjects exited";
+        }
+        if scenario.run.stop_when_heartbeat_gap_ms > 0.0
+            && heartbeat_gap >= scenario.run.stop_when_heartbeat_gap_ms
+        {
+            break "heartbeat gap threshold reached";
+        }
+        std::thread::sleep(period);
+    };
+    let duration = run_start.elapsed();
+    say(&format!(
+        "stopping after {:.1} s: {stop_reason}",
+        duration.as_secs_f64()
+    ));
+
+    // What survived is decided now, before the runner stops anything.
+    let survived: BTreeMap<String, bool> = running
+        .iter()
+        .map(|r| (r.name.clone(), r.exit.is_none_or(|(_, st)| st.success())))
+        .collect();
+    let cgroup_ooms: BTreeMap<String, u64> = running
+        .iter()
+        .map(|r| {
+            (
+                r.cgroup.clone(),
+                cgroup_value(&r.cgroup, "memory.events", Some("oom_kill")).unwrap_or(0),
+            )
+        })
+        .collect();
+    let oom_kills = read_kv("/proc/vmstat", "oom_kill")
+        .unwrap_or(0)
+        .saturating_sub(oom_start);
+    for r in running
+        .iter_mut()
+        .filter(|r| r.role == Role::Subject && r.exit.is_none())
+    {
+        // cgroup.kill takes the whole subtree, children of a pool included.
+        let _ = std::fs::write(cgroup_dir(&r.cgroup).join("cgroup.kill"), "1");
+        let _ = r.child.wait();
+    }
+    for r in running.iter_mut().chain(agent.iter_mut()) {
+        if r.exit.is_none() {
+            stop_child(&mut r.child, Duration::from_secs(10));
+        }
+        for p in r.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+
+    let mut metrics = serde_json::Map::new();
+    metrics.insert("duration_ms".into(), json!(duration.as_millis()));
+    metrics.insert("stop_reason".into(), json!(stop_reason));
+    metrics.insert("oom_kills".into(), json!(oom_kills));
+    metrics.insert("swap_used_max_mib".into(), json!(swap_max));
+    metrics.insert("mem_available_min_mib".into(), json!(avail_min));
+    let mut heartbeat_gap: Option<f64> = None;
+    for r in &running {
+        let exit = r.exit.map_or_else(
+            || "running".to_owned(),
+            |(t, st)| format!("{} at {:.1} s", describe(st), t.as_secs_f64()),
+        );
+        metrics.insert(format!("exit:{}", r.name), json!(exit));
+        metrics.insert(format!("survived:{}", r.name), json!(survived[&r.name]));
+        metrics.insert(
+            format!("cgroup_oom_kills:{}", r.cgroup),
+            json!(cgroup_ooms[&r.cgroup]),
+        );
+        metrics.insert(
+            format!("memory_peak_mib:{}", r.cgroup),
+            json!(mem_peak.get(&r.cgroup).copied().unwrap_or(0)),
+        );
+        if let Some((_, last)) = r.lines.lock().unwrap().last() {
+            metrics.insert(format!("last:{}", r.name), last.clone());
+            if last["workload"] == "heartbeat" {
+                let gap = last["max_gap_ms"].as_f64().unwrap_or(0.0);
+                heartbeat_gap = Some(heartbeat_gap.map_or(gap, |g: f64| g.max(gap)));
+            }
+        }
+    }
+    if let Some(gap) = heartbeat_gap {
+        metrics.insert("heartbeat_max_gap_ms".into(), json!(gap));
+    }
+    if let Some(agent) = &agent {
+        agent_metrics(
+            &mut metrics,
+            &agent.lines.lock().unwrap(),
+            run_start.duration_since(t0),
+        );
+    }
+    let result = json!({"metrics": metrics, "series": series});
+    println!("RESULT {result}");
+    Ok(())
+}
+
+/// From the agent's JSON ticks after the workloads started: how many, which cgroup
+/// was most often on top, and each cgroup's median CPU %.
+fn agent_metrics(
+    metrics: &mut serde_json::Map<String, Value>,
+    ticks: &[(Duration, Value)],
+    since: Duration,
+) {
+    let ticks: Vec<&Value> = ticks
+        .iter()
+        .filter(|(t, _)| *t > since + Duration::from_secs(1))
+        .map(|(_, v)| v)
+        .collect();
+    metrics.insert("agent_ticks".into(), json!(ticks.len()));
+    if let Some(last) = ticks.last() {
+        let e = &last["ebpf"];
+        let dropped: u64 = [
+            "cgroup_map_full",
+            "read_errors",
+            "update_errors",
+            "clock_backwards",
+        ]
+        .iter()
+        .filter_map(|k| e[*k].as_u64())
+        .sum();
+        metrics.insert("agent_ebpf_dropped".into(), json!(dropped));
+    }
+    let mut tops: BTreeMap<String, usize> = BTreeMap::new();
+    let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for tick in &ticks {
+        let cgroups = tick["cgroups"].as_array().cloned().unwrap_or_default();
+        if let Some(top) = cgroups.first().and_then(|c| c["path"].as_str()) {
+            *tops.entry(top.to_owned()).or_default() += 1;
+        }
+        for c in &cgroups {
+            if let Some(p) = c["path"].as_str() {
+                cpu.entry(p.to_owned()).or_default();
+            }
+        }
+        for (path, values) in &mut cpu {
+            let v = cgroups
+                .iter()
+                .find(|c| c["path"].as_str() == Some(path))
+                .and_then(|c| c["cpu_percent"].as_f64())
+                .unwrap_or(0.0);
+            values.push(v);
+        }
+    }
+    if let Some((top, _)) = tops.iter().max_by_key(|(_, n)| **n) {
+        metrics.insert("agent_top_cgroup".into(), json!(top));
+    }
+    for (path, values) in cpu {
+        // Cgroups first seen late have fewer samples; pad with zeros for the ticks before.
+        let mut v = vec![0.0; ticks.len().saturating_sub(values.len())];
+        v.extend(values);
+        metrics.insert(format!("agent_cpu_percent:{path}"), json!(median(v)));
+    }
+}

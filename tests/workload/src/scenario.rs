@@ -1,0 +1,265 @@
+//! A VM scenario, as data (`tests/scenarios/*.toml`): what the VM looks like, what runs
+//! in which cgroup, when to stop, and what must be observed. Read by the in-VM runner
+//! (`workload vm-run`) and by the host harness (`cargo xtask vm-test`).
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// What the scenario proves, one sentence.
+    pub description: String,
+    #[serde(default)]
+    pub vm: Vm,
+    #[serde(default)]
+    pub run: Run,
+    /// Run `cgsentry` in the VM with these arguments, before the workloads start.
+    pub agent: Option<Agent>,
+    #[serde(rename = "workload", default)]
+    pub workloads: Vec<Workload>,
+    /// Metric name → expected range or value. See `Metrics` for the names.
+    #[serde(default)]
+    pub expect: BTreeMap<String, Expect>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Vm {
+    pub mem_mib: u32,
+    /// Size of a swap disk; 0: none (the kernel OOM killer then acts at once).
+    pub swap_mib: u32,
+    /// Throttle the swap disk to disk-like speed (20 MB/s, 500 IOPS): only then does
+    /// memory exhaustion freeze the machine, as in incident D.
+    pub swap_throttle: bool,
+    pub cpus: u32,
+    /// Hard limit for the whole VM, boot included.
+    pub timeout_s: u64,
+}
+
+impl Default for Vm {
+    fn default() -> Self {
+        Self {
+            mem_mib: 1024,
+            swap_mib: 0,
+            swap_throttle: false,
+            cpus: 2,
+            timeout_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Run {
+    /// Stop after this long (seconds since the workloads started).
+    pub max_s: f64,
+    /// Stop as soon as every `subject` workload has exited.
+    pub stop_when_subjects_exit: bool,
+    /// Stop as soon as a heartbeat reports a gap this long (0: never).
+    pub stop_when_heartbeat_gap_ms: f64,
+    /// Sampling period of memory, swap and cgroup files.
+    pub sample_ms: u64,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self {
+            max_s: 30.0,
+            stop_when_subjects_exit: true,
+            stop_when_heartbeat_gap_ms: 0.0,
+            sample_ms: 250,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    pub args: Vec<String>,
+    /// cgroup of the agent itself.
+    #[serde(default = "default_agent_cgroup")]
+    pub cgroup: String,
+}
+
+fn default_agent_cgroup() -> String {
+    "/cgsentry".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The behaviour under test; the run may stop when all subjects exited.
+    #[default]
+    Subject,
+    /// Measures the machine (heartbeat); stopped by the runner.
+    Observer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    /// cgroup v2 path relative to the root, e.g. "/leak".
+    pub cgroup: String,
+    /// Arguments of the `workload` binary, e.g. `["leak", "--mib-per-s", "50"]`.
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub role: Role,
+    /// Delay after the run starts.
+    #[serde(default)]
+    pub start_after_s: f64,
+}
+
+/// An expected metric: a range (`min`, `max`, inclusive) or an exact value.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub equals: Option<serde_json::Value>,
+}
+
+impl Expect {
+    /// `None` when `value` meets the expectation, else why not.
+    #[must_use]
+    pub fn check(&self, name: &str, value: Option<&serde_json::Value>) -> Option<String> {
+        let Some(value) = value else {
+            return Some(format!("{name}: not observed"));
+        };
+        if let Some(want) = &self.equals
+            && want != value
+        {
+            return Some(format!("{name}: {value} (expected {want})"));
+        }
+        if self.min.is_some() || self.max.is_some() {
+            let Some(v) = value.as_f64() else {
+                return Some(format!("{name}: {value} is not a number"));
+            };
+            if let Some(min) = self.min
+                && v < min
+            {
+                return Some(format!("{name}: {v} < {min}"));
+            }
+            if let Some(max) = self.max
+                && v > max
+            {
+                return Some(format!("{name}: {v} > {max}"));
+            }
+        }
+        None
+    }
+}
+
+impl Scenario {
+    /// Reads and validates one scenario file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML error (with line and column), or an inconsistent scenario.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("scenario {}", path.display()))
+    }
+
+    /// Parses and validates scenario text.
+    ///
+    /// # Errors
+    /// TOML error or an inconsistent scenario.
+    pub fn parse(text: &str) -> Result<Self> {
+        let s: Scenario = toml::from_str(text)?;
+        if s.workloads.is_empty() {
+            bail!("no [[workload]]");
+        }
+        for w in &s.workloads {
+            if !w.cgroup.starts_with('/') || w.cgroup == "/" || w.cgroup.contains("..") {
+                bail!(
+                    "workload {}: cgroup {:?} must be a child path like \"/leak\"",
+                    w.name,
+                    w.cgroup
+                );
+            }
+            if w.args.is_empty() {
+                bail!("workload {}: empty args", w.name);
+            }
+        }
+        let mut names: Vec<&str> = s.workloads.iter().map(|w| w.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|p| p[0] == p[1]) {
+            bail!("workload names must be unique");
+        }
+        if s.vm.mem_mib < 128 || s.vm.cpus == 0 || s.vm.timeout_s == 0 {
+            bail!("vm: mem_mib ≥ 128, cpus ≥ 1 and timeout_s ≥ 1 are required");
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const MINIMAL: &str = r#"
+description = "x"
+[[workload]]
+name = "a"
+cgroup = "/a"
+args = ["spin"]
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let s = Scenario::parse(MINIMAL).unwrap();
+        assert_eq!(s.vm.mem_mib, 1024);
+        assert_eq!(s.workloads[0].role, Role::Subject);
+        assert!(s.agent.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_scenarios() {
+        for (bad, why) in [
+            ("description = \"x\"\n", "no [[workload]]"),
+            (&format!("{MINIMAL}\nbogus = 1\n") as &str, "unknown field"),
+            (&MINIMAL.replace("\"/a\"", "\"a\""), "child path"),
+            (&MINIMAL.replace("\"/a\"", "\"/\""), "child path"),
+            (
+                &format!(
+                    "{MINIMAL}[[workload]]\nname = \"a\"\ncgroup = \"/b\"\nargs = [\"spin\"]\n"
+                ),
+                "unique",
+            ),
+            (&format!("{MINIMAL}[vm]\nmem_mib = 64\n"), "mem_mib"),
+        ] {
+            let err = format!("{:#}", Scenario::parse(bad).unwrap_err());
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn expectations() {
+        let range = Expect {
+            min: Some(1.0),
+            max: Some(3.0),
+            equals: None,
+        };
+        assert_eq!(range.check("m", Some(&json!(2))), None);
+        assert!(range.check("m", Some(&json!(0))).unwrap().contains("< 1"));
+        assert!(range.check("m", Some(&json!(4.5))).unwrap().contains("> 3"));
+        assert!(range.check("m", None).unwrap().contains("not observed"));
+        assert!(
+            range
+                .check("m", Some(&json!("x")))
+                .unwrap()
+                .contains("not a number")
+        );
+        let eq = Expect {
+            equals: Some(json!("/spin")),
+            ..Expect::default()
+        };
+        assert_eq!(eq.check("top", Some(&json!("/spin"))), None);
+        assert!(eq.check("top", Some(&json!("/"))).is_some());
+    }
+}

@@ -1,0 +1,520 @@
+//! `cargo xtask vm-test`: boots Debian's 6.1 cloud kernel under QEMU (TCG) with a pure
+//! cgroup v2 and a busybox initramfs holding cgsentry, the workload binary and one
+//! scenario, runs the scenario (`workload vm-run`), and checks its `RESULT` line against
+//! the scenario's expectations. A VM that does not boot, times out or prints no result
+//! is a failed test, with the console's tail shown.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use cgsentry_workload::scenario::Scenario;
+
+use crate::cmd::{as_root, cargo, output, run, workspace_root};
+
+/// Applets the init script and scenarios use.
+const APPLETS: &[&str] = &[
+    "sh", "mount", "mkdir", "cat", "echo", "sleep", "poweroff", "insmod", "mkswap", "swapon",
+];
+/// Loaded in this order for a swap disk (no virtio is built into the cloud kernel).
+const SWAP_MODULES: &[&str] = &[
+    "virtio/virtio_ring",
+    "virtio/virtio",
+    "virtio/virtio_pci_legacy_dev",
+    "virtio/virtio_pci_modern_dev",
+    "virtio/virtio_pci",
+    "block/virtio_blk",
+];
+/// A swap disk as slow as a real one: with a fast one the freeze never shows.
+const SWAP_THROTTLE: &str = "throttling.bps-total=20971520,throttling.iops-total=500";
+
+#[derive(Debug, clap::Args)]
+pub struct VmTestArgs {
+    /// Scenario names (files in tests/scenarios/, without .toml); default: all.
+    pub scenarios: Vec<String>,
+    /// Run each scenario N times and print a success-rate table.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
+    /// Override the scenarios' VM memory (MiB).
+    #[arg(long, value_name = "MiB")]
+    pub mem: Option<u32>,
+    /// Copy every console log here (they are always under target/vm/logs/).
+    #[arg(long, value_name = "DIR")]
+    pub keep_logs: Option<PathBuf>,
+}
+
+struct Outcome {
+    failures: Vec<String>,
+    wall: Duration,
+    boot_s: Option<f64>,
+    log: PathBuf,
+}
+
+pub fn vm_test(args: &VmTestArgs) -> Result<()> {
+    for (tool, why) in [
+        ("qemu-system-x86_64", "boots the test kernel"),
+        ("cpio", "packs the initramfs"),
+    ] {
+        if which::which(tool).is_err() {
+            bail!("{tool} not found ({why}): run `cargo xtask setup`");
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        bail!("/bin/busybox not found (the VM's userland): run `cargo xtask setup`");
+    }
+    let root = workspace_root();
+    let vm_dir = root.join("target/vm");
+    let scenarios = scenario_paths(&root.join("tests/scenarios"), &args.scenarios)?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "monitor",
+        "--package",
+        "cgsentry-workload",
+    ]))?;
+    let kernel = ensure_kernel(&vm_dir.join("kernel"))?;
+
+    let mut table: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
+    let suite = Instant::now();
+    for (name, path) in &scenarios {
+        let mut scenario = Scenario::load(path)?;
+        if let Some(mem) = args.mem {
+            scenario.vm.mem_mib = mem;
+        }
+        for attempt in 1..=args.repeat.max(1) {
+            eprintln!(
+                "\x1b[1mvm-test: {name} (run {attempt}/{}): {}\x1b[0m",
+                args.repeat.max(1),
+                scenario.description
+            );
+            let outcome = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt)?;
+            if outcome.failures.is_empty() {
+                eprintln!(
+                    "vm-test: {name}: PASS in {:.1} s (boot {:.1} s)",
+                    outcome.wall.as_secs_f64(),
+                    outcome.boot_s.unwrap_or(f64::NAN)
+                );
+            } else {
+                eprintln!(
+                    "vm-test: {name}: FAIL in {:.1} s (log: {})",
+                    outcome.wall.as_secs_f64(),
+                    outcome.log.display()
+                );
+                for f in &outcome.failures {
+                    eprintln!("vm-test:   - {f}");
+                }
+            }
+            if let Some(dir) = &args.keep_logs {
+                std::fs::create_dir_all(dir)?;
+                std::fs::copy(
+                    &outcome.log,
+                    dir.join(outcome.log.file_name().expect("log file name")),
+                )?;
+            }
+            table.entry(name.clone()).or_default().push(outcome);
+        }
+    }
+
+    eprintln!(
+        "\nvm-test: {:<20} {:>5} {:>6} {:>8} {:>10}",
+        "scenario", "runs", "passed", "rate", "median s"
+    );
+    let mut failed = 0;
+    for (name, outcomes) in &table {
+        let passed = outcomes.iter().filter(|o| o.failures.is_empty()).count();
+        failed += outcomes.len() - passed;
+        let mut walls: Vec<f64> = outcomes.iter().map(|o| o.wall.as_secs_f64()).collect();
+        walls.sort_by(f64::total_cmp);
+        eprintln!(
+            "vm-test: {:<20} {:>5} {:>6} {:>7.0}% {:>10.1}",
+            name,
+            outcomes.len(),
+            passed,
+            100.0 * passed as f64 / outcomes.len() as f64,
+            walls[walls.len() / 2]
+        );
+    }
+    let total: usize = table.values().map(Vec::len).sum();
+    // The plain closing line CI reads in any language.
+    println!("vm-test: {} passed, {failed} failed", total - failed);
+    eprintln!("vm-test: suite took {:.1} s", suite.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} VM scenario run(s) failed");
+    }
+    Ok(())
+}
+
+fn scenario_paths(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut all: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .filter_map(|p| Some((p.file_stem()?.to_str()?.to_owned(), p.clone())))
+        .collect();
+    all.sort();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    names
+        .iter()
+        .map(|n| {
+            all.iter()
+                .find(|(name, _)| name == n)
+                .cloned()
+                .with_context(|| {
+                    let known: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+                    format!("no scenario {n:?}; known: {}", known.join(", "))
+                })
+        })
+        .collect()
+}
+
+struct Kernel {
+    vmlinuz: PathBuf,
+    modules: PathBuf,
+}
+
+/// Debian's current cloud kernel, downloaded once and unpacked under `dir`.
+fn ensure_kernel(dir: &Path) -> Result<Kernel> {
+    let unpacked = dir.join("root");
+    let find = || -> Option<Kernel> {
+        let boot = std::fs::read_dir(unpacked.join("boot")).ok()?;
+        let vmlinuz = boot.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })?;
+        let modules = std::fs::read_dir(unpacked.join("lib/modules"))
+            .ok()?
+            .find_map(Result::ok)?
+            .path()
+            .join("kernel/drivers");
+        Some(Kernel { vmlinuz, modules })
+    };
+    if let Some(k) = find() {
+        return Ok(k);
+    }
+    std::fs::create_dir_all(dir)?;
+    let depends = || output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    let package = |text: Option<String>| {
+        text.and_then(|t| {
+            t.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("Depends: ")
+                    .filter(|p| p.starts_with("linux-image-"))
+                    .map(str::to_owned)
+            })
+        })
+    };
+    let pkg = if let Some(p) = package(depends()) {
+        p
+    } else {
+        // A fresh machine may have no package lists yet.
+        run(as_root("apt-get").args(["update", "-qq"]))?;
+        package(depends()).context("apt-cache knows no linux-image-cloud-amd64")?
+    };
+    eprintln!(
+        "vm-test: downloading the test kernel {pkg} (once; cached in {})",
+        dir.display()
+    );
+    run(Command::new("apt-get")
+        .current_dir(dir)
+        .args(["download", "-q", &pkg]))?;
+    let deb = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    find().context("the kernel package has no /boot/vmlinuz-* or /lib/modules")
+}
+
+/// Copies `bin` and the shared libraries it loads (per ldd) into `root`.
+fn install_binary(root: &Path, bin: &Path) -> Result<()> {
+    let name = bin.file_name().context("binary name")?;
+    std::fs::copy(bin, root.join("bin").join(name))
+        .with_context(|| format!("copying {}", bin.display()))?;
+    let ldd = output(Command::new("ldd").arg(bin)).unwrap_or_default();
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let lib = Path::new(lib.trim_end_matches([')', '(']));
+        let dest = root.join(lib.strip_prefix("/").unwrap_or(lib));
+        std::fs::create_dir_all(dest.parent().context("lib dir")?)?;
+        std::fs::copy(lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    Ok(())
+}
+
+fn init_script(swap: bool) -> String {
+    let mut modules = String::new();
+    if swap {
+        for m in SWAP_MODULES {
+            let file = Path::new(m)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(m);
+            let _ = writeln!(modules, "insmod /modules/{file}.ko");
+        }
+        modules.push_str("sleep 1\nmkswap /dev/vda >/dev/null && swapon /dev/vda || echo 'vm-run: swap setup failed'\n");
+    }
+    format!(
+        "#!/bin/sh\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         mount -t cgroup2 none /sys/fs/cgroup\n\
+         mount -t bpf bpf /sys/fs/bpf\n\
+         mount -t tracefs tracefs /sys/kernel/tracing\n\
+         echo '+cpu +memory +pids +io +cpuset' > /sys/fs/cgroup/cgroup.subtree_control\n\
+         export PATH=/bin\n\
+         {modules}\
+         /bin/workload vm-run /scenario.toml\n\
+         echo \"VM-EXIT $?\"\n\
+         poweroff -f\n"
+    )
+}
+
+fn build_initramfs(
+    dir: &Path,
+    kernel: &Kernel,
+    scenario_file: &Path,
+    swap: bool,
+) -> Result<PathBuf> {
+    let root = dir.join("root");
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    for d in ["bin", "proc", "sys", "dev", "tmp", "run", "etc", "modules"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    let release = workspace_root().join("target/release");
+    install_binary(&root, &release.join("cgsentry"))?;
+    install_binary(&root, &release.join("workload"))?;
+    std::fs::copy(scenario_file, root.join("scenario.toml"))?;
+    if swap {
+        for m in SWAP_MODULES {
+            let src = kernel.modules.join(format!("{m}.ko"));
+            let file = src.file_name().context("module name")?;
+            std::fs::copy(&src, root.join("modules").join(file))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    let init = root.join("init");
+    std::fs::write(&init, init_script(swap))?;
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let initrd = dir.join("initrd.gz");
+    run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+        "find . | cpio -o -H newc --quiet | gzip -1 > {}",
+        initrd.display()
+    )))?;
+    Ok(initrd)
+}
+
+/// What one boot printed.
+struct Console {
+    lines: Vec<String>,
+    wall: Duration,
+    timed_out: bool,
+}
+
+fn run_scenario(
+    vm_dir: &Path,
+    kernel: &Kernel,
+    name: &str,
+    path: &Path,
+    scenario: &Scenario,
+    attempt: u32,
+) -> Result<Outcome> {
+    let dir = vm_dir.join("run").join(name);
+    std::fs::create_dir_all(&dir)?;
+    let initrd = build_initramfs(&dir, kernel, path, scenario.vm.swap_mib > 0)?;
+    let console = boot(&dir, kernel, &initrd, scenario)?;
+    let logs = vm_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log = logs.join(format!("{name}-{attempt}.log"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&log)?);
+    for l in &console.lines {
+        writeln!(file, "{l}")?;
+    }
+    file.flush()?;
+    Ok(judge(name, scenario, console, log))
+}
+
+/// Boots QEMU and collects the console until the VM powers off or times out.
+fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Result<Console> {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-nographic",
+        "-no-reboot",
+    ])
+    .args([
+        "-smp",
+        &scenario.vm.cpus.to_string(),
+        "-m",
+        &scenario.vm.mem_mib.to_string(),
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 quiet panic=-1"]);
+    if scenario.vm.swap_mib > 0 {
+        let img = dir.join("swap.img");
+        let _ = std::fs::remove_file(&img);
+        std::fs::File::create(&img)?.set_len(u64::from(scenario.vm.swap_mib) << 20)?;
+        let throttle = if scenario.vm.swap_throttle {
+            format!(",{SWAP_THROTTLE}")
+        } else {
+            String::new()
+        };
+        qemu.arg("-drive").arg(format!(
+            "file={},if=virtio,format=raw,cache=none{throttle}",
+            img.display()
+        ));
+    }
+    qemu.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let streams: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("piped")),
+        Box::new(child.stderr.take().expect("piped")),
+    ];
+    let pumps: Vec<_> = streams
+        .into_iter()
+        .map(|stream| {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                // Lossy: firmware writes escape codes and the odd invalid byte.
+                let mut reader = BufReader::new(stream);
+                let mut buf = Vec::new();
+                while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                    buf.clear();
+                    if ["vm-run:", "VM-EXIT", "Kernel panic"]
+                        .iter()
+                        .any(|m| line.contains(m))
+                    {
+                        // From our marker on: firmware escape codes may precede it.
+                        let start = line.find("vm-run:").unwrap_or(0);
+                        eprintln!("  | {}", &line[start..]);
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        })
+        .collect();
+    let limit = Duration::from_secs(scenario.vm.timeout_s);
+    let mut timed_out = false;
+    while child.try_wait()?.is_none() {
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in pumps {
+        let _ = p.join();
+    }
+    let lines = std::mem::take(&mut *lines.lock().unwrap());
+    Ok(Console {
+        lines,
+        wall: start.elapsed(),
+        timed_out,
+    })
+}
+
+/// Checks the console against the scenario: booted, result printed, runner exited 0,
+/// every expectation met.
+fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Outcome {
+    let Console {
+        lines,
+        wall,
+        timed_out,
+    } = console;
+    let mut failures = Vec::new();
+    if timed_out {
+        failures.push(format!(
+            "the VM timed out after {} s",
+            scenario.vm.timeout_s
+        ));
+    }
+    // The console may put firmware escape codes before our first line.
+    let boot_s = lines.iter().find_map(|l| {
+        let (_, rest) = l.split_once("vm-run: booted in ")?;
+        rest.split(' ').next()?.parse().ok()
+    });
+    let exit = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.split_once("VM-EXIT ")?.1.trim().parse::<i32>().ok());
+    let result = lines
+        .iter()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l.split_once("RESULT ")?.1).ok());
+    match (exit, &result) {
+        (_, None) => {
+            failures.push("no RESULT line (the VM did not boot, or the runner failed)".into());
+        }
+        (Some(0), Some(_)) => {}
+        (code, Some(_)) => failures.push(format!("the runner exited with {code:?}")),
+    }
+    if let Some(result) = &result {
+        let metrics = &result["metrics"];
+        let shown = scenario
+            .expect
+            .keys()
+            .map(String::as_str)
+            .chain(["duration_ms", "stop_reason"]);
+        let summary: Vec<String> = shown
+            .map(|k| {
+                let v = metrics
+                    .get(k)
+                    .map_or_else(|| "-".into(), ToString::to_string);
+                format!("{k}={v}")
+            })
+            .collect();
+        eprintln!("vm-test: {name}: {}", summary.join(" "));
+        for (metric, expect) in &scenario.expect {
+            if let Some(why) = expect.check(metric, metrics.get(metric)) {
+                failures.push(why);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("vm-test: {name}: console tail:");
+        let tail = lines.len().saturating_sub(25);
+        for l in &lines[tail..] {
+            let cut = l.char_indices().nth(300).map_or(l.len(), |(i, _)| i);
+            let more = if cut < l.len() { " …" } else { "" };
+            eprintln!("  | {}{more}", &l[..cut]);
+        }
+    }
+    Outcome {
+        failures,
+        wall,
+        boot_s,
+        log,
+    }
+}
