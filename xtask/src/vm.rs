@@ -518,3 +518,98 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         log,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(expect: &str) -> Scenario {
+        Scenario::parse(&format!(
+            "description = \"t\"\n[[workload]]\nname = \"a\"\ncgroup = \"/a\"\nargs = [\"spin\"]\n[expect]\n{expect}"
+        ))
+        .unwrap()
+    }
+
+    fn console(lines: &[&str]) -> Console {
+        Console {
+            lines: lines.iter().map(|l| (*l).to_owned()).collect(),
+            wall: Duration::from_secs(1),
+            timed_out: false,
+        }
+    }
+
+    #[test]
+    fn a_vm_that_prints_nothing_fails() {
+        let s = scenario("oom_kills = { min = 1 }");
+        let o = judge(
+            "t",
+            &s,
+            console(&["SeaBIOS", "Kernel panic - not syncing"]),
+            PathBuf::new(),
+        );
+        assert!(
+            o.failures.iter().any(|f| f.contains("no RESULT")),
+            "{:?}",
+            o.failures
+        );
+    }
+
+    #[test]
+    fn a_timeout_fails_even_with_a_result() {
+        let s = scenario("");
+        let mut c = console(&["RESULT {\"metrics\":{}}", "VM-EXIT 0"]);
+        c.timed_out = true;
+        let o = judge("t", &s, c, PathBuf::new());
+        assert!(
+            o.failures.iter().any(|f| f.contains("timed out")),
+            "{:?}",
+            o.failures
+        );
+    }
+
+    #[test]
+    fn result_is_checked_against_expectations() {
+        let s = scenario("oom_kills = { min = 1 }\n\"survived:a\" = { equals = false }");
+        let lines = [
+            "\x1bc\x1b[2Jvm-run: booted in 3.5 s; scenario: t",
+            "RESULT {\"metrics\":{\"oom_kills\":2,\"survived:a\":false}}",
+            "VM-EXIT 0",
+        ];
+        let o = judge("t", &s, console(&lines), PathBuf::new());
+        assert!(o.failures.is_empty(), "{:?}", o.failures);
+        assert_eq!(o.boot_s, Some(3.5));
+
+        let lines = [
+            "RESULT {\"metrics\":{\"oom_kills\":0,\"survived:a\":false}}",
+            "VM-EXIT 0",
+        ];
+        let o = judge("t", &s, console(&lines), PathBuf::new());
+        assert_eq!(o.failures, vec!["oom_kills: 0 < 1".to_owned()]);
+    }
+
+    #[test]
+    fn runner_failure_fails() {
+        let s = scenario("");
+        let o = judge(
+            "t",
+            &s,
+            console(&["RESULT {\"metrics\":{}}", "VM-EXIT 1"]),
+            PathBuf::new(),
+        );
+        assert!(
+            o.failures.iter().any(|f| f.contains("exited with Some(1)")),
+            "{:?}",
+            o.failures
+        );
+    }
+
+    #[test]
+    fn init_loads_swap_modules_in_order() {
+        let init = init_script(true);
+        let pos = |m: &str| init.find(&format!("/modules/{m}.ko")).unwrap();
+        assert!(pos("virtio_ring") < pos("virtio") && pos("virtio_pci") < pos("virtio_blk"));
+        assert!(init.contains("swapon /dev/vda"));
+        assert!(!init_script(false).contains("insmod"));
+        assert!(init.contains("/bin/workload vm-run /scenario.toml"));
+    }
+}

@@ -242,6 +242,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut swap_max = 0u64;
     let mut avail_min = u64::MAX;
     let mut mem_peak: BTreeMap<String, u64> = BTreeMap::new();
+    let mut cpu_prev: BTreeMap<String, (u64, Duration)> = BTreeMap::new();
     let period = Duration::from_millis(scenario.run.sample_ms.max(10));
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
@@ -306,14 +307,27 @@ pub fn vm_run(path: &Path) -> Result<()> {
             / 1024;
         avail_min = avail_min.min(avail);
         swap_max = swap_max.max(swap);
-        let mut per_cgroup = serde_json::Map::new();
+        let mut per_cgroup_mib = serde_json::Map::new();
+        let mut per_cgroup_cpu = serde_json::Map::new();
         for r in &running {
             let mib = cgroup_value(&r.cgroup, "memory.current", None).unwrap_or(0) >> 20;
             let peak = mem_peak.entry(r.cgroup.clone()).or_default();
             *peak = (*peak).max(mib);
-            per_cgroup.insert(r.cgroup.clone(), json!(mib));
+            per_cgroup_mib.insert(r.cgroup.clone(), json!(mib));
+            let usage = cgroup_value(&r.cgroup, "cpu.stat", Some("usage_usec")).unwrap_or(0);
+            let (prev_usage, prev_t) = cpu_prev
+                .insert(r.cgroup.clone(), (usage, elapsed))
+                .unwrap_or((usage, elapsed));
+            let dt = elapsed.saturating_sub(prev_t).as_micros();
+            if dt > 0 {
+                let pct = (usage.saturating_sub(prev_usage) as f64) * 100.0 / dt as f64;
+                per_cgroup_cpu.insert(r.cgroup.clone(), json!((pct * 10.0).round() / 10.0));
+            }
         }
-        series.push(json!({"t_ms": elapsed.as_millis(), "avail_mib": avail, "swap_mib": swap, "cgroup_mib": per_cgroup}));
+        series.push(
+            json!({"t_ms": elapsed.as_millis(), "avail_mib": avail, "swap_mib": swap,
+                           "cgroup_mib": per_cgroup_mib, "cgroup_cpu_percent": per_cgroup_cpu}),
+        );
 
         let heartbeat_gap = running
             .iter()
@@ -484,5 +498,59 @@ fn agent_metrics(
         let mut v = vec![0.0; ticks.len().saturating_sub(values.len())];
         v.extend(values);
         metrics.insert(format!("agent_cpu_percent:{path}"), json!(median(v)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(cgroups: &[(&str, f64)]) -> Value {
+        let cgroups: Vec<Value> = cgroups
+            .iter()
+            .map(|(p, c)| json!({"path": p, "cpu_percent": c}))
+            .collect();
+        json!({"cgroups": cgroups, "ebpf": {"cgroup_map_full": 0, "read_errors": 1, "update_errors": 0, "clock_backwards": 0}})
+    }
+
+    #[test]
+    fn agent_metrics_take_ticks_after_the_start() {
+        let s = Duration::from_secs;
+        let ticks = vec![
+            (s(1), tick(&[("/cgsentry", 50.0)])), // before the workloads: ignored
+            (s(5), tick(&[("/spin", 90.0), ("/", 1.0)])),
+            (s(6), tick(&[("/spin", 100.0)])),
+            (s(7), tick(&[("/", 3.0), ("/spin", 2.0)])),
+        ];
+        let mut m = serde_json::Map::new();
+        agent_metrics(&mut m, &ticks, s(2));
+        assert_eq!(m["agent_ticks"], json!(3));
+        assert_eq!(m["agent_top_cgroup"], json!("/spin"));
+        assert_eq!(m["agent_cpu_percent:/spin"], json!(90.0));
+        // "/" was absent from one tick: that tick counts as 0 → median of [0, 1, 3].
+        assert_eq!(m["agent_cpu_percent:/"], json!(1.0));
+        assert_eq!(m["agent_ebpf_dropped"], json!(1));
+        assert!(!m.contains_key("agent_cpu_percent:/cgsentry"));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn proc_key_values() {
+        let dir = std::env::temp_dir().join(format!("wl-kv-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "MemTotal:  1000 kB\nMemAvailable:   512 kB\noom_kill 3\n",
+        )
+        .unwrap();
+        let p = dir.to_str().unwrap();
+        assert_eq!(read_kv(p, "MemAvailable"), Some(512));
+        assert_eq!(read_kv(p, "oom_kill"), Some(3));
+        assert_eq!(read_kv(p, "Missing"), None);
+        std::fs::remove_file(&dir).unwrap();
     }
 }
