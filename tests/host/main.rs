@@ -5,8 +5,7 @@
 //! why it skipped; under CI (`CI` set) a missing capability fails the test. Run serially
 //! (`--test-threads=1`): they share the machine's cgroup tree and scheduler.
 use std::{
-    fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _, unix::process::CommandExt as _},
+    os::{unix::fs::MetadataExt as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -18,6 +17,7 @@ use cgsentry::{
     preflight::{self, Environment},
     probes::{LoadOptions, Probes},
 };
+use cgsentry_workload::cgroup::spawn_in_cgroup;
 
 /// The environment, or `None` (after saying why) when this machine cannot run kernel
 /// tests and we are not in CI.
@@ -51,30 +51,11 @@ impl TestCgroup {
         std::fs::metadata(&self.path).unwrap().ino()
     }
 
-    /// `sh -c script` started inside this cgroup: the child moves itself (writes "0"
-    /// to an fd of cgroup.procs opened before fork) before exec, so every cycle it
-    /// spends is charged here.
+    /// `sh -c script` started inside this cgroup (it never runs a cycle outside).
     fn spawn(&self, script: &str) -> Child {
-        let procs = File::options()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
-            .unwrap();
-        let fd = procs.as_raw_fd();
         let mut cmd = Command::new("sh");
         cmd.args(["-c", script]).stdin(Stdio::null());
-        // SAFETY: write(2) on an inherited fd is async-signal-safe; nothing allocates.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = cmd.spawn().expect("spawning sh");
-        drop(procs);
-        child
+        spawn_in_cgroup(&mut cmd, &self.path).expect("spawning sh in the test cgroup")
     }
 
     fn usage_usec(&self) -> u64 {

@@ -538,33 +538,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_vm_that_prints_nothing_fails() {
-        let s = scenario("oom_kills = { min = 1 }");
-        let o = judge(
-            "t",
-            &s,
-            console(&["SeaBIOS", "Kernel panic - not syncing"]),
-            PathBuf::new(),
-        );
+    /// Judges `lines` (optionally timed out) and asserts a failure mentioning `needle`.
+    fn assert_fails(lines: &[&str], timed_out: bool, needle: &str) {
+        let mut c = console(lines);
+        c.timed_out = timed_out;
+        let o = judge("t", &scenario("oom_kills = { min = 1 }"), c, PathBuf::new());
         assert!(
-            o.failures.iter().any(|f| f.contains("no RESULT")),
-            "{:?}",
+            o.failures.iter().any(|f| f.contains(needle)),
+            "{needle}: {:?}",
             o.failures
         );
     }
 
     #[test]
-    fn a_timeout_fails_even_with_a_result() {
-        let s = scenario("");
-        let mut c = console(&["RESULT {\"metrics\":{}}", "VM-EXIT 0"]);
-        c.timed_out = true;
-        let o = judge("t", &s, c, PathBuf::new());
-        assert!(
-            o.failures.iter().any(|f| f.contains("timed out")),
-            "{:?}",
-            o.failures
+    fn a_vm_that_prints_nothing_fails() {
+        assert_fails(
+            &["SeaBIOS", "Kernel panic - not syncing"],
+            false,
+            "no RESULT",
         );
+    }
+
+    #[test]
+    fn a_timeout_fails_even_with_a_result() {
+        let ok = "RESULT {\"metrics\":{\"oom_kills\":1}}";
+        assert_fails(&[ok, "VM-EXIT 0"], true, "timed out");
+    }
+
+    #[test]
+    fn runner_failure_fails() {
+        let ok = "RESULT {\"metrics\":{\"oom_kills\":1}}";
+        assert_fails(&[ok, "VM-EXIT 1"], false, "exited with Some(1)");
     }
 
     #[test]
@@ -585,22 +589,6 @@ mod tests {
         ];
         let o = judge("t", &s, console(&lines), PathBuf::new());
         assert_eq!(o.failures, vec!["oom_kills: 0 < 1".to_owned()]);
-    }
-
-    #[test]
-    fn runner_failure_fails() {
-        let s = scenario("");
-        let o = judge(
-            "t",
-            &s,
-            console(&["RESULT {\"metrics\":{}}", "VM-EXIT 1"]),
-            PathBuf::new(),
-        );
-        assert!(
-            o.failures.iter().any(|f| f.contains("exited with Some(1)")),
-            "{:?}",
-            o.failures
-        );
     }
 
     #[test]

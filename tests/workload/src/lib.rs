@@ -6,6 +6,7 @@
               only on poisoned locks or pipes it created itself"
 )]
 pub mod behaviours;
+pub mod cgroup;
 pub mod mem;
 pub mod runner;
 pub mod scenario;

@@ -3,9 +3,8 @@
 //! `vm-run:`; workloads' and the agent's lines are echoed with their name.
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::{BufRead as _, BufReader},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _, unix::process::ExitStatusExt as _},
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -15,7 +14,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use crate::scenario::{Role, Scenario};
+use crate::{
+    cgroup::spawn_in_cgroup,
+    scenario::{Role, Scenario},
+};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -41,30 +43,14 @@ fn make_cgroup(rel: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts `program args` inside cgroup `rel`: the child writes "0" to an fd of
-/// cgroup.procs opened before fork, so it never runs a cycle outside.
+/// Starts `program args` inside cgroup `rel`, output piped.
 fn spawn_in(rel: &str, program: &str, args: &[String]) -> Result<Child> {
-    let procs = File::options()
-        .write(true)
-        .open(cgroup_dir(rel).join("cgroup.procs"))
-        .with_context(|| format!("opening {rel}/cgroup.procs"))?;
-    let fd = procs.as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: write(2) on an inherited fd is async-signal-safe and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    cmd.spawn()
+    spawn_in_cgroup(&mut cmd, &cgroup_dir(rel))
         .with_context(|| format!("starting {program} in {rel}"))
 }
 
