@@ -1,105 +1,121 @@
-//! cgsentry's kernel side. Tracepoints only (stable formats: one object for 6.1 and 6.18).
+//! cgsentry's kernel side. Tracepoints only (stable formats; field offsets come from
+//! tracefs at load time, so one object serves 6.1 and 6.18).
 //!
-//! `sched:sched_switch` charges the time since the previous switch on this CPU to the
-//! cgroup of the task leaving it (`bpf_get_current_cgroup_id()`: at this tracepoint,
-//! `current` is still the previous task). Every map is per-CPU: no atomics, no
-//! cross-CPU cache-line bouncing on the hottest path of the kernel. Nothing is logged
-//! per event: drops are counted in `STATS`, and only the first drop on a CPU is logged.
+//! - `sched_switch` charges the time since the previous switch on this CPU to the
+//!   cgroup of the task leaving it (`bpf_get_current_cgroup_id()`: at this tracepoint
+//!   `current` is still the previous task), counts involuntary switches, and charges
+//!   the leaving task's run-queue wait (measured when it was switched in).
+//! - `sched_wakeup(_new)` and preemption stamp when a task became runnable.
+//! - `sched_process_fork|exec|exit` count per cgroup and feed a ring buffer.
+//! - `vmscan` direct/memcg reclaim begin/end measure reclaim stalls per cgroup.
+//! - `oom:mark_victim` counts kernel OOM kills and reports the victim.
+//!
+//! Every counter map is per-CPU: no atomics, no cache-line bouncing. Nothing is logged
+//! per event: problems are counted in `STATS`, and only the first on a CPU is logged.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::inline_always,
+    reason = "hot-path helpers: BPF-to-BPF calls cost more than inlining these few lines"
+)]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
     macros::{map, tracepoint},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
-use monitor_common::{CGROUP_CPU_MAX_ENTRIES, CgroupCpu, CpuSlice, DEFAULT_NEXT_PID_OFFSET, Stat};
+use monitor_common::{
+    CGROUP_STATS_MAX_ENTRIES, CgroupStats, CpuSlice, EVENT_VERSION, EVENTS_BYTES, EventHeader,
+    EventKind, PID_SLOTS, PidStamp, ProcEvent, Stat, offsets, runq_bucket,
+};
 
-#[map(name = "CGROUP_CPU")]
-static CGROUP_CPU: PerCpuHashMap<u64, CgroupCpu> =
-    PerCpuHashMap::with_max_entries(CGROUP_CPU_MAX_ENTRIES, 0);
+#[map(name = "CGROUP_STATS")]
+static CGROUP_STATS: PerCpuHashMap<u64, CgroupStats> =
+    PerCpuHashMap::with_max_entries(CGROUP_STATS_MAX_ENTRIES, 0);
 
 #[map(name = "CPU_SLICE")]
 static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
 
+#[map(name = "WAKEUP")]
+static WAKEUP: Array<PidStamp> = Array::with_max_entries(PID_SLOTS, 0);
+
+#[map(name = "RECLAIM")]
+static RECLAIM: Array<PidStamp> = Array::with_max_entries(PID_SLOTS, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
-/// Set by the loader from tracefs' `sched_switch/format` (see `monitor-common`).
+// Tracepoint field offsets, overridden by the loader (see `monitor_common::offsets`).
 #[unsafe(no_mangle)]
-static NEXT_PID_OFFSET: u32 = DEFAULT_NEXT_PID_OFFSET;
+static OFF_SWITCH_PREV_STATE: u32 = offsets::DEFAULT_SWITCH_PREV_STATE;
+#[unsafe(no_mangle)]
+static OFF_SWITCH_NEXT_PID: u32 = offsets::DEFAULT_SWITCH_NEXT_PID;
+#[unsafe(no_mangle)]
+static OFF_WAKEUP_PID: u32 = offsets::DEFAULT_WAKEUP_PID;
+#[unsafe(no_mangle)]
+static OFF_FORK_CHILD_PID: u32 = offsets::DEFAULT_FORK_CHILD_PID;
+#[unsafe(no_mangle)]
+static OFF_OOM_VICTIM_PID: u32 = offsets::DEFAULT_OOM_VICTIM_PID;
 
 /// `BPF_ANY`. Two CPUs can miss the lookup of the same new cgroup at once (the keys of a
 /// per-CPU hash are shared): with `BPF_NOEXIST` the second insert would fail. From a
-/// program, an update of a per-CPU hash writes only this CPU's slot, so `BPF_ANY` is
-/// right in that race too: the other CPU's slot keeps its own value.
+/// program, an update of a per-CPU hash writes only this CPU's slot, and a CPU that
+/// missed the lookup has never written its slot, so `BPF_ANY` is right in that race.
 const BPF_ANY: u64 = 0;
 /// `-E2BIG`: the map is full.
 const E2BIG: i64 = -7;
+/// Task state bits of `prev_state` (`TASK_REPORT`, with `TASK_REPORT_IDLE`): none set
+/// means the task left the CPU while runnable, i.e. it was preempted.
+const TASK_STATE_MASK: i64 = 0xff;
 
-#[tracepoint(category = "sched", name = "sched_switch")]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[tracepoint] macro's signature"
-)]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    match try_sched_switch(&ctx) {
-        Ok(()) => 0,
-        Err(stat) => {
-            // The first occurrence on a CPU is worth one line in the agent's log.
-            if count(stat) == 1 {
-                match stat {
-                    Stat::CgroupMapFull => warn!(
-                        &ctx,
-                        "sched_switch: cgroup map full, CPU time of new cgroups is dropped"
-                    ),
-                    Stat::ClockBackwards => warn!(&ctx, "sched_switch: clock went backwards"),
-                    Stat::ReadError => warn!(&ctx, "sched_switch: tracepoint record unreadable"),
-                    Stat::UpdateError => warn!(&ctx, "sched_switch: cgroup map update failed"),
-                }
-            }
-            0
-        }
-    }
+/// Reads a `u32` global the loader may have overridden (volatile: not folded by LLVM).
+#[inline(always)]
+fn global(g: &'static u32) -> usize {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(g) as usize }
 }
 
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let offset = unsafe { core::ptr::read_volatile(&raw const NEXT_PID_OFFSET) };
-    let next_pid: u32 = unsafe { ctx.read_at(offset as usize) }.map_err(|_| Stat::ReadError)?;
-    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(Stat::ReadError)?;
-    // SAFETY: per-CPU value of a per-CPU array; preemption is off in tracepoints.
-    let start = unsafe { (*slice).start_ns };
-    unsafe {
-        (*slice).start_ns = now;
-        (*slice).pid = next_pid;
-    }
-    if start == 0 {
-        return Ok(()); // first switch seen on this CPU: nothing to charge yet
-    }
-    // The low 32 bits are the thread id; 0 is the idle task, whose time is not charged.
-    #[expect(clippy::cast_possible_truncation, reason = "low half is the thread id")]
-    let prev_pid = bpf_get_current_pid_tgid() as u32;
-    if prev_pid == 0 {
-        return Ok(());
-    }
-    let delta = now.checked_sub(start).ok_or(Stat::ClockBackwards)?;
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(value) = CGROUP_CPU.get_ptr_mut(cgroup) {
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: usize) -> Result<T, Stat> {
+    // SAFETY: bpf_probe_read_kernel of the tracepoint record; a bad offset fails cleanly.
+    unsafe { ctx.read_at::<T>(offset) }.map_err(|_| Stat::ReadError)
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Low 32 bits: thread id; high: process id.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "splitting the helper's u64"
+)]
+fn current_ids() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    (id as u32, (id >> 32) as u32)
+}
+
+/// Applies `f` to this CPU's stats of `cgroup`, creating the entry when missing.
+#[inline(always)]
+fn with_stats(cgroup: u64, f: impl FnOnce(&mut CgroupStats)) -> Result<(), Stat> {
+    if let Some(value) = CGROUP_STATS.get_ptr_mut(cgroup) {
         // SAFETY: this CPU's copy of a per-CPU value; preemption is off in tracepoints.
-        unsafe {
-            (*value).on_cpu_ns += delta;
-            (*value).switches += 1;
-        }
+        f(unsafe { &mut *value });
         return Ok(());
     }
-    let value = CgroupCpu {
-        on_cpu_ns: delta,
-        switches: 1,
-    };
-    CGROUP_CPU.insert(cgroup, value, BPF_ANY).map_err(|e| {
+    let mut value = CgroupStats::default();
+    f(&mut value);
+    CGROUP_STATS.insert(cgroup, value, BPF_ANY).map_err(|e| {
         if i64::from(e) == E2BIG {
             Stat::CgroupMapFull
         } else {
@@ -108,15 +124,209 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
     })
 }
 
-/// Bumps a health counter; returns its new value on this CPU.
+#[inline(always)]
+fn current_cgroup() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+#[inline(always)]
+fn slot(map: &Array<PidStamp>, pid: u32) -> Option<*mut PidStamp> {
+    map.get_ptr_mut(pid & (PID_SLOTS - 1))
+}
+
+/// Stamps `pid` with `ts` in a pid-indexed array.
+#[inline(always)]
+fn stamp(map: &Array<PidStamp>, pid: u32, ts: u64) {
+    if let Some(s) = slot(map, pid) {
+        // SAFETY: a valid array element; a concurrent writer of the same slot loses
+        // one sample at worst.
+        unsafe {
+            (*s).ts_ns = ts;
+            (*s).pid = pid;
+        }
+    }
+}
+
+/// Takes `pid`'s stamp: the time since it, if the slot still holds this pid.
+#[inline(always)]
+fn take_stamp(map: &Array<PidStamp>, pid: u32, now: u64) -> Option<u64> {
+    let s = slot(map, pid)?;
+    // SAFETY: as in `stamp`.
+    unsafe {
+        if (*s).pid != pid || (*s).ts_ns == 0 {
+            return None;
+        }
+        let since = (*s).ts_ns;
+        (*s).ts_ns = 0;
+        now.checked_sub(since)
+    }
+}
+
+/// Bumps a counter; returns its new value on this CPU.
+#[inline(always)]
 fn count(stat: Stat) -> u64 {
     match STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
         Some(counter) => unsafe {
             *counter += 1;
             *counter
         },
         None => 0,
     }
+}
+
+/// Counts a problem; the first one on a CPU is worth one line in the agent's log.
+fn report(ctx: &TracePointContext, stat: Stat) -> u32 {
+    if count(stat) == 1 {
+        match stat {
+            Stat::CgroupMapFull => warn!(ctx, "cgroup map full: data of new cgroups is dropped"),
+            Stat::ClockBackwards => warn!(ctx, "clock went backwards between two switches"),
+            Stat::ReadError => warn!(ctx, "a tracepoint record was unreadable"),
+            Stat::UpdateError => warn!(ctx, "a cgroup map update failed"),
+            Stat::EventsLost => warn!(ctx, "lifecycle ring buffer full: events lost"),
+            Stat::OomVictims => {}
+        }
+    }
+    0
+}
+
+macro_rules! entry {
+    ($name:ident, $try:ident) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            match $try(&ctx) {
+                Ok(()) => 0,
+                Err(stat) => report(&ctx, stat),
+            }
+        }
+    };
+}
+
+entry!(sched_switch, try_sched_switch);
+entry!(sched_wakeup, try_sched_wakeup);
+entry!(sched_process_fork, try_fork);
+entry!(sched_process_exec, try_exec);
+entry!(sched_process_exit, try_exit);
+entry!(reclaim_begin, try_reclaim_begin);
+entry!(reclaim_end, try_reclaim_end);
+entry!(oom_mark_victim, try_oom_mark_victim);
+
+fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
+    let now = now();
+    let next_pid: u32 = read(ctx, global(&OFF_SWITCH_NEXT_PID))?;
+    let prev_state: i64 = read(ctx, global(&OFF_SWITCH_PREV_STATE))?;
+    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(Stat::ReadError)?;
+    let next_wait = if next_pid == 0 {
+        0
+    } else {
+        take_stamp(&WAKEUP, next_pid, now).unwrap_or(0)
+    };
+    // SAFETY: this CPU's value of a per-CPU array; preemption is off in tracepoints.
+    let (start, prev_wait) = unsafe {
+        let old = ((*slice).start_ns, (*slice).wait_ns);
+        (*slice).start_ns = now;
+        (*slice).wait_ns = next_wait;
+        (*slice).pid = next_pid;
+        old
+    };
+    let (prev_pid, _) = current_ids();
+    if start == 0 || prev_pid == 0 {
+        return Ok(()); // first switch seen on this CPU, or the idle task left
+    }
+    let delta = now.checked_sub(start).ok_or(Stat::ClockBackwards)?;
+    let preempted = prev_state & TASK_STATE_MASK == 0;
+    if preempted {
+        stamp(&WAKEUP, prev_pid, now); // back on the run queue right now
+    }
+    with_stats(current_cgroup(), |s| {
+        s.on_cpu_ns += delta;
+        s.switches += 1;
+        s.involuntary += u64::from(preempted);
+        if prev_wait != 0 {
+            s.runq_wait_ns += prev_wait;
+            s.runq_waits += 1;
+            if let Some(b) = s.runq_hist.get_mut(runq_bucket(prev_wait)) {
+                *b += 1;
+            }
+        }
+    })
+}
+
+fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), Stat> {
+    let pid: u32 = read(ctx, global(&OFF_WAKEUP_PID))?;
+    stamp(&WAKEUP, pid, now());
+    Ok(())
+}
+
+/// Sends a lifecycle event; a full ring buffer is counted, never waited for.
+fn emit(kind: EventKind, other_pid: u32) -> Result<(), Stat> {
+    let (pid, tgid) = current_ids();
+    let event = ProcEvent {
+        header: EventHeader {
+            kind: kind as u32,
+            version: EVENT_VERSION,
+            ts_ns: now(),
+            cgroup: current_cgroup(),
+            pid,
+            tgid,
+        },
+        other_pid,
+        padding: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Stat::EventsLost)?;
+    entry.write(event);
+    entry.submit(0);
+    Ok(())
+}
+
+fn try_fork(ctx: &TracePointContext) -> Result<(), Stat> {
+    let child: u32 = read(ctx, global(&OFF_FORK_CHILD_PID))?;
+    // Counted first: a fork storm stays visible even when the ring buffer overflows.
+    with_stats(current_cgroup(), |s| s.forks += 1)?;
+    emit(EventKind::Fork, child)
+}
+
+fn try_exec(_ctx: &TracePointContext) -> Result<(), Stat> {
+    with_stats(current_cgroup(), |s| s.execs += 1)?;
+    emit(EventKind::Exec, 0)
+}
+
+fn try_exit(_ctx: &TracePointContext) -> Result<(), Stat> {
+    let (pid, tgid) = current_ids();
+    if pid != tgid {
+        return Ok(()); // a thread, not the process
+    }
+    with_stats(current_cgroup(), |s| s.exits += 1)?;
+    emit(EventKind::Exit, 0)
+}
+
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "the entry! macro takes fallible handlers"
+)]
+fn try_reclaim_begin(_ctx: &TracePointContext) -> Result<(), Stat> {
+    let (pid, _) = current_ids();
+    stamp(&RECLAIM, pid, now());
+    Ok(())
+}
+
+fn try_reclaim_end(_ctx: &TracePointContext) -> Result<(), Stat> {
+    let (pid, _) = current_ids();
+    let Some(stall) = take_stamp(&RECLAIM, pid, now()) else {
+        return Ok(()); // began before we attached, or the slot was reused
+    };
+    with_stats(current_cgroup(), |s| {
+        s.reclaim_ns += stall;
+        s.reclaims += 1;
+    })
+}
+
+fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<(), Stat> {
+    count(Stat::OomVictims);
+    let victim: u32 = read(ctx, global(&OFF_OOM_VICTIM_PID))?;
+    emit(EventKind::OomVictim, victim)
 }
 
 #[cfg(not(test))]

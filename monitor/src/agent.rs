@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::{
     cgroupfs::{CgroupIndex, CgroupReader},
     cli::RunArgs,
-    collect::Collector,
+    collect::{CollectOptions, Collector},
     preflight,
     probes::{LoadOptions, Probes},
     report,
@@ -31,7 +31,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut probes = Probes::load(&env, options)?;
     spawn_ebpf_logger(&mut probes);
     let index = CgroupIndex::new(CgroupReader::new(&env.cgroup_root));
-    let mut collector = Collector::new(probes, index, "/proc");
+    let collect_options = CollectOptions {
+        proc_scan_every: args.proc_scan_every,
+    };
+    let mut collector = Collector::new(probes, index, "/proc", collect_options);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -18,7 +18,7 @@ pub enum CgroupError {
 }
 
 /// `cpu.stat` of a cgroup. Always present on cgroup v2, even without the cpu controller.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CpuStat {
     /// Total CPU time of the cgroup's tasks, microseconds.
     pub usage_usec: u64,
@@ -26,6 +26,92 @@ pub struct CpuStat {
     pub user_usec: u64,
     /// Of which in kernel mode, microseconds.
     pub system_usec: u64,
+}
+
+/// A cgroup limit: a value, or "max" (none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    Max,
+    Value(u64),
+}
+
+impl Limit {
+    /// The value, `None` for "max".
+    #[must_use]
+    pub fn value(self) -> Option<u64> {
+        match self {
+            Limit::Max => None,
+            Limit::Value(v) => Some(v),
+        }
+    }
+}
+
+/// One line of a PSI file: share of wall time stalled, as percentages averaged over
+/// 10/60/300 s, and the total stall time in µs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PsiLine {
+    pub avg10: f64,
+    pub avg60: f64,
+    pub avg300: f64,
+    pub total_us: u64,
+}
+
+/// A PSI file: `some` (at least one task stalled) and `full` (all non-idle tasks
+/// stalled; absent for the machine-wide cpu file on old kernels).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Pressure {
+    pub some: PsiLine,
+    pub full: Option<PsiLine>,
+}
+
+/// Parses `key value` lines.
+///
+/// # Errors
+/// The first malformed line.
+pub fn parse_keyed(text: &str) -> Result<HashMap<String, u64>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (k, v) = line.split_once(' ').ok_or_else(|| line.to_owned())?;
+            let v = v.trim().parse().map_err(|_| line.to_owned())?;
+            Ok((k.to_owned(), v))
+        })
+        .collect()
+}
+
+/// Parses a PSI file.
+///
+/// # Errors
+/// The first malformed line, or a missing `some` line.
+pub fn parse_pressure(text: &str) -> Result<Pressure, String> {
+    let mut some = None;
+    let mut full = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace();
+        let kind = words.next().unwrap_or_default();
+        let mut psi = PsiLine::default();
+        let bad = || line.to_owned();
+        for word in words {
+            let (k, v) = word.split_once('=').ok_or_else(bad)?;
+            match k {
+                "avg10" => psi.avg10 = v.parse().map_err(|_| bad())?,
+                "avg60" => psi.avg60 = v.parse().map_err(|_| bad())?,
+                "avg300" => psi.avg300 = v.parse().map_err(|_| bad())?,
+                "total" => psi.total_us = v.parse().map_err(|_| bad())?,
+                _ => {}
+            }
+        }
+        match kind {
+            "some" => some = Some(psi),
+            "full" => full = Some(psi),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(Pressure {
+        some: some.ok_or_else(|| "no `some` line".to_owned())?,
+        full,
+    })
 }
 
 /// The cgroup v2 id of a directory: its inode number, which is what
@@ -94,6 +180,80 @@ impl CgroupReader {
             }
         }
         Ok(Some(stat))
+    }
+
+    fn read_value(&self, rel: &str, file: &str) -> Result<Option<(PathBuf, String)>, CgroupError> {
+        self.read(rel, file)
+            .map(|o| o.map(|(path, text)| (path, text.trim().to_owned())))
+    }
+
+    /// A single unsigned number (`memory.current`, `pids.current`: bytes, count).
+    ///
+    /// # Errors
+    /// A read error other than "cgroup gone", or not a number.
+    pub fn read_u64(&self, rel: &str, file: &str) -> Result<Option<u64>, CgroupError> {
+        let Some((path, text)) = self.read_value(rel, file)? else {
+            return Ok(None);
+        };
+        text.parse()
+            .map(Some)
+            .map_err(|_| CgroupError::Parse { path, line: text })
+    }
+
+    /// A limit (`memory.max`, `memory.high`, `pids.max`): a number, or "max" for none.
+    ///
+    /// # Errors
+    /// A read error other than "cgroup gone", or neither a number nor "max".
+    pub fn read_limit(&self, rel: &str, file: &str) -> Result<Option<Limit>, CgroupError> {
+        let Some((path, text)) = self.read_value(rel, file)? else {
+            return Ok(None);
+        };
+        if text == "max" {
+            return Ok(Some(Limit::Max));
+        }
+        text.parse()
+            .map(|v| Some(Limit::Value(v)))
+            .map_err(|_| CgroupError::Parse { path, line: text })
+    }
+
+    /// A flat keyed file (`memory.events`, `memory.stat`): every `key value` line.
+    ///
+    /// # Errors
+    /// A read error other than "cgroup gone", or a malformed line.
+    pub fn read_keyed(
+        &self,
+        rel: &str,
+        file: &str,
+    ) -> Result<Option<HashMap<String, u64>>, CgroupError> {
+        let Some((path, text)) = self.read(rel, file)? else {
+            return Ok(None);
+        };
+        parse_keyed(&text)
+            .map(Some)
+            .map_err(|line| CgroupError::Parse { path, line })
+    }
+
+    /// A PSI file (`memory.pressure`, `cpu.pressure`, `io.pressure`, or
+    /// `/proc/pressure/*` with a reader rooted at `/proc/pressure`).
+    ///
+    /// # Errors
+    /// A read error other than "cgroup gone" (or PSI disabled), or a malformed line.
+    pub fn read_pressure(&self, rel: &str, file: &str) -> Result<Option<Pressure>, CgroupError> {
+        let text = match self.read(rel, file) {
+            Ok(Some((path, text))) => (path, text),
+            Ok(None) => return Ok(None),
+            // PSI disabled at boot (psi=0) makes the file fail with EOPNOTSUPP.
+            Err(CgroupError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let (path, text) = text;
+        parse_pressure(&text)
+            .map(Some)
+            .map_err(|line| CgroupError::Parse { path, line })
     }
 
     /// The cgroup id (inode number) of `rel`; `None` if it does not exist.
@@ -201,6 +361,12 @@ impl CgroupIndex {
             .collect()
     }
 
+    /// Ids of every cgroup seen by the last walk.
+    #[must_use]
+    pub fn known_ids(&self) -> Vec<CgroupId> {
+        self.by_id.keys().copied().collect()
+    }
+
     /// Id of the cgroup at `rel`, looked up by `stat` (cheap, exact).
     #[must_use]
     pub fn id_of(&self, rel: &str) -> Option<CgroupId> {
@@ -250,11 +416,47 @@ mod tests {
         cpu_stat_negative: "usage_usec -1\n" => None;
     }
 
+    macro_rules! file_cases {
+        ($($name:ident: $file:expr, $content:expr, |$r:ident| $read:expr => $expected:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                let (dir, $r) = tree();
+                std::fs::write(dir.path().join("a").join($file), $content).unwrap();
+                assert_eq!($read, $expected);
+            }
+        )*};
+    }
+
+    file_cases! {
+        memory_current: "memory.current", "1048576\n", |r| r.read_u64("/a", "memory.current").unwrap() => Some(1_048_576);
+        memory_max_unlimited: "memory.max", "max\n", |r| r.read_limit("/a", "memory.max").unwrap() => Some(Limit::Max);
+        memory_max_value: "memory.max", "536870912\n", |r| r.read_limit("/a", "memory.max").unwrap() => Some(Limit::Value(536_870_912));
+        pids_max_garbage: "pids.max", "lots\n", |r| r.read_limit("/a", "pids.max").is_err() => true;
+        current_garbage: "pids.current", "-3\n", |r| r.read_u64("/a", "pids.current").is_err() => true;
+        memory_events: "memory.events", "low 0\nhigh 4\nmax 1\noom 0\noom_kill 2\noom_group_kill 0\n",
+            |r| r.read_keyed("/a", "memory.events").unwrap().unwrap()["oom_kill"] => 2;
+        memory_events_malformed: "memory.events", "high\n", |r| r.read_keyed("/a", "memory.events").is_err() => true;
+        pressure_cgroup: "memory.pressure",
+            "some avg10=1.50 avg60=0.20 avg300=0.00 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=600\n",
+            |r| r.read_pressure("/a", "memory.pressure").unwrap().unwrap()
+            => Pressure { some: PsiLine { avg10: 1.5, avg60: 0.2, avg300: 0.0, total_us: 12345 },
+                          full: Some(PsiLine { avg10: 0.5, avg60: 0.0, avg300: 0.0, total_us: 600 }) };
+        pressure_some_only: "cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+            |r| r.read_pressure("/a", "cpu.pressure").unwrap().unwrap().full => None;
+        pressure_malformed: "io.pressure", "some avg10=x\n", |r| r.read_pressure("/a", "io.pressure").is_err() => true;
+        pressure_no_some: "io.pressure", "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+            |r| r.read_pressure("/a", "io.pressure").is_err() => true;
+    }
+
     #[test]
     fn vanished_cgroup_reads_as_none() {
         let (_dir, reader) = tree();
         assert_eq!(reader.read_cpu_stat("/nope").unwrap(), None);
         assert_eq!(reader.id_of("/nope").unwrap(), None);
+        assert_eq!(reader.read_u64("/nope", "memory.current").unwrap(), None);
+        assert_eq!(reader.read_limit("/nope", "memory.max").unwrap(), None);
+        assert_eq!(reader.read_keyed("/nope", "memory.events").unwrap(), None);
+        assert_eq!(reader.read_pressure("/nope", "cpu.pressure").unwrap(), None);
     }
 
     #[test]

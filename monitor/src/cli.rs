@@ -34,8 +34,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
 
-    /// Print one JSON object per tick (every cgroup with CPU in that tick) instead of
-    /// the table.
+    /// Print the whole snapshot as one JSON object per tick (machine, every cgroup with
+    /// its eBPF counters and control files, processes, lifecycle events) instead of the
+    /// table.
     #[arg(long)]
     pub json: bool,
 
@@ -46,9 +47,15 @@ pub struct RunArgs {
     /// Cgroups the eBPF side can track at once. Deleted cgroups are forgotten every
     /// tick; if more than this many are alive, CPU time of the newest is dropped and
     /// counted ("eBPF dropped" in the table, `ebpf.cgroup_map_full` in JSON).
-    #[arg(long, value_name = "N", default_value_t = monitor_common::CGROUP_CPU_MAX_ENTRIES,
+    #[arg(long, value_name = "N", default_value_t = monitor_common::CGROUP_STATS_MAX_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub cgroup_map_capacity: u32,
+
+    /// Rescan /proc for the process table every N ticks (exec/exit events keep it
+    /// current in between). 1 = every tick.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub proc_scan_every: u32,
 }
 
 /// `1s`, `250ms`, `1m`, or a bare number of seconds (`2`, `0.5`).

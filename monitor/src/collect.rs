@@ -1,24 +1,25 @@
 //! The collection stage: one owned [`Snapshot`] per tick, built from the eBPF maps and
-//! the cgroup tree. No later stage reads the kernel itself.
+//! ring buffer, the cgroup tree, /proc and PSI. No later stage reads the kernel itself.
 //!
 //! On-CPU time is charged by the eBPF program when a task *leaves* a CPU. A task that
 //! never leaves (a spinner on an otherwise idle CPU) would show 0 % for seconds and then
-//! a burst. [`CpuAccountant`] therefore also credits the slice still running on each
+//! a burst. [`StatsAccountant`] therefore also credits the slice still running on each
 //! CPU (from the per-CPU `CPU_SLICE` record) and pays that credit back when the slice
 //! ends and the map has it, so totals stay exact and each tick shows what happened in it.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     path::PathBuf,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use monitor_common::CgroupCpu;
+use monitor_common::{CgroupStats, RUNQ_BUCKETS, runq_bucket_floor_ns};
 use serde::Serialize;
 use tracing::warn;
 
 use crate::{
-    cgroupfs::{CgroupId, CgroupIndex, cgroup_of_pid},
-    probes::{EbpfStats, ProbeError, Probes},
+    cgroupfs::{CgroupId, CgroupIndex, CgroupReader, CpuStat, Limit, Pressure, cgroup_of_pid},
+    events::{Kind, ProcEvent},
+    probes::{EbpfStats, ProbeError, Probes, add_stats},
 };
 
 /// What one CPU is running at the moment of a tick, as resolved by the caller.
@@ -28,13 +29,6 @@ pub struct RunningSlice {
     pub start_ns: u64,
     /// The cgroup of the running task; `None` for the idle task or an unknown one.
     pub cgroup: Option<CgroupId>,
-}
-
-/// CPU used by one cgroup during one tick.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuDelta {
-    pub on_cpu_ns: u64,
-    pub switches: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -54,45 +48,55 @@ struct Debt {
 /// another cgroup (the task moved while running), so there is nothing to repay.
 const DEBT_MAX_AGE: u8 = 2;
 
+/// `cur - prev` for every counter. A counter that went backwards means the entry was
+/// removed and re-created: then everything it holds is new.
+#[must_use]
+pub fn stats_delta(cur: &CgroupStats, prev: &CgroupStats) -> CgroupStats {
+    if cur.switches < prev.switches || cur.on_cpu_ns < prev.on_cpu_ns || cur.forks < prev.forks {
+        return *cur;
+    }
+    let mut d = CgroupStats {
+        on_cpu_ns: cur.on_cpu_ns - prev.on_cpu_ns,
+        switches: cur.switches - prev.switches,
+        involuntary: cur.involuntary.saturating_sub(prev.involuntary),
+        runq_wait_ns: cur.runq_wait_ns.saturating_sub(prev.runq_wait_ns),
+        runq_waits: cur.runq_waits.saturating_sub(prev.runq_waits),
+        forks: cur.forks - prev.forks,
+        execs: cur.execs.saturating_sub(prev.execs),
+        exits: cur.exits.saturating_sub(prev.exits),
+        reclaim_ns: cur.reclaim_ns.saturating_sub(prev.reclaim_ns),
+        reclaims: cur.reclaims.saturating_sub(prev.reclaims),
+        runq_hist: [0; RUNQ_BUCKETS],
+    };
+    for (i, h) in d.runq_hist.iter_mut().enumerate() {
+        *h = cur.runq_hist[i].saturating_sub(prev.runq_hist[i]);
+    }
+    d
+}
+
 /// Turns cumulative per-cgroup counters plus the running slices into per-tick deltas.
 /// Pure logic: no kernel access, unit-tested below.
 #[derive(Debug, Default)]
-pub struct CpuAccountant {
-    last: HashMap<CgroupId, CgroupCpu>,
+pub struct StatsAccountant {
+    last: HashMap<CgroupId, CgroupStats>,
     credits: Vec<Option<Credit>>,
     debts: HashMap<CgroupId, Debt>,
 }
 
-impl CpuAccountant {
+impl StatsAccountant {
     /// Deltas since the previous call. `totals` are the map's cumulative counters read
     /// *before* `slices`; `now_ns` is the monotonic clock read after both.
     pub fn tick(
         &mut self,
-        totals: &HashMap<CgroupId, CgroupCpu>,
+        totals: &HashMap<CgroupId, CgroupStats>,
         slices: &[RunningSlice],
         now_ns: u64,
-    ) -> HashMap<CgroupId, CpuDelta> {
-        let mut deltas: HashMap<CgroupId, CpuDelta> = totals
+    ) -> HashMap<CgroupId, CgroupStats> {
+        let mut deltas: HashMap<CgroupId, CgroupStats> = totals
             .iter()
             .map(|(id, total)| {
                 let prev = self.last.get(id).copied().unwrap_or_default();
-                // A counter that went backwards was re-created (entry removed and re-added):
-                // everything it holds is new.
-                let ns = total
-                    .on_cpu_ns
-                    .checked_sub(prev.on_cpu_ns)
-                    .unwrap_or(total.on_cpu_ns);
-                let sw = total
-                    .switches
-                    .checked_sub(prev.switches)
-                    .unwrap_or(total.switches);
-                (
-                    *id,
-                    CpuDelta {
-                        on_cpu_ns: ns,
-                        switches: sw,
-                    },
-                )
+                (*id, stats_delta(total, &prev))
             })
             .collect();
         self.last.clone_from(totals);
@@ -158,9 +162,116 @@ impl CpuAccountant {
     }
 }
 
-/// One cgroup's CPU in one tick.
+/// The `q` quantile (0..=1) of a run-queue histogram, in µs: the upper bound of the
+/// bucket holding it (conservative); `None` without samples.
+#[must_use]
+pub fn hist_quantile_us(hist: &[u32; RUNQ_BUCKETS], q: f64) -> Option<f64> {
+    let total: u64 = hist.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0);
+    let mut seen = 0u64;
+    for (i, &c) in hist.iter().enumerate() {
+        seen += u64::from(c);
+        if seen as f64 >= rank {
+            let upper = if i + 1 < RUNQ_BUCKETS {
+                runq_bucket_floor_ns(i + 1)
+            } else {
+                runq_bucket_floor_ns(i)
+            };
+            return Some(upper as f64 / 1000.0);
+        }
+    }
+    None
+}
+
+/// Least-squares slope of `(seconds, value)` points, in value units per second;
+/// `None` with fewer than 3 points or no time spread.
+#[must_use]
+pub fn slope_per_s(points: &VecDeque<(f64, f64)>) -> Option<f64> {
+    let n = points.len() as f64;
+    if points.len() < 3 {
+        return None;
+    }
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
+        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
+    });
+    (den > 0.0).then(|| num / den)
+}
+
+/// Run-queue waits of one cgroup in one tick.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RunQueue {
+    /// Waits that ended (tasks switched in, then out) in this tick.
+    pub waits: u64,
+    pub mean_us: Option<f64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// Counts per log2 bucket (see `monitor_common::RUNQ_BUCKETS`).
+    pub hist: Vec<u32>,
+}
+
+/// A cgroup's control files, as read this tick. Each is `None` when the file is absent
+/// (controller not enabled) or the cgroup vanished mid-read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CgroupFiles {
+    /// `memory.current`, bytes.
+    pub memory_current: Option<u64>,
+    pub memory_max: Option<Limit>,
+    pub memory_high: Option<Limit>,
+    /// `memory.events`: low, high, max, oom, `oom_kill`, `oom_group_kill` counts.
+    pub memory_events: Option<HashMap<String, u64>>,
+    /// `memory.stat`, the keys detectors use: anon, file, shmem, `file_dirty`, sock,
+    /// `pgmajfault` (bytes or counts as the kernel gives them).
+    pub memory_stat: Option<HashMap<String, u64>>,
+    pub memory_pressure: Option<Pressure>,
+    pub cpu_pressure: Option<Pressure>,
+    pub io_pressure: Option<Pressure>,
+    pub pids_current: Option<u64>,
+    pub pids_max: Option<Limit>,
+    pub cpu_stat: Option<CpuStat>,
+}
+
+const MEMORY_STAT_KEYS: &[&str] = &["anon", "file", "shmem", "file_dirty", "sock", "pgmajfault"];
+
+impl CgroupFiles {
+    /// Reads every file of `rel`; unreadable or malformed files are logged once per
+    /// call site at debug level and left `None`.
+    #[must_use]
+    pub fn read(reader: &CgroupReader, rel: &str) -> Self {
+        fn ok<T>(r: Result<Option<T>, crate::cgroupfs::CgroupError>) -> Option<T> {
+            r.unwrap_or_else(|e| {
+                tracing::debug!("{e}");
+                None
+            })
+        }
+        Self {
+            memory_current: ok(reader.read_u64(rel, "memory.current")),
+            memory_max: ok(reader.read_limit(rel, "memory.max")),
+            memory_high: ok(reader.read_limit(rel, "memory.high")),
+            memory_events: ok(reader.read_keyed(rel, "memory.events")),
+            memory_stat: ok(reader.read_keyed(rel, "memory.stat")).map(|mut m| {
+                m.retain(|k, _| MEMORY_STAT_KEYS.contains(&k.as_str()));
+                m
+            }),
+            memory_pressure: ok(reader.read_pressure(rel, "memory.pressure")),
+            cpu_pressure: ok(reader.read_pressure(rel, "cpu.pressure")),
+            io_pressure: ok(reader.read_pressure(rel, "io.pressure")),
+            pids_current: ok(reader.read_u64(rel, "pids.current")),
+            pids_max: ok(reader.read_limit(rel, "pids.max")),
+            cpu_stat: ok(reader.read_cpu_stat(rel)),
+        }
+    }
+}
+
+/// One cgroup in one tick.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct CgroupCpuSample {
+pub struct CgroupSample {
     /// cgroup v2 id (inode of its directory).
     pub id: CgroupId,
     /// Path relative to the v2 root ("/" is the root); `None` when the cgroup was
@@ -170,9 +281,104 @@ pub struct CgroupCpuSample {
     pub on_cpu_ns: u64,
     /// CPU use in percent of one CPU (200 = two CPUs busy).
     pub cpu_percent: f64,
-    /// Tasks switched out in this tick.
+    /// Tasks switched out in this tick, and of those, while still runnable.
     pub switches: u64,
+    pub involuntary_switches: u64,
+    pub runq: RunQueue,
+    /// Tasks created, execs and process exits in this tick.
+    pub forks: u64,
+    pub execs: u64,
+    pub exits: u64,
+    pub forks_per_s: f64,
+    /// Time stalled in direct/memcg reclaim in this tick, ms, and per second of tick.
+    pub reclaim_stall_ms: f64,
+    pub reclaim_ms_per_s: f64,
+    pub reclaims: u64,
+    /// Slope of `memory.current` over the last samples, MiB/s.
+    pub memory_trend_mib_per_s: Option<f64>,
+    pub files: CgroupFiles,
 }
+
+/// Machine-wide memory and pressure.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Machine {
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub swap_total_bytes: u64,
+    pub swap_free_bytes: u64,
+    pub cpu_pressure: Option<Pressure>,
+    pub memory_pressure: Option<Pressure>,
+    pub io_pressure: Option<Pressure>,
+}
+
+impl Machine {
+    fn read(proc_root: &std::path::Path) -> Self {
+        let meminfo = std::fs::read_to_string(proc_root.join("meminfo")).unwrap_or_default();
+        let kib = |key: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |v| v * 1024)
+        };
+        let psi = CgroupReader::new(proc_root.join("pressure"));
+        let pressure = |f: &str| psi.read_pressure("/", f).ok().flatten();
+        Self {
+            mem_total_bytes: kib("MemTotal"),
+            mem_available_bytes: kib("MemAvailable"),
+            swap_total_bytes: kib("SwapTotal"),
+            swap_free_bytes: kib("SwapFree"),
+            cpu_pressure: pressure("cpu"),
+            memory_pressure: pressure("memory"),
+            io_pressure: pressure("io"),
+        }
+    }
+}
+
+/// One process (thread-group leader).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessSample {
+    pub pid: u32,
+    pub ppid: u32,
+    /// Control characters escaped (names may hold newlines or escapes).
+    pub comm: String,
+    pub exe: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    pub rss_bytes: u64,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
+}
+
+/// Lifecycle events drained this tick.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Events {
+    /// Events decoded this tick (all of them, up to the drain limit).
+    pub decoded: u64,
+    /// Records that could not be decoded (version or kind mismatch), cumulative.
+    pub undecodable: u64,
+    /// The last events of this tick, newest last (at most [`RECENT_EVENTS`]).
+    pub recent: Vec<ProcEvent>,
+    /// Kernel OOM kills seen this tick, with the victim's cgroup where it could still
+    /// be resolved.
+    pub oom_victims: Vec<OomVictim>,
+}
+
+/// A kernel OOM kill.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OomVictim {
+    pub pid: u32,
+    pub cgroup: Option<String>,
+    /// cgroup of the task whose allocation triggered the kill.
+    pub trigger_cgroup: Option<String>,
+}
+
+/// Events kept per tick in [`Events::recent`].
+pub const RECENT_EVENTS: usize = 64;
+/// Events drained per tick at most (the rest wait for the next tick).
+const DRAIN_LIMIT: usize = 65_536;
+/// Samples kept per cgroup for the memory trend.
+const TREND_SAMPLES: usize = 10;
 
 /// Everything one tick saw.
 #[derive(Clone, Debug, Serialize)]
@@ -183,13 +389,19 @@ pub struct Snapshot {
     pub interval_ns: u64,
     /// CPUs the eBPF programs report on.
     pub cpus: usize,
-    /// Cgroups with CPU in this tick, busiest first.
-    pub cgroups: Vec<CgroupCpuSample>,
+    pub machine: Machine,
+    /// Every cgroup, busiest (CPU) first.
+    pub cgroups: Vec<CgroupSample>,
+    /// Processes as of the last /proc scan, kept current by exec/exit events.
+    pub processes: Vec<ProcessSample>,
+    /// Milliseconds since that scan.
+    pub processes_age_ms: u64,
+    pub events: Events,
     /// Cgroups currently held in the eBPF map.
     pub tracked_cgroups: usize,
     /// Deleted cgroups forgotten in this tick.
     pub vanished_cgroups: usize,
-    /// What the eBPF side could not record (cumulative).
+    /// What the eBPF side could not record, and kernel OOM kills (cumulative).
     pub ebpf: EbpfStats,
 }
 
@@ -205,26 +417,61 @@ pub fn monotonic_ns() -> u64 {
         + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
-/// Reads the probes and the cgroup tree into snapshots.
+/// Knobs of the collector.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectOptions {
+    /// Rescan /proc every this many ticks (1 = every tick).
+    pub proc_scan_every: u32,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        Self { proc_scan_every: 5 }
+    }
+}
+
+/// Reads the probes, the cgroup tree and /proc into snapshots.
 pub struct Collector {
     probes: Probes,
     index: CgroupIndex,
     proc_root: PathBuf,
-    accountant: CpuAccountant,
+    options: CollectOptions,
+    accountant: StatsAccountant,
+    /// Recent `memory.current` samples per cgroup (seconds, MiB), for the trend.
+    trends: HashMap<CgroupId, VecDeque<(f64, f64)>>,
+    processes: HashMap<u32, ProcessSample>,
+    last_scan: Option<Instant>,
+    ticks: u64,
+    users: HashMap<u32, Option<String>>,
+    start: Instant,
     last_ns: u64,
     last_map_full: u64,
+    undecodable: u64,
 }
 
 impl Collector {
     #[must_use]
-    pub fn new(probes: Probes, index: CgroupIndex, proc_root: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        probes: Probes,
+        index: CgroupIndex,
+        proc_root: impl Into<PathBuf>,
+        options: CollectOptions,
+    ) -> Self {
         Self {
             probes,
             index,
             proc_root: proc_root.into(),
-            accountant: CpuAccountant::default(),
+            options,
+            accountant: StatsAccountant::default(),
+            trends: HashMap::new(),
+            processes: HashMap::new(),
+            last_scan: None,
+            ticks: 0,
+            users: HashMap::new(),
+            start: Instant::now(),
             last_ns: monotonic_ns(),
             last_map_full: 0,
+            undecodable: 0,
         }
     }
 
@@ -239,7 +486,7 @@ impl Collector {
     /// # Errors
     /// A map could not be read at all.
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
-        let totals = self.probes.cgroup_cpu();
+        let totals = self.probes.cgroup_stats();
         let slices = self.probes.cpu_slices()?;
         let now = monotonic_ns();
         let running: Vec<RunningSlice> = slices
@@ -255,26 +502,47 @@ impl Collector {
         let deltas = self.accountant.tick(&totals, &running, now);
         let interval_ns = now.saturating_sub(self.last_ns).max(1);
         self.last_ns = now;
+        let secs = interval_ns as f64 / 1e9;
+        self.ticks += 1;
 
-        let ids: Vec<CgroupId> = totals.keys().chain(deltas.keys()).copied().collect();
+        let events = self.drain_events();
+        self.refresh_processes();
+
+        // Every cgroup of the tree plus every id the map knows.
+        let mut ids: Vec<CgroupId> = self.index.known_ids();
+        ids.extend(totals.keys().chain(deltas.keys()));
+        ids.sort_unstable();
+        ids.dedup();
         let paths = self.index.resolve_all(&ids);
         let mut vanished = 0;
         for (id, path) in &paths {
-            if path.is_none() && totals.contains_key(id) {
-                self.probes.forget_cgroup(*id);
+            if path.is_none() {
+                if totals.contains_key(id) {
+                    self.probes.forget_cgroup(*id);
+                    vanished += 1;
+                }
                 self.accountant.forget(*id);
-                vanished += 1;
+                self.trends.remove(id);
             }
         }
-        let mut cgroups: Vec<CgroupCpuSample> = deltas
-            .into_iter()
-            .filter(|(_, d)| d.on_cpu_ns > 0 || d.switches > 0)
-            .map(|(id, d)| CgroupCpuSample {
-                id,
-                path: paths.get(&id).cloned().flatten(),
-                on_cpu_ns: d.on_cpu_ns,
-                cpu_percent: d.on_cpu_ns as f64 * 100.0 / interval_ns as f64,
-                switches: d.switches,
+        let t = self.start.elapsed().as_secs_f64();
+        let mut cgroups: Vec<CgroupSample> = paths
+            .iter()
+            .map(|(&id, path)| {
+                let d = deltas.get(&id).copied().unwrap_or_default();
+                let files = path
+                    .as_deref()
+                    .map(|p| CgroupFiles::read(self.index.reader(), p))
+                    .unwrap_or_default();
+                let trend = files.memory_current.and_then(|bytes| {
+                    let points = self.trends.entry(id).or_default();
+                    points.push_back((t, bytes as f64 / f64::from(1 << 20)));
+                    if points.len() > TREND_SAMPLES {
+                        points.pop_front();
+                    }
+                    slope_per_s(points)
+                });
+                sample(id, path.clone(), &d, secs, files, trend)
             })
             .collect();
         cgroups.sort_by(|a, b| b.on_cpu_ns.cmp(&a.on_cpu_ns).then(a.id.cmp(&b.id)));
@@ -285,41 +553,187 @@ impl Collector {
                 dropped = ebpf.cgroup_map_full - self.last_map_full,
                 capacity = ebpf.cgroup_map_capacity,
                 tracked = totals.len(),
-                "eBPF cgroup map full: CPU time of new cgroups is being dropped"
+                "eBPF cgroup map full: data of new cgroups is being dropped \
+                 (raise --cgroup-map-capacity)"
             );
             self.last_map_full = ebpf.cgroup_map_full;
         }
+        let mut processes: Vec<ProcessSample> = self.processes.values().cloned().collect();
+        processes.sort_by_key(|p| p.pid);
         Ok(Snapshot {
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),
             interval_ns,
             cpus: slices.len(),
+            machine: Machine::read(&self.proc_root),
             cgroups,
+            processes,
+            processes_age_ms: self.last_scan.map_or(0, |s| {
+                u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }),
+            events,
             tracked_cgroups: totals.len() - vanished,
             vanished_cgroups: vanished,
             ebpf,
         })
     }
+
+    fn drain_events(&mut self) -> Events {
+        let mut out = Events::default();
+        for e in self.probes.drain_events(DRAIN_LIMIT) {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    if self.undecodable == 0 {
+                        warn!("undecodable lifecycle event (counted from now on): {err}");
+                    }
+                    self.undecodable += 1;
+                    continue;
+                }
+            };
+            out.decoded += 1;
+            match e.kind {
+                Kind::Exit => {
+                    self.processes.remove(&e.tgid);
+                }
+                Kind::Exec => {
+                    if let Some(p) = self.processes.get_mut(&e.tgid) {
+                        p.comm.clone_from(&e.comm);
+                    }
+                }
+                Kind::OomVictim => out.oom_victims.push(OomVictim {
+                    pid: e.other_pid,
+                    cgroup: cgroup_of_pid(&self.proc_root, e.other_pid),
+                    trigger_cgroup: self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone(),
+                }),
+                Kind::Fork => {}
+            }
+            if out.recent.len() == RECENT_EVENTS {
+                out.recent.remove(0);
+            }
+            out.recent.push(e);
+        }
+        out.undecodable = self.undecodable;
+        out
+    }
+
+    fn refresh_processes(&mut self) {
+        let every = u64::from(self.options.proc_scan_every.max(1));
+        if self.last_scan.is_some() && !self.ticks.is_multiple_of(every) {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
+            warn!("cannot list processes under {}", self.proc_root.display());
+            return;
+        };
+        let page = procfs::page_size();
+        let mut fresh = HashMap::new();
+        // Processes exit mid-scan all the time: each failed read skips that process.
+        for p in all.flatten() {
+            let Ok(stat) = p.stat() else { continue };
+            let Ok(pid) = u32::try_from(p.pid) else {
+                continue;
+            };
+            let uid = p.uid().ok();
+            let user = uid.and_then(|uid| {
+                self.users
+                    .entry(uid)
+                    .or_insert_with(|| {
+                        nix::unistd::User::from_uid(uid.into())
+                            .ok()
+                            .flatten()
+                            .map(|u| u.name)
+                    })
+                    .clone()
+            });
+            fresh.insert(
+                pid,
+                ProcessSample {
+                    pid,
+                    ppid: u32::try_from(stat.ppid).unwrap_or(0),
+                    comm: crate::events::comm_to_string(stat.comm.as_bytes()),
+                    exe: p.exe().ok().map(|e| e.to_string_lossy().into_owned()),
+                    uid,
+                    user,
+                    rss_bytes: stat.rss * page,
+                    cgroup: cgroup_of_pid(&self.proc_root, pid),
+                },
+            );
+        }
+        self.processes = fresh;
+    }
+}
+
+fn sample(
+    id: CgroupId,
+    path: Option<String>,
+    d: &CgroupStats,
+    secs: f64,
+    files: CgroupFiles,
+    memory_trend_mib_per_s: Option<f64>,
+) -> CgroupSample {
+    let runq = RunQueue {
+        waits: d.runq_waits,
+        mean_us: (d.runq_waits > 0).then(|| d.runq_wait_ns as f64 / d.runq_waits as f64 / 1000.0),
+        p50_us: hist_quantile_us(&d.runq_hist, 0.5),
+        p99_us: hist_quantile_us(&d.runq_hist, 0.99),
+        hist: d.runq_hist.to_vec(),
+    };
+    let reclaim_ms = d.reclaim_ns as f64 / 1e6;
+    CgroupSample {
+        id,
+        path,
+        on_cpu_ns: d.on_cpu_ns,
+        cpu_percent: d.on_cpu_ns as f64 * 100.0 / (secs * 1e9),
+        switches: d.switches,
+        involuntary_switches: d.involuntary,
+        runq,
+        forks: d.forks,
+        execs: d.execs,
+        exits: d.exits,
+        forks_per_s: d.forks as f64 / secs,
+        reclaim_stall_ms: reclaim_ms,
+        reclaim_ms_per_s: reclaim_ms / secs,
+        reclaims: d.reclaims,
+        memory_trend_mib_per_s,
+        files,
+    }
+}
+
+/// Sums per-cgroup counters (test and tooling helper).
+#[must_use]
+pub fn sum_stats<'a>(stats: impl IntoIterator<Item = &'a CgroupStats>) -> CgroupStats {
+    let mut sum = CgroupStats::default();
+    for s in stats {
+        add_stats(&mut sum, s);
+    }
+    sum
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn totals(entries: &[(u64, u64, u64)]) -> HashMap<CgroupId, CgroupCpu> {
+    fn totals(entries: &[(u64, u64, u64)]) -> HashMap<CgroupId, CgroupStats> {
         entries
             .iter()
             .map(|&(id, ns, sw)| {
                 (
                     id,
-                    CgroupCpu {
+                    CgroupStats {
                         on_cpu_ns: ns,
                         switches: sw,
+                        ..CgroupStats::default()
                     },
                 )
             })
             .collect()
+    }
+
+    fn cpu(d: &CgroupStats) -> (u64, u64) {
+        (d.on_cpu_ns, d.switches)
     }
 
     fn running(start_ns: u64, cgroup: u64) -> RunningSlice {
@@ -336,51 +750,46 @@ mod tests {
 
     #[test]
     fn deltas_between_ticks() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         let d = acc.tick(&totals(&[(1, 100, 2)]), &[IDLE], 1_000);
-        assert_eq!(
-            d[&1],
-            CpuDelta {
-                on_cpu_ns: 100,
-                switches: 2
-            }
-        );
+        assert_eq!(cpu(&d[&1]), (100, 2));
         let d = acc.tick(&totals(&[(1, 350, 5), (2, 10, 1)]), &[IDLE], 2_000);
+        assert_eq!(cpu(&d[&1]), (250, 3));
+        assert_eq!(cpu(&d[&2]), (10, 1));
+    }
+
+    #[test]
+    fn every_counter_has_a_delta() {
+        let prev = CgroupStats {
+            forks: 10,
+            reclaim_ns: 5,
+            runq_hist: [1; RUNQ_BUCKETS],
+            ..CgroupStats::default()
+        };
+        let mut cur = prev;
+        cur.forks = 25;
+        cur.reclaim_ns = 9;
+        cur.runq_hist[3] = 4;
+        let d = stats_delta(&cur, &prev);
         assert_eq!(
-            d[&1],
-            CpuDelta {
-                on_cpu_ns: 250,
-                switches: 3
-            }
-        );
-        assert_eq!(
-            d[&2],
-            CpuDelta {
-                on_cpu_ns: 10,
-                switches: 1
-            }
+            (d.forks, d.reclaim_ns, d.runq_hist[3], d.runq_hist[0]),
+            (15, 4, 3, 0)
         );
     }
 
     #[test]
     fn counter_going_backwards_is_a_recreated_entry() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         acc.tick(&totals(&[(1, 1_000, 10)]), &[], 1);
         let d = acc.tick(&totals(&[(1, 30, 1)]), &[], 2);
-        assert_eq!(
-            d[&1],
-            CpuDelta {
-                on_cpu_ns: 30,
-                switches: 1
-            }
-        );
+        assert_eq!(cpu(&d[&1]), (30, 1));
     }
 
     /// A spinner that never leaves its CPU: the map never grows, yet every tick shows
     /// the full interval, and when it finally leaves, the map's charge is not counted twice.
     #[test]
     fn running_slice_is_credited_then_repaid() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         let spinner = 7;
         let d = acc.tick(&totals(&[]), &[running(500, spinner)], 1_000);
         assert_eq!(d[&spinner].on_cpu_ns, 500);
@@ -388,22 +797,14 @@ mod tests {
         assert_eq!(d[&spinner].on_cpu_ns, 1_000);
         // It leaves at 2_500: the map now holds the whole slice (2_000 ns), the CPU idles.
         let d = acc.tick(&totals(&[(spinner, 2_000, 1)]), &[IDLE], 3_000);
-        assert_eq!(
-            d[&spinner],
-            CpuDelta {
-                on_cpu_ns: 500,
-                switches: 1
-            }
-        );
-        let total: u64 = 500 + 1_000 + 500;
-        assert_eq!(total, 2_000, "sum of ticks equals what the kernel charged");
+        assert_eq!(cpu(&d[&spinner]), (500, 1));
     }
 
     /// The switch lands between reading the map and reading the slices: the map does
     /// not have the ended slice yet, so the debt waits for it instead of being lost.
     #[test]
     fn debt_waits_for_a_late_map_charge() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         acc.tick(&totals(&[]), &[running(1, 3)], 1_001); // credited 1_000
         let d = acc.tick(&totals(&[]), &[running(1_500, 4)], 2_001);
         assert_eq!(
@@ -422,7 +823,7 @@ mod tests {
 
     #[test]
     fn stale_debt_expires() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         acc.tick(&totals(&[]), &[running(1, 3)], 1_001);
         acc.tick(&totals(&[]), &[IDLE], 2_000); // debt 1_000 on cgroup 3
         acc.tick(&totals(&[]), &[IDLE], 3_000);
@@ -434,27 +835,48 @@ mod tests {
 
     #[test]
     fn forgotten_cgroup_leaves_no_state() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         acc.tick(&totals(&[(9, 100, 1)]), &[running(10, 9)], 100);
         acc.forget(9);
         let d = acc.tick(&totals(&[(9, 40, 1)]), &[IDLE], 200);
-        assert_eq!(
-            d[&9],
-            CpuDelta {
-                on_cpu_ns: 40,
-                switches: 1
-            }
-        );
+        assert_eq!(cpu(&d[&9]), (40, 1));
     }
 
     #[test]
     fn idle_and_unresolved_cpus_credit_nobody() {
-        let mut acc = CpuAccountant::default();
+        let mut acc = StatsAccountant::default();
         let unresolved = RunningSlice {
             start_ns: 10,
             cgroup: None,
         };
         let d = acc.tick(&totals(&[]), &[IDLE, unresolved], 1_000);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn quantiles_from_histogram() {
+        let mut h = [0u32; RUNQ_BUCKETS];
+        assert_eq!(hist_quantile_us(&h, 0.99), None);
+        h[0] = 98; // < 4 µs
+        h[10] = 2; // [2 ms, 4 ms)
+        assert_eq!(hist_quantile_us(&h, 0.5), Some(4.096));
+        assert_eq!(hist_quantile_us(&h, 0.99), Some(4194.304));
+        h[19] = 1_000; // ≥ 1.07 s: reported as the floor
+        assert_eq!(hist_quantile_us(&h, 0.99), Some(1_073_741.824));
+    }
+
+    #[test]
+    fn slopes() {
+        let line: VecDeque<(f64, f64)> = (0..5)
+            .map(|i| (f64::from(i), 10.0 + 2.0 * f64::from(i)))
+            .collect();
+        assert!((slope_per_s(&line).unwrap() - 2.0).abs() < 1e-9);
+        let flat: VecDeque<(f64, f64)> = (0..5).map(|i| (f64::from(i), 7.0)).collect();
+        assert_eq!(slope_per_s(&flat), Some(0.0));
+        let two: VecDeque<(f64, f64)> = [(0.0, 1.0), (1.0, 2.0)].into_iter().collect();
+        assert_eq!(slope_per_s(&two), None);
+        let same_t: VecDeque<(f64, f64)> =
+            [(1.0, 1.0), (1.0, 2.0), (1.0, 3.0)].into_iter().collect();
+        assert_eq!(slope_per_s(&same_t), None);
     }
 }

@@ -2,12 +2,14 @@
 //! in later stages, detects, decides and contains (see DESIGN.md's pipeline).
 //!
 //! Stages: [`preflight`] (is the kernel usable), [`probes`] (eBPF load/attach/maps),
-//! [`cgroupfs`] (cgroup v2 files), [`collect`] (one `Snapshot` per tick),
+//! [`cgroupfs`] (cgroup v2 files), [`events`] (ring-buffer decoding),
+//! [`collect`] (one `Snapshot` per tick),
 //! [`report`] (table, JSON), [`agent`] (the tokio loop), [`cli`].
 pub mod agent;
 pub mod cgroupfs;
 pub mod cli;
 pub mod collect;
+pub mod events;
 pub mod preflight;
 pub mod probes;
 pub mod report;

@@ -45,8 +45,6 @@ pub struct Environment {
     pub tracefs: PathBuf,
     /// Whether `/sys/kernel/btf/vmlinux` exists.
     pub btf: bool,
-    /// Byte offset of `next_pid` in the `sched_switch` record (from its format file).
-    pub next_pid_offset: u32,
 }
 
 /// Checks and prepares the machine. Mounts tracefs and bpffs when they are absent.
@@ -68,25 +66,18 @@ pub fn prepare() -> Result<Environment, PreflightError> {
         );
     }
     let format = tracefs.join("events/sched/sched_switch/format");
-    let text = std::fs::read_to_string(&format).map_err(|_| PreflightError::TracepointMissing {
-        name: "sched:sched_switch".into(),
-        path: format.clone(),
-    })?;
-    let next_pid_offset = field_offset(&text, "next_pid").unwrap_or_else(|| {
-        warn!(
-            "{}: no next_pid field; assuming offset {}",
-            format.display(),
-            monitor_common::DEFAULT_NEXT_PID_OFFSET
-        );
-        monitor_common::DEFAULT_NEXT_PID_OFFSET
-    });
+    if !format.exists() {
+        return Err(PreflightError::TracepointMissing {
+            name: "sched:sched_switch".into(),
+            path: format,
+        });
+    }
     raise_memlock();
     let env = Environment {
         cgroup_root,
         hybrid,
         tracefs,
         btf,
-        next_pid_offset,
     };
     info!(
         cgroup_root = %env.cgroup_root.display(),

@@ -1,44 +1,99 @@
 //! Loading and attaching cgsentry's eBPF programs, and reading their maps.
 //!
-//! A registry of probes (kunai): each with its tracepoint and whether the agent can
-//! run without it. One generic loop loads and attaches them; an optional probe that
-//! fails is a warning, a required one an error naming the probe.
-use std::collections::HashMap;
+//! A registry of probes (kunai): each program with the tracepoints it attaches to and
+//! whether the agent can run without it. One generic loop loads and attaches them; an
+//! optional probe that fails is a warning, a required one an error naming the probe.
+use std::{collections::HashMap, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePoint,
 };
 use monitor_common::{
-    CGROUP_CPU_MAP, CGROUP_CPU_MAX_ENTRIES, CPU_SLICE_MAP, CgroupCpu, CpuSlice,
-    NEXT_PID_OFFSET_GLOBAL, STATS_MAP, Stat,
+    CGROUP_STATS_MAP, CGROUP_STATS_MAX_ENTRIES, CPU_SLICE_MAP, CgroupStats, CpuSlice, EVENTS_MAP,
+    STATS_MAP, Stat, offsets,
 };
 use tracing::{info, warn};
 
-use crate::preflight::Environment;
+use crate::{
+    events::{DecodeError, ProcEvent},
+    preflight::{Environment, field_offset},
+};
 
 /// The object built by monitor/build.rs from `monitor-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// One program of the object and where it attaches.
+/// One program of the object and the tracepoints it attaches to.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeSpec {
     /// Function name in `monitor-ebpf`.
     pub program: &'static str,
-    pub category: &'static str,
-    pub tracepoint: &'static str,
+    /// `(category, name)` of each tracepoint.
+    pub tracepoints: &'static [(&'static str, &'static str)],
     /// Without a required probe the agent refuses to start.
     pub required: bool,
+    /// What is lost without it (for the warning).
+    pub provides: &'static str,
 }
 
-/// Every probe cgsentry knows. Later collectors add rows here, not plumbing.
-pub const PROBES: &[ProbeSpec] = &[ProbeSpec {
-    program: "sched_switch",
-    category: "sched",
-    tracepoint: "sched_switch",
-    required: true,
-}];
+/// Every probe cgsentry knows. New collectors add rows here, not plumbing.
+pub const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: "sched_switch",
+        tracepoints: &[("sched", "sched_switch")],
+        required: true,
+        provides: "CPU time per cgroup",
+    },
+    ProbeSpec {
+        program: "sched_wakeup",
+        tracepoints: &[("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")],
+        required: false,
+        provides: "run-queue latency after wakeups",
+    },
+    ProbeSpec {
+        program: "sched_process_fork",
+        tracepoints: &[("sched", "sched_process_fork")],
+        required: false,
+        provides: "fork counts and events",
+    },
+    ProbeSpec {
+        program: "sched_process_exec",
+        tracepoints: &[("sched", "sched_process_exec")],
+        required: false,
+        provides: "exec counts and events",
+    },
+    ProbeSpec {
+        program: "sched_process_exit",
+        tracepoints: &[("sched", "sched_process_exit")],
+        required: false,
+        provides: "exit counts and events",
+    },
+    ProbeSpec {
+        program: "reclaim_begin",
+        tracepoints: &[
+            ("vmscan", "mm_vmscan_direct_reclaim_begin"),
+            ("vmscan", "mm_vmscan_memcg_reclaim_begin"),
+        ],
+        required: false,
+        provides: "reclaim stalls",
+    },
+    ProbeSpec {
+        program: "reclaim_end",
+        tracepoints: &[
+            ("vmscan", "mm_vmscan_direct_reclaim_end"),
+            ("vmscan", "mm_vmscan_memcg_reclaim_end"),
+        ],
+        required: false,
+        provides: "reclaim stalls",
+    },
+    ProbeSpec {
+        program: "oom_mark_victim",
+        tracepoints: &[("oom", "mark_victim")],
+        required: false,
+        provides: "kernel OOM kill events",
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -48,11 +103,17 @@ pub enum ProbeError {
     MissingProgram { program: &'static str },
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
     MissingMap(&'static str),
-    #[error("eBPF program {program} ({category}:{tracepoint}): {source}")]
+    #[error("tracepoint {category}:{name} does not exist in this kernel ({path} is missing)")]
+    MissingTracepoint {
+        category: &'static str,
+        name: &'static str,
+        path: String,
+    },
+    #[error("eBPF program {program} ({category}:{name}): {source}")]
     Program {
         program: &'static str,
         category: &'static str,
-        tracepoint: &'static str,
+        name: &'static str,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
@@ -64,74 +125,151 @@ pub enum ProbeError {
     },
 }
 
-/// The loaded, attached programs and their maps. Dropping it detaches everything.
-pub struct Probes {
-    // Maps are taken out of `ebpf` so they can be read without borrowing it.
-    cgroup_cpu: PerCpuHashMap<MapData, u64, CgroupCpu>,
-    cpu_slice: PerCpuArray<MapData, CpuSlice>,
-    stats: PerCpuArray<MapData, u64>,
-    /// Names of the probes that attached.
-    pub attached: Vec<&'static str>,
-    cgroup_map_capacity: u32,
-    // Last: the programs (and their links) outlive the maps above while dropping.
-    ebpf: Ebpf,
-}
-
 /// Knobs of [`Probes::load`].
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the per-cgroup map (default [`CGROUP_CPU_MAX_ENTRIES`]).
+    /// Capacity of the per-cgroup map (default [`CGROUP_STATS_MAX_ENTRIES`]).
     pub cgroup_map_capacity: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            cgroup_map_capacity: CGROUP_CPU_MAX_ENTRIES,
+            cgroup_map_capacity: CGROUP_STATS_MAX_ENTRIES,
         }
     }
 }
 
+/// Tracepoint field offsets of this kernel, from tracefs' format files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub switch_prev_state: u32,
+    pub switch_next_pid: u32,
+    pub wakeup_pid: u32,
+    pub fork_child_pid: u32,
+    pub oom_victim_pid: u32,
+}
+
+impl Layout {
+    /// Reads the offsets under `tracefs/events`; a missing file or field keeps the
+    /// 6.1/6.18 default and says so.
+    #[must_use]
+    pub fn from_tracefs(tracefs: &Path) -> Self {
+        let get = |event: &str, field: &str, default: u32| {
+            let path = tracefs.join("events").join(event).join("format");
+            let found = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|f| field_offset(&f, field));
+            found.unwrap_or_else(|| {
+                warn!(
+                    "{}: no field {field}; assuming offset {default}",
+                    path.display()
+                );
+                default
+            })
+        };
+        Self {
+            switch_prev_state: get(
+                "sched/sched_switch",
+                "prev_state",
+                offsets::DEFAULT_SWITCH_PREV_STATE,
+            ),
+            switch_next_pid: get(
+                "sched/sched_switch",
+                "next_pid",
+                offsets::DEFAULT_SWITCH_NEXT_PID,
+            ),
+            wakeup_pid: get("sched/sched_wakeup", "pid", offsets::DEFAULT_WAKEUP_PID),
+            fork_child_pid: get(
+                "sched/sched_process_fork",
+                "child_pid",
+                offsets::DEFAULT_FORK_CHILD_PID,
+            ),
+            oom_victim_pid: get("oom/mark_victim", "pid", offsets::DEFAULT_OOM_VICTIM_PID),
+        }
+    }
+}
+
+/// The loaded, attached programs and their maps. Dropping it detaches everything.
+pub struct Probes {
+    // Maps are taken out of `ebpf` so they can be read without borrowing it.
+    cgroup_stats: PerCpuHashMap<MapData, u64, CgroupStats>,
+    cpu_slice: PerCpuArray<MapData, CpuSlice>,
+    stats: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    /// Programs that attached (to at least one tracepoint).
+    pub attached: Vec<&'static str>,
+    /// Tracepoints that could not be attached, with why.
+    pub missing: Vec<String>,
+    cgroup_map_capacity: u32,
+    // Last: the programs (and their links) outlive the maps above while dropping.
+    ebpf: Ebpf,
+}
+
 impl Probes {
-    /// Loads the object with `env`'s tracepoint layout and attaches every probe.
+    /// Loads the object with this kernel's tracepoint layout and attaches every probe.
     ///
     /// # Errors
     /// The object does not load, or a required probe does not attach.
     pub fn load(env: &Environment, options: LoadOptions) -> Result<Self, ProbeError> {
+        let layout = Layout::from_tracefs(&env.tracefs);
         let mut ebpf = EbpfLoader::new()
-            .override_global(NEXT_PID_OFFSET_GLOBAL, &env.next_pid_offset, true)
-            .map_max_entries(CGROUP_CPU_MAP, options.cgroup_map_capacity)
+            .override_global(offsets::SWITCH_PREV_STATE, &layout.switch_prev_state, true)
+            .override_global(offsets::SWITCH_NEXT_PID, &layout.switch_next_pid, true)
+            .override_global(offsets::WAKEUP_PID, &layout.wakeup_pid, true)
+            .override_global(offsets::FORK_CHILD_PID, &layout.fork_child_pid, true)
+            .override_global(offsets::OOM_VICTIM_PID, &layout.oom_victim_pid, true)
+            .map_max_entries(CGROUP_STATS_MAP, options.cgroup_map_capacity)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut attached = Vec::new();
+        let mut missing = Vec::new();
         for spec in PROBES {
-            match attach(&mut ebpf, spec) {
-                Ok(()) => attached.push(spec.program),
-                Err(e) if spec.required => return Err(e),
-                Err(e) => warn!("optional probe not attached, continuing without it: {e}"),
+            match attach(&mut ebpf, spec, &env.tracefs) {
+                Ok(failed) if failed.len() < spec.tracepoints.len() => {
+                    attached.push(spec.program);
+                    missing.extend(failed.iter().map(ToString::to_string));
+                }
+                Ok(failed) | Err(failed) if !spec.required => {
+                    for e in &failed {
+                        warn!(
+                            "optional probe not attached ({} unavailable): {e}",
+                            spec.provides
+                        );
+                    }
+                    missing.extend(failed.iter().map(ToString::to_string));
+                }
+                Ok(mut failed) | Err(mut failed) => {
+                    return Err(failed.pop().unwrap_or(ProbeError::MissingProgram {
+                        program: spec.program,
+                    }));
+                }
             }
         }
+        for m in &missing {
+            warn!("not attached: {m}");
+        }
         info!(probes = ?attached, "eBPF programs attached");
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
-        };
         let map_err = |map| {
             move |source| ProbeError::Map {
                 map,
                 source: Box::new(source),
             }
         };
-        let cgroup_cpu = PerCpuHashMap::try_from(take(&mut ebpf, CGROUP_CPU_MAP)?)
-            .map_err(map_err(CGROUP_CPU_MAP))?;
-        let cpu_slice = PerCpuArray::try_from(take(&mut ebpf, CPU_SLICE_MAP)?)
-            .map_err(map_err(CPU_SLICE_MAP))?;
-        let stats =
-            PerCpuArray::try_from(take(&mut ebpf, STATS_MAP)?).map_err(map_err(STATS_MAP))?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ProbeError::MissingMap(name));
+        let cgroup_stats =
+            PerCpuHashMap::try_from(take(CGROUP_STATS_MAP)?).map_err(map_err(CGROUP_STATS_MAP))?;
+        let cpu_slice =
+            PerCpuArray::try_from(take(CPU_SLICE_MAP)?).map_err(map_err(CPU_SLICE_MAP))?;
+        let stats = PerCpuArray::try_from(take(STATS_MAP)?).map_err(map_err(STATS_MAP))?;
+        let events = RingBuf::try_from(take(EVENTS_MAP)?).map_err(map_err(EVENTS_MAP))?;
         Ok(Self {
-            cgroup_cpu,
+            cgroup_stats,
             cpu_slice,
             stats,
+            events,
             attached,
+            missing,
             cgroup_map_capacity: options.cgroup_map_capacity,
             ebpf,
         })
@@ -142,19 +280,17 @@ impl Probes {
         &mut self.ebpf
     }
 
-    /// On-CPU time per cgroup since load, summed over CPUs. Entries that vanish while
+    /// Counters per cgroup since load, summed over CPUs. Entries that vanish while
     /// iterating (removed concurrently) are skipped.
     #[must_use]
-    pub fn cgroup_cpu(&self) -> HashMap<u64, CgroupCpu> {
+    pub fn cgroup_stats(&self) -> HashMap<u64, CgroupStats> {
         let mut out = HashMap::new();
-        for item in &self.cgroup_cpu {
+        for item in &self.cgroup_stats {
             let Ok((id, per_cpu)) = item else { continue };
-            let sum = per_cpu
-                .iter()
-                .fold(CgroupCpu::default(), |acc, v| CgroupCpu {
-                    on_cpu_ns: acc.on_cpu_ns.wrapping_add(v.on_cpu_ns),
-                    switches: acc.switches.wrapping_add(v.switches),
-                });
+            let mut sum = CgroupStats::default();
+            for v in per_cpu.iter() {
+                add_stats(&mut sum, v);
+            }
             out.insert(id, sum);
         }
         out
@@ -163,7 +299,7 @@ impl Probes {
     /// Forgets a cgroup (deleted): keeps the map from filling with dead ids.
     pub fn forget_cgroup(&mut self, id: u64) {
         // Already gone is fine: another path removed it or it was never inserted.
-        let _ = self.cgroup_cpu.remove(&id);
+        let _ = self.cgroup_stats.remove(&id);
     }
 
     /// The slice running on each CPU (index = CPU number).
@@ -180,6 +316,19 @@ impl Probes {
             })
     }
 
+    /// Every lifecycle event waiting in the ring buffer; undecodable ones come back as
+    /// errors (counted by the caller), never a panic.
+    pub fn drain_events(&mut self, max: usize) -> Vec<Result<ProcEvent, DecodeError>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.events.next() else {
+                break;
+            };
+            out.push(ProcEvent::decode(&item));
+        }
+        out
+    }
+
     /// The eBPF side's health counters, summed over CPUs.
     #[must_use]
     pub fn stats(&self) -> EbpfStats {
@@ -193,15 +342,35 @@ impl Probes {
             clock_backwards: read(Stat::ClockBackwards),
             read_errors: read(Stat::ReadError),
             update_errors: read(Stat::UpdateError),
+            events_lost: read(Stat::EventsLost),
+            oom_victims: read(Stat::OomVictims),
             cgroup_map_capacity: self.cgroup_map_capacity,
         }
     }
 }
 
-/// Counters of what the eBPF programs could not record.
+/// Adds one CPU's counters into a sum (wrapping: counters are monotonic, deltas are
+/// taken later).
+pub fn add_stats(sum: &mut CgroupStats, v: &CgroupStats) {
+    sum.on_cpu_ns = sum.on_cpu_ns.wrapping_add(v.on_cpu_ns);
+    sum.switches = sum.switches.wrapping_add(v.switches);
+    sum.involuntary = sum.involuntary.wrapping_add(v.involuntary);
+    sum.runq_wait_ns = sum.runq_wait_ns.wrapping_add(v.runq_wait_ns);
+    sum.runq_waits = sum.runq_waits.wrapping_add(v.runq_waits);
+    sum.forks = sum.forks.wrapping_add(v.forks);
+    sum.execs = sum.execs.wrapping_add(v.execs);
+    sum.exits = sum.exits.wrapping_add(v.exits);
+    sum.reclaim_ns = sum.reclaim_ns.wrapping_add(v.reclaim_ns);
+    sum.reclaims = sum.reclaims.wrapping_add(v.reclaims);
+    for (s, x) in sum.runq_hist.iter_mut().zip(v.runq_hist) {
+        *s = s.wrapping_add(x);
+    }
+}
+
+/// Counters of what the eBPF programs could not record, and of OOM kills.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EbpfStats {
-    /// Slices lost because the per-cgroup map was full.
+    /// Updates lost because the per-cgroup map was full.
     pub cgroup_map_full: u64,
     /// Slices skipped because the clock went backwards.
     pub clock_backwards: u64,
@@ -209,27 +378,60 @@ pub struct EbpfStats {
     pub read_errors: u64,
     /// Map updates that failed for another reason than a full map.
     pub update_errors: u64,
+    /// Lifecycle events lost to a full ring buffer.
+    pub events_lost: u64,
+    /// Victims chosen by the kernel OOM killer since load.
+    pub oom_victims: u64,
     /// Capacity of the per-cgroup map.
     pub cgroup_map_capacity: u32,
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), ProbeError> {
-    let err = |source| ProbeError::Program {
-        program: spec.program,
-        category: spec.category,
-        tracepoint: spec.tracepoint,
-        source: Box::new(source),
+impl EbpfStats {
+    /// Everything lost, for one "dropped" figure.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.cgroup_map_full + self.read_errors + self.update_errors + self.clock_backwards
+    }
+}
+
+/// Loads `spec`'s program and attaches it to each of its tracepoints. `Ok` carries the
+/// tracepoints that failed; `Err` means the program itself is unusable.
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProbeSpec,
+    tracefs: &Path,
+) -> Result<Vec<ProbeError>, Vec<ProbeError>> {
+    let program_err = |(category, name): (&'static str, &'static str)| {
+        move |source| ProbeError::Program {
+            program: spec.program,
+            category,
+            name,
+            source: Box::new(source),
+        }
     };
+    let first = spec.tracepoints[0];
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
         .ok_or(ProbeError::MissingProgram {
             program: spec.program,
-        })?
-        .try_into()
-        .map_err(err)?;
-    program.load().map_err(err)?;
-    program
-        .attach(spec.category, spec.tracepoint)
-        .map_err(err)?;
-    Ok(())
+        })
+        .and_then(|p| p.try_into().map_err(program_err(first)))
+        .map_err(|e| vec![e])?;
+    program.load().map_err(|e| vec![program_err(first)(e)])?;
+    let mut failed = Vec::new();
+    for &(category, name) in spec.tracepoints {
+        let dir = tracefs.join("events").join(category).join(name);
+        if !dir.is_dir() {
+            failed.push(ProbeError::MissingTracepoint {
+                category,
+                name,
+                path: dir.display().to_string(),
+            });
+            continue;
+        }
+        if let Err(e) = program.attach(category, name) {
+            failed.push(program_err((category, name))(e));
+        }
+    }
+    Ok(failed)
 }

@@ -1,7 +1,15 @@
 //! Rendering snapshots for people (a table) and programs (one JSON object per line).
 use std::fmt::Write as _;
 
-use crate::collect::Snapshot;
+use crate::collect::{CgroupSample, Snapshot};
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+fn opt(v: Option<f64>, precision: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.precision$}"))
+}
 
 /// The busiest `top` cgroups of a snapshot as a fixed-width table with a summary line.
 #[must_use]
@@ -9,34 +17,63 @@ pub fn table(snap: &Snapshot, top: usize) -> String {
     let mut out = String::new();
     let secs = snap.interval_ns as f64 / 1e9;
     let busy: f64 = snap.cgroups.iter().map(|c| c.cpu_percent).sum();
+    let m = &snap.machine;
+    let psi = |p: &Option<crate::cgroupfs::Pressure>| opt(p.map(|p| p.some.avg10), 1);
     let _ = writeln!(
         out,
-        "── {:.2} s tick · {} CPUs · {:.0} % busy · {} cgroups tracked · eBPF dropped {} (map {}/{})",
-        secs,
+        "── {secs:.2} s · {} CPUs {busy:.0} % busy · mem avail {:.0}/{:.0} MiB · swap used {:.0} MiB · \
+         PSI some cpu {} mem {} io {} · {} cgroups · eBPF dropped {} lost {} · OOM kills {}",
         snap.cpus,
-        busy,
+        mib(m.mem_available_bytes),
+        mib(m.mem_total_bytes),
+        mib(m.swap_total_bytes.saturating_sub(m.swap_free_bytes)),
+        psi(&m.cpu_pressure),
+        psi(&m.memory_pressure),
+        psi(&m.io_pressure),
         snap.tracked_cgroups,
-        snap.ebpf.cgroup_map_full + snap.ebpf.read_errors + snap.ebpf.update_errors,
-        snap.tracked_cgroups,
-        snap.ebpf.cgroup_map_capacity,
+        snap.ebpf.dropped(),
+        snap.ebpf.events_lost,
+        snap.ebpf.oom_victims,
     );
     let _ = writeln!(
         out,
-        "{:>7} {:>10} {:>9}  CGROUP",
-        "CPU%", "ON-CPU ms", "SWITCH/s"
+        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>6}  CGROUP",
+        "CPU%", "RUNQp99", "INVOL/s", "RECLAIM", "MEM", "TREND", "FORK/s", "MEMPSI"
+    );
+    let _ = writeln!(
+        out,
+        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>6}",
+        "", "ms", "", "ms/s", "MiB", "MiB/s", "", "avg10"
     );
     for c in snap.cgroups.iter().take(top) {
-        let path = c.path.as_deref().unwrap_or("(deleted)");
+        row(&mut out, c, secs);
+    }
+    for v in &snap.events.oom_victims {
         let _ = writeln!(
             out,
-            "{:>7.1} {:>10.1} {:>9.0}  {}",
-            c.cpu_percent,
-            c.on_cpu_ns as f64 / 1e6,
-            c.switches as f64 / secs,
-            printable(path),
+            "!! kernel OOM killer chose pid {} in {}",
+            v.pid,
+            printable(v.cgroup.as_deref().unwrap_or("(gone)"))
         );
     }
     out
+}
+
+fn row(out: &mut String, c: &CgroupSample, secs: f64) {
+    let path = c.path.as_deref().unwrap_or("(deleted)");
+    let _ = writeln!(
+        out,
+        "{:>6.1} {:>8} {:>7.0} {:>8.1} {:>8} {:>7} {:>7.0} {:>6}  {}",
+        c.cpu_percent,
+        opt(c.runq.p99_us.map(|us| us / 1000.0), 2),
+        c.involuntary_switches as f64 / secs,
+        c.reclaim_ms_per_s,
+        opt(c.files.memory_current.map(mib), 0),
+        opt(c.memory_trend_mib_per_s, 1),
+        c.forks_per_s,
+        opt(c.files.memory_pressure.map(|p| p.some.avg10), 1),
+        printable(path),
+    );
 }
 
 /// cgroup names may hold any byte but '/' and NUL: escape control characters so a
@@ -64,29 +101,68 @@ pub fn json(snap: &Snapshot) -> serde_json::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{collect::CgroupCpuSample, probes::EbpfStats};
+    use crate::{
+        collect::{CgroupFiles, Events, Machine, OomVictim, RunQueue},
+        probes::EbpfStats,
+    };
 
-    fn snap() -> Snapshot {
-        let sample = |id, path: Option<&str>, ms: u64| CgroupCpuSample {
+    fn sample(id: u64, path: Option<&str>, ms: u64) -> CgroupSample {
+        CgroupSample {
             id,
             path: path.map(str::to_owned),
             on_cpu_ns: ms * 1_000_000,
             cpu_percent: ms as f64 / 10.0,
             switches: 3,
-        };
+            involuntary_switches: 1,
+            runq: RunQueue {
+                p99_us: Some(2048.0),
+                ..RunQueue::default()
+            },
+            forks: 0,
+            execs: 0,
+            exits: 0,
+            forks_per_s: 0.0,
+            reclaim_stall_ms: 0.0,
+            reclaim_ms_per_s: 0.0,
+            reclaims: 0,
+            memory_trend_mib_per_s: Some(1.5),
+            files: CgroupFiles {
+                memory_current: Some(64 << 20),
+                ..CgroupFiles::default()
+            },
+        }
+    }
+
+    fn snap() -> Snapshot {
         Snapshot {
             timestamp_ms: 1,
             interval_ns: 1_000_000_000,
             cpus: 2,
+            machine: Machine {
+                mem_total_bytes: 1 << 30,
+                mem_available_bytes: 512 << 20,
+                ..Machine::default()
+            },
             cgroups: vec![
                 sample(5, Some("/busy"), 990),
                 sample(6, None, 20),
                 sample(7, Some("/evil\x1b[2J"), 5),
             ],
+            processes: Vec::new(),
+            processes_age_ms: 0,
+            events: Events {
+                oom_victims: vec![OomVictim {
+                    pid: 42,
+                    cgroup: Some("/leak".into()),
+                    trigger_cgroup: None,
+                }],
+                ..Events::default()
+            },
             tracked_cgroups: 3,
             vanished_cgroups: 1,
             ebpf: EbpfStats {
-                cgroup_map_capacity: 16_384,
+                cgroup_map_capacity: 4096,
+                oom_victims: 1,
                 ..EbpfStats::default()
             },
         }
@@ -96,16 +172,26 @@ mod tests {
     fn table_lists_busiest_first_and_limits_rows() {
         let t = table(&snap(), 2);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4, "summary, header, two rows:\n{t}");
+        assert_eq!(
+            lines.len(),
+            6,
+            "summary, 2 header lines, two rows, OOM line:\n{t}"
+        );
         assert!(
-            lines[0].contains("2 CPUs") && lines[0].contains("map 3/16384"),
+            lines[0].contains("2 CPUs") && lines[0].contains("mem avail 512/1024 MiB"),
+            "{t}"
+        );
+        assert!(lines[0].contains("OOM kills 1"), "{t}");
+        assert!(
+            lines[3].trim_start().starts_with("99.0") && lines[3].ends_with("/busy"),
             "{t}"
         );
         assert!(
-            lines[2].trim_start().starts_with("99.0") && lines[2].ends_with("/busy"),
+            lines[3].contains(" 2.05 ") && lines[3].contains(" 64 ") && lines[3].contains(" 1.5 "),
             "{t}"
         );
-        assert!(lines[3].ends_with("(deleted)"), "{t}");
+        assert!(lines[4].ends_with("(deleted)"), "{t}");
+        assert!(lines[5].contains("OOM killer chose pid 42 in /leak"), "{t}");
     }
 
     #[test]
@@ -122,7 +208,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
         assert_eq!(v["cgroups"][0]["path"], "/busy");
         assert_eq!(v["cgroups"][1]["path"], serde_json::Value::Null);
-        assert_eq!(v["ebpf"]["cgroup_map_capacity"], 16_384);
+        assert_eq!(v["cgroups"][0]["files"]["memory_current"], 64u64 << 20);
+        assert_eq!(v["cgroups"][0]["runq"]["p99_us"], 2048.0);
+        assert_eq!(v["ebpf"]["cgroup_map_capacity"], 4096);
+        assert_eq!(v["machine"]["mem_total_bytes"], 1u64 << 30);
+        assert_eq!(v["events"]["oom_victims"][0]["pid"], 42);
         assert_eq!(v["interval_ns"], 1_000_000_000u64);
     }
 }

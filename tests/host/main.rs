@@ -13,7 +13,8 @@ use std::{
 
 use cgsentry::{
     cgroupfs::{CgroupIndex, CgroupReader},
-    collect::Collector,
+    collect::{CollectOptions, Collector},
+    events::Kind,
     preflight::{self, Environment},
     probes::{LoadOptions, Probes},
 };
@@ -103,7 +104,7 @@ fn busy_loop_attribution_matches_cpu_stat() {
     stop(spinner);
     stop(sleeper);
 
-    let totals = probes.cgroup_cpu();
+    let totals = probes.cgroup_stats();
     let ebpf_busy_ns = totals.get(&busy.id()).map_or(0, |c| c.on_cpu_ns);
     let ebpf_idle_ns = totals.get(&idle.id()).map_or(0, |c| c.on_cpu_ns);
     let kernel_busy_ns = busy.usage_usec() * 1_000;
@@ -169,7 +170,7 @@ fn deleted_cgroup_is_forgotten() {
     let Some(env) = kernel_env() else { return };
     let probes = Probes::load(&env, LoadOptions::default()).expect("loading probes");
     let index = CgroupIndex::new(CgroupReader::new(&env.cgroup_root));
-    let mut collector = Collector::new(probes, index, "/proc");
+    let mut collector = Collector::new(probes, index, "/proc", CollectOptions::default());
     let doomed = TestCgroup::new(&env, "doomed");
     let id = doomed.id();
     let mut child = doomed.spawn("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done");
@@ -181,13 +182,13 @@ fn deleted_cgroup_is_forgotten() {
         .find(|c| c.id == id)
         .expect("the burst is seen");
     assert_eq!(seen.path.as_deref(), Some(doomed.rel.as_str()));
-    assert!(collector.probes().cgroup_cpu().contains_key(&id));
+    assert!(collector.probes().cgroup_stats().contains_key(&id));
 
     drop(doomed); // rmdir
     let snap = collector.collect().expect("tick after the delete");
     assert!(snap.vanished_cgroups >= 1, "{snap:?}");
     assert!(
-        !collector.probes().cgroup_cpu().contains_key(&id),
+        !collector.probes().cgroup_stats().contains_key(&id),
         "the deleted cgroup's entry was removed from the map"
     );
     collector.collect().expect("the collector keeps working");
@@ -213,7 +214,7 @@ fn full_cgroup_map_counts_drops() {
         let mut child = cg.spawn("i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done");
         child.wait().unwrap();
     }
-    let totals = probes.cgroup_cpu();
+    let totals = probes.cgroup_stats();
     let stats = probes.stats();
     assert!(
         totals.len() <= 4,
@@ -225,7 +226,7 @@ fn full_cgroup_map_counts_drops() {
     let tracked_before = totals.len();
     // Still charging the cgroups it holds.
     std::thread::sleep(Duration::from_millis(200));
-    let later = probes.cgroup_cpu();
+    let later = probes.cgroup_stats();
     assert_eq!(later.len(), tracked_before);
     assert!(
         later.values().map(|c| c.on_cpu_ns).sum::<u64>()
@@ -256,4 +257,114 @@ fn non_root_gets_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("must run as root"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A fork storm (a shell running /bin/true 300 times) is counted in its own cgroup:
+/// forks, execs and exits in the map, fork events in the ring buffer; an idle sibling
+/// forks nothing.
+#[test]
+fn fork_storm_is_attributed() {
+    let Some(env) = kernel_env() else { return };
+    let mut probes = Probes::load(&env, LoadOptions::default()).expect("loading probes");
+    let storm = TestCgroup::new(&env, "storm");
+    let idle = TestCgroup::new(&env, "calm");
+    let mut sleeper = idle.spawn("exec sleep 1");
+    let mut child = storm.spawn("i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done");
+    child.wait().unwrap();
+    sleeper.wait().unwrap();
+    let totals = probes.cgroup_stats();
+    let s = totals.get(&storm.id()).copied().unwrap_or_default();
+    let i = totals.get(&idle.id()).copied().unwrap_or_default();
+    eprintln!(
+        "storm: forks {} execs {} exits {}; idle: forks {} execs {} exits {}",
+        s.forks, s.execs, s.exits, i.forks, i.execs, i.exits
+    );
+    assert!(s.forks >= 300, "forks {}", s.forks);
+    assert!(s.execs >= 300, "execs {}", s.execs);
+    assert!(s.exits >= 300, "exits {}", s.exits);
+    assert_eq!(i.forks, 0, "the idle sibling forked");
+    let events = probes.drain_events(100_000);
+    let forks = events
+        .iter()
+        .filter_map(|e| e.as_ref().ok())
+        .filter(|e| e.kind == Kind::Fork && e.cgroup == storm.id())
+        .count();
+    assert!(events.iter().all(Result::is_ok), "every event decodes");
+    assert!(forks >= 300, "{forks} fork events from the storm's cgroup");
+    assert_eq!(probes.stats().events_lost, 0);
+}
+
+/// Two spinners pinned to one CPU wait for each other: their cgroup shows run-queue
+/// latency and involuntary switches; an idle cgroup shows ~0.
+#[test]
+fn run_queue_latency_when_two_spinners_share_a_cpu() {
+    let Some(env) = kernel_env() else { return };
+    let probes = Probes::load(&env, LoadOptions::default()).expect("loading probes");
+    let contended = TestCgroup::new(&env, "contended");
+    let idle = TestCgroup::new(&env, "quiet");
+    let pinned = "exec taskset -c 0 sh -c 'while :; do :; done'";
+    let a = contended.spawn(pinned);
+    let b = contended.spawn(pinned);
+    let sleeper = idle.spawn("exec sleep 3");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop(a);
+    stop(b);
+    stop(sleeper);
+    let totals = probes.cgroup_stats();
+    let c = totals.get(&contended.id()).copied().unwrap_or_default();
+    let q = totals.get(&idle.id()).copied().unwrap_or_default();
+    let mean_us = c.runq_wait_ns as f64 / c.runq_waits.max(1) as f64 / 1000.0;
+    eprintln!(
+        "contended: {} waits, {:.1} ms waited, mean {mean_us:.0} us, {} involuntary of {} switches; idle: {} waits, {:.3} ms",
+        c.runq_waits,
+        c.runq_wait_ns as f64 / 1e6,
+        c.involuntary,
+        c.switches,
+        q.runq_waits,
+        q.runq_wait_ns as f64 / 1e6
+    );
+    assert!(c.runq_waits > 10, "waits {}", c.runq_waits);
+    assert!(
+        c.runq_wait_ns > 300_000_000,
+        "two spinners on one CPU wait about half the time"
+    );
+    assert!(c.involuntary > 10, "preemptions {}", c.involuntary);
+    assert_eq!(
+        c.runq_hist.iter().map(|&n| u64::from(n)).sum::<u64>(),
+        c.runq_waits
+    );
+    assert!(
+        q.runq_wait_ns < 5_000_000,
+        "the idle cgroup waited {} ns",
+        q.runq_wait_ns
+    );
+}
+
+/// A cgroup that forks and is deleted between two ticks is still reported in the next
+/// tick with what it did (path unknown), then forgotten.
+#[test]
+fn counters_survive_the_cgroup_being_deleted() {
+    let Some(env) = kernel_env() else { return };
+    let probes = Probes::load(&env, LoadOptions::default()).expect("loading probes");
+    let index = CgroupIndex::new(CgroupReader::new(&env.cgroup_root));
+    let mut collector = Collector::new(probes, index, "/proc", CollectOptions::default());
+    collector.collect().expect("baseline tick");
+    let brief = TestCgroup::new(&env, "brief");
+    let id = brief.id();
+    let mut child = brief.spawn("i=0; while [ $i -lt 50 ]; do /bin/true; i=$((i+1)); done");
+    child.wait().unwrap();
+    drop(brief);
+    let snap = collector.collect().expect("tick after the delete");
+    let last = snap
+        .cgroups
+        .iter()
+        .find(|c| c.id == id)
+        .expect("the deleted cgroup's last tick is reported");
+    assert_eq!(last.path, None);
+    assert!(last.forks >= 50 && last.exits >= 50, "{last:?}");
+    let snap = collector.collect().expect("next tick");
+    assert!(
+        snap.cgroups.iter().all(|c| c.id != id),
+        "reported once, then forgotten"
+    );
 }
