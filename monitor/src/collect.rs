@@ -392,7 +392,8 @@ pub struct Snapshot {
     pub machine: Machine,
     /// Every cgroup, busiest (CPU) first.
     pub cgroups: Vec<CgroupSample>,
-    /// Processes as of the last /proc scan, kept current by exec/exit events.
+    /// Processes as of the last /proc scan, kept current by exec/exit events (a process
+    /// first seen through its exec has only pid, comm and cgroup until the next scan).
     pub processes: Vec<ProcessSample>,
     /// Milliseconds since that scan.
     pub processes_age_ms: u64,
@@ -598,15 +599,37 @@ impl Collector {
                     self.processes.remove(&e.tgid);
                 }
                 Kind::Exec => {
-                    if let Some(p) = self.processes.get_mut(&e.tgid) {
-                        p.comm.clone_from(&e.comm);
-                    }
+                    let cgroup = self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone();
+                    let p = self
+                        .processes
+                        .entry(e.tgid)
+                        .or_insert_with(|| ProcessSample {
+                            pid: e.tgid,
+                            ppid: 0,
+                            comm: String::new(),
+                            exe: None,
+                            uid: None,
+                            user: None,
+                            rss_bytes: 0,
+                            cgroup: None,
+                        });
+                    p.comm.clone_from(&e.comm);
+                    p.cgroup = cgroup;
                 }
-                Kind::OomVictim => out.oom_victims.push(OomVictim {
-                    pid: e.other_pid,
-                    cgroup: cgroup_of_pid(&self.proc_root, e.other_pid),
-                    trigger_cgroup: self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone(),
-                }),
+                Kind::OomVictim => {
+                    // The victim may be reaped already; its exit event comes after this
+                    // one, so the process table still knows it.
+                    let cgroup = cgroup_of_pid(&self.proc_root, e.other_pid).or_else(|| {
+                        self.processes
+                            .get(&e.other_pid)
+                            .and_then(|p| p.cgroup.clone())
+                    });
+                    out.oom_victims.push(OomVictim {
+                        pid: e.other_pid,
+                        cgroup,
+                        trigger_cgroup: self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone(),
+                    });
+                }
                 Kind::Fork => {}
             }
             if out.recent.len() == RECENT_EVENTS {

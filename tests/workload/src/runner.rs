@@ -220,6 +220,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
 
     for w in &scenario.workloads {
         make_cgroup(&w.cgroup)?;
+        for (file, value) in &w.files {
+            std::fs::write(cgroup_dir(&w.cgroup).join(file), value)
+                .with_context(|| format!("{}: writing {value:?} to {file}", w.cgroup))?;
+            say(&format!("{}: {file} = {value}", w.cgroup));
+        }
     }
     let run_start = Instant::now();
     let mut pending: Vec<_> = scenario.workloads.iter().collect();
@@ -475,6 +480,36 @@ fn agent_metrics(
                 .unwrap_or(0.0);
             values.push(v);
         }
+    }
+    // Sums over the ticks: reclaim stall and forks per cgroup, OOM kills seen.
+    let mut reclaim: BTreeMap<String, f64> = BTreeMap::new();
+    let mut forks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut victims: Vec<Value> = Vec::new();
+    for tick in &ticks {
+        for c in tick["cgroups"].as_array().into_iter().flatten() {
+            let Some(p) = c["path"].as_str() else {
+                continue;
+            };
+            *reclaim.entry(p.to_owned()).or_default() +=
+                c["reclaim_stall_ms"].as_f64().unwrap_or(0.0);
+            *forks.entry(p.to_owned()).or_default() += c["forks"].as_u64().unwrap_or(0);
+        }
+        victims.extend(
+            tick["events"]["oom_victims"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    for (p, ms) in reclaim {
+        metrics.insert(format!("agent_reclaim_ms:{p}"), json!(ms));
+    }
+    for (p, n) in forks {
+        metrics.insert(format!("agent_forks:{p}"), json!(n));
+    }
+    metrics.insert("agent_oom_victims".into(), json!(victims.len()));
+    if let Some(v) = victims.first() {
+        metrics.insert("agent_oom_victim_cgroup".into(), v["cgroup"].clone());
     }
     if let Some((top, _)) = tops.iter().max_by_key(|(_, n)| **n) {
         metrics.insert("agent_top_cgroup".into(), json!(top));

@@ -110,6 +110,10 @@ pub struct Workload {
     /// Delay after the run starts.
     #[serde(default)]
     pub start_after_s: f64,
+    /// cgroup control files written before the workload starts, e.g.
+    /// `files = { "memory.max" = "64M" }`.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
 }
 
 /// An expected metric: a range (`min`, `max`, inclusive) or an exact value.
@@ -183,6 +187,12 @@ impl Scenario {
             if w.args.is_empty() {
                 bail!("workload {}: empty args", w.name);
             }
+            if let Some(f) = w.files.keys().find(|f| f.contains('/') || !f.contains('.')) {
+                bail!(
+                    "workload {}: {f:?} is not a cgroup control file name",
+                    w.name
+                );
+            }
         }
         let mut names: Vec<&str> = s.workloads.iter().map(|w| w.name.as_str()).collect();
         names.sort_unstable();
@@ -232,6 +242,10 @@ args = ["spin"]
                 "unique",
             ),
             (&format!("{MINIMAL}[vm]\nmem_mib = 64\n"), "mem_mib"),
+            (
+                &format!("{MINIMAL}files = {{ \"../x\" = \"1\" }}\n"),
+                "control file",
+            ),
         ] {
             let err = format!("{:#}", Scenario::parse(bad).unwrap_err());
             assert!(err.contains(why), "{bad:?}: {err}");
