@@ -10,6 +10,9 @@
 //! - `vmscan` direct/memcg reclaim begin/end measure reclaim stalls per cgroup.
 //! - `oom:mark_victim` counts kernel OOM kills and reports the victim.
 //!
+//! Program names stay unique within 15 characters (the kernel's name length), so
+//! `bpftool` and `bpf_stats` tell them apart.
+//!
 //! Every counter map is per-CPU: no atomics, no cache-line bouncing. Nothing is logged
 //! per event: problems are counted in `STATS`, and only the first on a CPU is logged.
 #![no_std]
@@ -20,6 +23,7 @@
 )]
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
@@ -69,6 +73,8 @@ static OFF_OOM_VICTIM_PID: u32 = offsets::DEFAULT_OOM_VICTIM_PID;
 /// program, an update of a per-CPU hash writes only this CPU's slot, and a CPU that
 /// missed the lookup has never written its slot, so `BPF_ANY` is right in that race.
 const BPF_ANY: u64 = 0;
+/// `BPF_RB_NO_WAKEUP`: do not wake the reader on submit.
+const BPF_RB_NO_WAKEUP: u64 = 1;
 /// `-E2BIG`: the map is full.
 const E2BIG: i64 = -7;
 /// Task state bits of `prev_state` (`TASK_REPORT`, with `TASK_REPORT_IDLE`): none set
@@ -203,19 +209,107 @@ macro_rules! entry {
     };
 }
 
-entry!(sched_switch, try_sched_switch);
-entry!(sched_wakeup, try_sched_wakeup);
-entry!(sched_process_fork, try_fork);
-entry!(sched_process_exec, try_exec);
-entry!(sched_process_exit, try_exit);
+entry!(sched_switch, try_sched_switch_direct);
+entry!(sched_switch_p, try_sched_switch_probed);
+entry!(sched_wakeup, try_sched_wakeup_direct);
+entry!(sched_wakeup_p, try_sched_wakeup_probed);
+entry!(proc_fork, try_fork);
+entry!(proc_exec, try_exec);
+entry!(proc_exit, try_exit);
 entry!(reclaim_begin, try_reclaim_begin);
 entry!(reclaim_end, try_reclaim_end);
 entry!(oom_mark_victim, try_oom_mark_victim);
 
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
+/// How a program reads its tracepoint fields. [`Direct`] loads at compile-time offsets
+/// straight from the record (one instruction each; the verifier accepts only constant
+/// ctx offsets); [`Probed`] reads at the offsets the loader found in tracefs, through
+/// `bpf_probe_read_kernel`. The loader attaches the direct programs only when this
+/// kernel's formats have the compiled offsets (6.1 and 6.18 do).
+trait Fields {
+    fn switch(ctx: &TracePointContext) -> Result<(u32, i64), Stat>;
+    fn wakeup_pid(ctx: &TracePointContext) -> Result<u32, Stat>;
+}
+
+struct Direct;
+struct Probed;
+
+impl Fields for Direct {
+    #[inline(always)]
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "the record is 8-byte aligned and the offsets (32, 56) are aligned to their fields"
+    )]
+    fn switch(ctx: &TracePointContext) -> Result<(u32, i64), Stat> {
+        let base = ctx.as_ptr().cast::<u8>();
+        // SAFETY: constant offsets inside the sched_switch record (checked by the loader
+        // against tracefs before it attaches this program; bounds-checked by the verifier).
+        unsafe {
+            let next_pid = base
+                .add(offsets::DEFAULT_SWITCH_NEXT_PID as usize)
+                .cast::<u32>()
+                .read();
+            let prev_state = base
+                .add(offsets::DEFAULT_SWITCH_PREV_STATE as usize)
+                .cast::<i64>()
+                .read();
+            Ok((next_pid, prev_state))
+        }
+    }
+
+    #[inline(always)]
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "the record is 8-byte aligned and offset 24 is 4-byte aligned"
+    )]
+    fn wakeup_pid(ctx: &TracePointContext) -> Result<u32, Stat> {
+        // SAFETY: as above, for the sched_wakeup record.
+        Ok(unsafe {
+            ctx.as_ptr()
+                .cast::<u8>()
+                .add(offsets::DEFAULT_WAKEUP_PID as usize)
+                .cast::<u32>()
+                .read()
+        })
+    }
+}
+
+impl Fields for Probed {
+    #[inline(always)]
+    fn switch(ctx: &TracePointContext) -> Result<(u32, i64), Stat> {
+        Ok((
+            read(ctx, global(&OFF_SWITCH_NEXT_PID))?,
+            read(ctx, global(&OFF_SWITCH_PREV_STATE))?,
+        ))
+    }
+
+    #[inline(always)]
+    fn wakeup_pid(ctx: &TracePointContext) -> Result<u32, Stat> {
+        read(ctx, global(&OFF_WAKEUP_PID))
+    }
+}
+
+fn try_sched_switch_direct(ctx: &TracePointContext) -> Result<(), Stat> {
+    sched_switch_impl::<Direct>(ctx)
+}
+
+fn try_sched_switch_probed(ctx: &TracePointContext) -> Result<(), Stat> {
+    sched_switch_impl::<Probed>(ctx)
+}
+
+fn try_sched_wakeup_direct(ctx: &TracePointContext) -> Result<(), Stat> {
+    stamp(&WAKEUP, Direct::wakeup_pid(ctx)?, now());
+    Ok(())
+}
+
+fn try_sched_wakeup_probed(ctx: &TracePointContext) -> Result<(), Stat> {
+    stamp(&WAKEUP, Probed::wakeup_pid(ctx)?, now());
+    Ok(())
+}
+
+#[inline(always)]
+fn sched_switch_impl<F: Fields>(ctx: &TracePointContext) -> Result<(), Stat> {
     let now = now();
-    let next_pid: u32 = read(ctx, global(&OFF_SWITCH_NEXT_PID))?;
-    let prev_state: i64 = read(ctx, global(&OFF_SWITCH_PREV_STATE))?;
+    let (next_pid, prev_state) = F::switch(ctx)?;
     let slice = CPU_SLICE.get_ptr_mut(0).ok_or(Stat::ReadError)?;
     let next_wait = if next_pid == 0 {
         0
@@ -253,12 +347,6 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), Stat> {
     })
 }
 
-fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), Stat> {
-    let pid: u32 = read(ctx, global(&OFF_WAKEUP_PID))?;
-    stamp(&WAKEUP, pid, now());
-    Ok(())
-}
-
 /// Sends a lifecycle event; a full ring buffer is counted, never waited for.
 fn emit(kind: EventKind, other_pid: u32) -> Result<(), Stat> {
     let (pid, tgid) = current_ids();
@@ -277,7 +365,9 @@ fn emit(kind: EventKind, other_pid: u32) -> Result<(), Stat> {
     };
     let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Stat::EventsLost)?;
     entry.write(event);
-    entry.submit(0);
+    // The agent drains the buffer every tick: waking it per event would cost more
+    // than the event itself.
+    entry.submit(BPF_RB_NO_WAKEUP);
     Ok(())
 }
 

@@ -361,10 +361,15 @@ impl CgroupIndex {
             .collect()
     }
 
-    /// Ids of every cgroup seen by the last walk.
+    /// Every cgroup seen by the last walk, id → path.
     #[must_use]
-    pub fn known_ids(&self) -> Vec<CgroupId> {
-        self.by_id.keys().copied().collect()
+    pub fn known(&self) -> &HashMap<CgroupId, String> {
+        &self.by_id
+    }
+
+    /// Walks the tree again (finds cgroups created and deleted since).
+    pub fn refresh(&mut self) {
+        self.by_id = self.reader.walk();
     }
 
     /// Id of the cgroup at `rel`, looked up by `stat` (cheap, exact).

@@ -51,9 +51,10 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub cgroup_map_capacity: u32,
 
-    /// Rescan /proc for the process table every N ticks (exec/exit events keep it
-    /// current in between). 1 = every tick.
-    #[arg(long, value_name = "N", default_value_t = 5,
+    /// Rescan all of /proc for the process table every N ticks. In between, exec/exit
+    /// events keep it current and the processes of the busiest cgroups are refreshed
+    /// every tick. 1 = every tick (costly with thousands of processes).
+    #[arg(long, value_name = "N", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub proc_scan_every: u32,
 }

@@ -297,6 +297,9 @@ pub struct CgroupSample {
     /// Slope of `memory.current` over the last samples, MiB/s.
     pub memory_trend_mib_per_s: Option<f64>,
     pub files: CgroupFiles,
+    /// Whether `files` were read in this tick (else: the last read, at most
+    /// `REFRESH_TICKS` old, of a cgroup with no activity since).
+    pub files_fresh: bool,
 }
 
 /// Machine-wide memory and pressure.
@@ -348,6 +351,8 @@ pub struct ProcessSample {
     pub rss_bytes: u64,
     /// cgroup v2 path.
     pub cgroup: Option<String>,
+    /// Start time (clock ticks after boot): tells a reused pid from the same process.
+    pub starttime: u64,
 }
 
 /// Lifecycle events drained this tick.
@@ -379,6 +384,10 @@ pub const RECENT_EVENTS: usize = 64;
 const DRAIN_LIMIT: usize = 65_536;
 /// Samples kept per cgroup for the memory trend.
 const TREND_SAMPLES: usize = 10;
+/// Cgroups with kernel activity whose processes are refreshed per tick between scans.
+const ACTIVE_CGROUPS_PER_TICK: usize = 8;
+/// Idle cgroups' files are re-read, and the cgroup tree re-walked, every this many ticks.
+const REFRESH_TICKS: u64 = 10;
 
 /// Everything one tick saw.
 #[derive(Clone, Debug, Serialize)]
@@ -427,7 +436,9 @@ pub struct CollectOptions {
 
 impl Default for CollectOptions {
     fn default() -> Self {
-        Self { proc_scan_every: 5 }
+        Self {
+            proc_scan_every: 30,
+        }
     }
 }
 
@@ -440,10 +451,13 @@ pub struct Collector {
     accountant: StatsAccountant,
     /// Recent `memory.current` samples per cgroup (seconds, MiB), for the trend.
     trends: HashMap<CgroupId, VecDeque<(f64, f64)>>,
+    /// Last control files read per cgroup.
+    files: HashMap<CgroupId, CgroupFiles>,
     processes: HashMap<u32, ProcessSample>,
     last_scan: Option<Instant>,
     ticks: u64,
     users: HashMap<u32, Option<String>>,
+    page_size: u64,
     start: Instant,
     last_ns: u64,
     last_map_full: u64,
@@ -465,10 +479,12 @@ impl Collector {
             options,
             accountant: StatsAccountant::default(),
             trends: HashMap::new(),
+            files: HashMap::new(),
             processes: HashMap::new(),
             last_scan: None,
             ticks: 0,
             users: HashMap::new(),
+            page_size: procfs::page_size(),
             start: Instant::now(),
             last_ns: monotonic_ns(),
             last_map_full: 0,
@@ -507,45 +523,9 @@ impl Collector {
         self.ticks += 1;
 
         let events = self.drain_events();
-        self.refresh_processes();
 
-        // Every cgroup of the tree plus every id the map knows.
-        let mut ids: Vec<CgroupId> = self.index.known_ids();
-        ids.extend(totals.keys().chain(deltas.keys()));
-        ids.sort_unstable();
-        ids.dedup();
-        let paths = self.index.resolve_all(&ids);
-        let mut vanished = 0;
-        for (id, path) in &paths {
-            if path.is_none() {
-                if totals.contains_key(id) {
-                    self.probes.forget_cgroup(*id);
-                    vanished += 1;
-                }
-                self.accountant.forget(*id);
-                self.trends.remove(id);
-            }
-        }
-        let t = self.start.elapsed().as_secs_f64();
-        let mut cgroups: Vec<CgroupSample> = paths
-            .iter()
-            .map(|(&id, path)| {
-                let d = deltas.get(&id).copied().unwrap_or_default();
-                let files = path
-                    .as_deref()
-                    .map(|p| CgroupFiles::read(self.index.reader(), p))
-                    .unwrap_or_default();
-                let trend = files.memory_current.and_then(|bytes| {
-                    let points = self.trends.entry(id).or_default();
-                    points.push_back((t, bytes as f64 / f64::from(1 << 20)));
-                    if points.len() > TREND_SAMPLES {
-                        points.pop_front();
-                    }
-                    slope_per_s(points)
-                });
-                sample(id, path.clone(), &d, secs, files, trend)
-            })
-            .collect();
+        let (paths, vanished) = self.resolve(&totals, &deltas);
+        let mut cgroups = self.sample_cgroups(&paths, &deltas, secs);
         cgroups.sort_by(|a, b| b.on_cpu_ns.cmp(&a.on_cpu_ns).then(a.id.cmp(&b.id)));
 
         let ebpf = self.probes.stats();
@@ -559,6 +539,13 @@ impl Collector {
             );
             self.last_map_full = ebpf.cgroup_map_full;
         }
+        let active: Vec<String> = cgroups
+            .iter()
+            .filter(|c| c.forks > 0 || c.reclaims > 0 || c.cpu_percent >= 1.0)
+            .filter_map(|c| c.path.clone())
+            .filter(|p| p != "/")
+            .collect();
+        self.refresh_processes(&active);
         let mut processes: Vec<ProcessSample> = self.processes.values().cloned().collect();
         processes.sort_by_key(|p| p.pid);
         Ok(Snapshot {
@@ -578,6 +565,90 @@ impl Collector {
             vanished_cgroups: vanished,
             ebpf,
         })
+    }
+
+    /// Paths of every cgroup (deleted ones: `None`) and how many the map forgot.
+    fn resolve(
+        &mut self,
+        totals: &HashMap<CgroupId, CgroupStats>,
+        deltas: &HashMap<CgroupId, CgroupStats>,
+    ) -> (HashMap<CgroupId, Option<String>>, usize) {
+        // The ids the eBPF map holds are verified every tick (a deleted one must leave
+        // the map); the rest of the tree is re-walked every REFRESH_TICKS.
+        if self.ticks.is_multiple_of(REFRESH_TICKS) {
+            self.index.refresh();
+        }
+        let mut map_ids: Vec<CgroupId> = totals.keys().chain(deltas.keys()).copied().collect();
+        map_ids.sort_unstable();
+        map_ids.dedup();
+        let mut paths: HashMap<CgroupId, Option<String>> = self
+            .index
+            .known()
+            .iter()
+            .map(|(id, p)| (*id, Some(p.clone())))
+            .collect();
+        paths.extend(self.index.resolve_all(&map_ids));
+        let mut vanished = 0;
+        for (id, path) in &paths {
+            if path.is_none() {
+                if totals.contains_key(id) {
+                    self.probes.forget_cgroup(*id);
+                    vanished += 1;
+                }
+                self.accountant.forget(*id);
+                self.trends.remove(id);
+                self.files.remove(id);
+            }
+        }
+        self.files.retain(|id, _| paths.contains_key(id));
+        self.trends.retain(|id, _| paths.contains_key(id));
+        (paths, vanished)
+    }
+
+    fn sample_cgroups(
+        &mut self,
+        paths: &HashMap<CgroupId, Option<String>>,
+        deltas: &HashMap<CgroupId, CgroupStats>,
+        secs: f64,
+    ) -> Vec<CgroupSample> {
+        let t = self.start.elapsed().as_secs_f64();
+        let tick = self.ticks;
+        paths
+            .iter()
+            .map(|(&id, path)| {
+                let d = deltas.get(&id).copied().unwrap_or_default();
+                // A cgroup none of whose tasks ran, forked or reclaimed in this tick
+                // cannot have changed much: its files are re-read in turn, a tenth of
+                // the idle cgroups per tick, instead of every tick.
+                let active = d.on_cpu_ns > 0 || d.forks > 0 || d.reclaims > 0 || d.exits > 0;
+                let due = (id.wrapping_add(tick)).is_multiple_of(REFRESH_TICKS);
+                let fresh = active || due || !self.files.contains_key(&id);
+                let files = match (path.as_deref(), fresh) {
+                    (Some(p), true) => {
+                        let f = CgroupFiles::read(self.index.reader(), p);
+                        self.files.insert(id, f.clone());
+                        f
+                    }
+                    (Some(_), false) => self.files.get(&id).cloned().unwrap_or_default(),
+                    (None, _) => CgroupFiles::default(),
+                };
+                let trend = if fresh {
+                    files.memory_current.and_then(|bytes| {
+                        let points = self.trends.entry(id).or_default();
+                        points.push_back((t, bytes as f64 / f64::from(1 << 20)));
+                        if points.len() > TREND_SAMPLES {
+                            points.pop_front();
+                        }
+                        slope_per_s(points)
+                    })
+                } else {
+                    self.trends.get(&id).and_then(slope_per_s)
+                };
+                let mut s = sample(id, path.clone(), &d, secs, files, trend);
+                s.files_fresh = fresh;
+                s
+            })
+            .collect()
     }
 
     fn drain_events(&mut self) -> Events {
@@ -612,9 +683,11 @@ impl Collector {
                             user: None,
                             rss_bytes: 0,
                             cgroup: None,
+                            starttime: 0,
                         });
                     p.comm.clone_from(&e.comm);
                     p.cgroup = cgroup;
+                    p.exe = None; // a new program: re-read at the next refresh
                 }
                 Kind::OomVictim => {
                     // The victim may be reaped already; its exit event comes after this
@@ -641,24 +714,55 @@ impl Collector {
         out
     }
 
-    fn refresh_processes(&mut self) {
+    /// Full /proc scan every `proc_scan_every` ticks; in between, only the processes of
+    /// the cgroups with kernel activity this tick (read from their `cgroup.procs`).
+    /// Known processes (same pid and start time) re-read only `stat` and `cgroup`;
+    /// `exe` and the owner are read once per process. At 10,000 processes a full scan
+    /// of everything cost ~40 µs per process here: this is why.
+    fn refresh_processes(&mut self, active: &[String]) {
         let every = u64::from(self.options.proc_scan_every.max(1));
-        if self.last_scan.is_some() && !self.ticks.is_multiple_of(every) {
+        if self.last_scan.is_none() || self.ticks.is_multiple_of(every) {
+            self.last_scan = Some(Instant::now());
+            let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
+                warn!("cannot list processes under {}", self.proc_root.display());
+                return;
+            };
+            let mut fresh = HashMap::with_capacity(self.processes.len());
+            // Processes exit mid-scan all the time: each failed read skips that process.
+            for p in all.flatten() {
+                if let Some(sample) = self.process_sample(&p) {
+                    fresh.insert(sample.pid, sample);
+                }
+            }
+            self.processes = fresh;
             return;
         }
-        self.last_scan = Some(Instant::now());
-        let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
-            warn!("cannot list processes under {}", self.proc_root.display());
-            return;
-        };
-        let page = procfs::page_size();
-        let mut fresh = HashMap::new();
-        // Processes exit mid-scan all the time: each failed read skips that process.
-        for p in all.flatten() {
-            let Ok(stat) = p.stat() else { continue };
-            let Ok(pid) = u32::try_from(p.pid) else {
-                continue;
-            };
+        for rel in active.iter().take(ACTIVE_CGROUPS_PER_TICK) {
+            let procs = std::fs::read_to_string(self.index.reader().dir(rel).join("cgroup.procs"))
+                .unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let Ok(p) =
+                    procfs::process::Process::new_with_root(self.proc_root.join(pid.to_string()))
+                else {
+                    continue;
+                };
+                if let Some(sample) = self.process_sample(&p) {
+                    self.processes.insert(sample.pid, sample);
+                }
+            }
+        }
+    }
+
+    fn process_sample(&mut self, p: &procfs::process::Process) -> Option<ProcessSample> {
+        let stat = p.stat().ok()?;
+        let pid = u32::try_from(p.pid).ok()?;
+        let known = self
+            .processes
+            .get(&pid)
+            .filter(|k| k.starttime == stat.starttime && k.exe.is_some());
+        let (exe, uid, user) = if let Some(k) = known {
+            (k.exe.clone(), k.uid, k.user.clone())
+        } else {
             let uid = p.uid().ok();
             let user = uid.and_then(|uid| {
                 self.users
@@ -671,21 +775,23 @@ impl Collector {
                     })
                     .clone()
             });
-            fresh.insert(
-                pid,
-                ProcessSample {
-                    pid,
-                    ppid: u32::try_from(stat.ppid).unwrap_or(0),
-                    comm: crate::events::comm_to_string(stat.comm.as_bytes()),
-                    exe: p.exe().ok().map(|e| e.to_string_lossy().into_owned()),
-                    uid,
-                    user,
-                    rss_bytes: stat.rss * page,
-                    cgroup: cgroup_of_pid(&self.proc_root, pid),
-                },
-            );
-        }
-        self.processes = fresh;
+            (
+                p.exe().ok().map(|e| e.to_string_lossy().into_owned()),
+                uid,
+                user,
+            )
+        };
+        Some(ProcessSample {
+            pid,
+            ppid: u32::try_from(stat.ppid).unwrap_or(0),
+            comm: crate::events::comm_to_string(stat.comm.as_bytes()),
+            exe,
+            uid,
+            user,
+            rss_bytes: stat.rss * self.page_size,
+            cgroup: cgroup_of_pid(&self.proc_root, pid),
+            starttime: stat.starttime,
+        })
     }
 }
 
@@ -722,6 +828,7 @@ fn sample(
         reclaims: d.reclaims,
         memory_trend_mib_per_s,
         files,
+        files_fresh: true,
     }
 }
 

@@ -35,39 +35,48 @@ pub struct ProbeSpec {
     pub required: bool,
     /// What is lost without it (for the warning).
     pub provides: &'static str,
+    /// A variant reading fields at the offsets found in tracefs, attached instead of
+    /// `program` when this kernel's layout differs from the compiled one.
+    pub portable: Option<&'static str>,
 }
 
-/// Every probe cgsentry knows. New collectors add rows here, not plumbing.
+/// Every probe cgsentry knows. New collectors add rows here, not plumbing. Program
+/// names are unique within 15 characters (the kernel keeps no more).
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         program: "sched_switch",
         tracepoints: &[("sched", "sched_switch")],
         required: true,
         provides: "CPU time per cgroup",
+        portable: Some("sched_switch_p"),
     },
     ProbeSpec {
         program: "sched_wakeup",
         tracepoints: &[("sched", "sched_wakeup"), ("sched", "sched_wakeup_new")],
         required: false,
         provides: "run-queue latency after wakeups",
+        portable: Some("sched_wakeup_p"),
     },
     ProbeSpec {
-        program: "sched_process_fork",
+        program: "proc_fork",
         tracepoints: &[("sched", "sched_process_fork")],
         required: false,
         provides: "fork counts and events",
+        portable: None,
     },
     ProbeSpec {
-        program: "sched_process_exec",
+        program: "proc_exec",
         tracepoints: &[("sched", "sched_process_exec")],
         required: false,
         provides: "exec counts and events",
+        portable: None,
     },
     ProbeSpec {
-        program: "sched_process_exit",
+        program: "proc_exit",
         tracepoints: &[("sched", "sched_process_exit")],
         required: false,
         provides: "exit counts and events",
+        portable: None,
     },
     ProbeSpec {
         program: "reclaim_begin",
@@ -77,6 +86,7 @@ pub const PROBES: &[ProbeSpec] = &[
         ],
         required: false,
         provides: "reclaim stalls",
+        portable: None,
     },
     ProbeSpec {
         program: "reclaim_end",
@@ -86,12 +96,14 @@ pub const PROBES: &[ProbeSpec] = &[
         ],
         required: false,
         provides: "reclaim stalls",
+        portable: None,
     },
     ProbeSpec {
         program: "oom_mark_victim",
         tracepoints: &[("oom", "mark_victim")],
         required: false,
         provides: "kernel OOM kill events",
+        portable: None,
     },
 ];
 
@@ -151,6 +163,15 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Whether the hot programs' compiled offsets are this kernel's: then the direct
+    /// (no `bpf_probe_read_kernel`) variants can be attached.
+    #[must_use]
+    pub fn matches_compiled(&self) -> bool {
+        self.switch_prev_state == offsets::DEFAULT_SWITCH_PREV_STATE
+            && self.switch_next_pid == offsets::DEFAULT_SWITCH_NEXT_PID
+            && self.wakeup_pid == offsets::DEFAULT_WAKEUP_PID
+    }
+
     /// Reads the offsets under `tracefs/events`; a missing file or field keeps the
     /// 6.1/6.18 default and says so.
     #[must_use]
@@ -224,10 +245,22 @@ impl Probes {
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut attached = Vec::new();
         let mut missing = Vec::new();
+        let direct = layout.matches_compiled();
+        if !direct {
+            warn!(
+                ?layout,
+                "tracepoint layout differs from the compiled one: using the portable \
+                 (slower) scheduler programs"
+            );
+        }
         for spec in PROBES {
-            match attach(&mut ebpf, spec, &env.tracefs) {
+            let program = match spec.portable {
+                Some(portable) if !direct => portable,
+                _ => spec.program,
+            };
+            match attach(&mut ebpf, spec, program, &env.tracefs) {
                 Ok(failed) if failed.len() < spec.tracepoints.len() => {
-                    attached.push(spec.program);
+                    attached.push(program);
                     missing.extend(failed.iter().map(ToString::to_string));
                 }
                 Ok(failed) | Err(failed) if !spec.required => {
@@ -399,11 +432,12 @@ impl EbpfStats {
 fn attach(
     ebpf: &mut Ebpf,
     spec: &ProbeSpec,
+    program_name: &'static str,
     tracefs: &Path,
 ) -> Result<Vec<ProbeError>, Vec<ProbeError>> {
     let program_err = |(category, name): (&'static str, &'static str)| {
         move |source| ProbeError::Program {
-            program: spec.program,
+            program: program_name,
             category,
             name,
             source: Box::new(source),
@@ -411,9 +445,9 @@ fn attach(
     };
     let first = spec.tracepoints[0];
     let program: &mut TracePoint = ebpf
-        .program_mut(spec.program)
+        .program_mut(program_name)
         .ok_or(ProbeError::MissingProgram {
-            program: spec.program,
+            program: program_name,
         })
         .and_then(|p| p.try_into().map_err(program_err(first)))
         .map_err(|e| vec![e])?;
@@ -434,4 +468,27 @@ fn attach(
         }
     }
     Ok(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_names_are_unique_as_the_kernel_stores_them() {
+        let mut names: Vec<&str> = PROBES
+            .iter()
+            .map(|p| &p.program[..p.program.len().min(15)])
+            .collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "{names:?}");
+        assert!(PROBES.iter().all(|p| !p.tracepoints.is_empty()));
+        assert!(
+            PROBES
+                .iter()
+                .any(|p| p.required && p.program == "sched_switch")
+        );
+    }
 }

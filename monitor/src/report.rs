@@ -130,6 +130,7 @@ mod tests {
                 memory_current: Some(64 << 20),
                 ..CgroupFiles::default()
             },
+            files_fresh: true,
         }
     }
 

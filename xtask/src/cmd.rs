@@ -69,3 +69,15 @@ pub fn output(cmd: &mut Command) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// Release builds of the agent and the workload binary (what VMs and benchmarks run).
+pub fn build_release_binaries() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "monitor",
+        "--package",
+        "cgsentry-workload",
+    ]))
+}

@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything that *runs* things for cgsentry (aya-template convention:
 //! building the eBPF object is monitor/build.rs's job, not ours).
+mod bench;
 mod cmd;
 mod setup;
 mod vm;
@@ -54,6 +55,10 @@ enum Task {
     /// Boot a pure cgroup v2 kernel under QEMU and run scenarios from tests/scenarios/
     /// (all by default), checking each one's expectations.
     VmTest(vm::VmTestArgs),
+    /// Measure what cgsentry costs: context-switch throughput with/without its programs,
+    /// ns per program run, agent CPU and RSS at 1,000 cgroups / 10,000 processes.
+    /// Writes BENCHMARKS.md. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +85,10 @@ fn run_task(task: Task) -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test { no_host, no_vm } => test(no_host, no_vm),
+        Task::Bench(args) => {
+            setup::ensure()?;
+            bench::bench(&args)
+        }
         Task::VmTest(args) => {
             setup::ensure()?;
             vm::vm_test(&args)

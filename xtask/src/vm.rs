@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use cgsentry_workload::scenario::Scenario;
 
-use crate::cmd::{as_root, cargo, output, run, workspace_root};
+use crate::cmd::{as_root, build_release_binaries, output, run, workspace_root};
 
 /// Applets the init script and scenarios use.
 const APPLETS: &[&str] = &[
@@ -71,14 +71,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     let root = workspace_root();
     let vm_dir = root.join("target/vm");
     let scenarios = scenario_paths(&root.join("tests/scenarios"), &args.scenarios)?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "monitor",
-        "--package",
-        "cgsentry-workload",
-    ]))?;
+    build_release_binaries()?;
     let kernel = ensure_kernel(&vm_dir.join("kernel"))?;
 
     let mut table: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();

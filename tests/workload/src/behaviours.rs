@@ -281,3 +281,115 @@ fn pool_worker(jobs: &OwnedFd, done: &OwnedFd, mib_each: usize, hold_ms: u64) ->
     }
     0
 }
+
+fn pin_to_cpu0() -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Context-switch throughput: two processes pinned to CPU 0 pass one byte back and
+/// forth through pipes for `seconds`; every round trip is two switches and two wakeups.
+pub fn pingpong(seconds: f64) -> Result<()> {
+    pin_to_cpu0()?;
+    let (a_rx, a_tx) = pipe()?;
+    let (b_rx, b_tx) = pipe()?;
+    // SAFETY: single-threaded here; the child only does pipe I/O and exits.
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            // The parent's ends must close here, or the child never sees EOF.
+            drop(a_tx);
+            drop(b_rx);
+            let mut rx = std::fs::File::from(a_rx);
+            let mut tx = std::fs::File::from(b_tx);
+            let mut byte = [0u8; 1];
+            while rx.read_exact(&mut byte).is_ok() && tx.write_all(&byte).is_ok() {}
+            std::process::exit(0);
+        }
+        _ => {}
+    }
+    drop(a_rx);
+    drop(b_tx);
+    let mut tx = std::fs::File::from(a_tx);
+    let mut rx = std::fs::File::from(b_rx);
+    let mut byte = [1u8; 1];
+    let start = Instant::now();
+    let deadline = Duration::from_secs_f64(seconds);
+    let mut rounds = 0u64;
+    while start.elapsed() < deadline {
+        for _ in 0..1000 {
+            tx.write_all(&byte).context("ping")?;
+            rx.read_exact(&mut byte).context("pong")?;
+        }
+        rounds += 1000;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(tx);
+    // SAFETY: reaping our child.
+    unsafe { libc::wait(std::ptr::null_mut()) };
+    status(
+        &json!({"workload": "pingpong", "round_trips": rounds, "seconds": elapsed,
+                   "round_trips_per_s": rounds as f64 / elapsed}),
+    );
+    Ok(())
+}
+
+/// Creates `cgroups` child cgroups under `root` and parks `processes` idle processes
+/// across them (round robin) until SIGTERM; then kills them and removes the cgroups.
+/// Load for measuring the agent's own cost.
+pub fn park(root: &std::path::Path, cgroups: usize, processes: usize) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("mkdir {}", root.display()))?;
+    let dirs: Vec<std::path::PathBuf> = (0..cgroups.max(1))
+        .map(|i| root.join(format!("cg{i:05}")))
+        .collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+    }
+    let mut children = Vec::with_capacity(processes);
+    for i in 0..processes {
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(dirs[i % dirs.len()].join("cgroup.procs"))?;
+        // SAFETY: single-threaded; the child writes its cgroup and sleeps.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork #{i}: {}", std::io::Error::last_os_error()),
+            0 => {
+                let mut procs = procs;
+                let _ = procs.write_all(b"0");
+                drop(procs);
+                loop {
+                    // SAFETY: pause has no preconditions.
+                    unsafe { libc::pause() };
+                }
+            }
+            pid => children.push(pid),
+        }
+    }
+    status(
+        &json!({"workload": "park", "cgroups": dirs.len(), "processes": children.len(), "phase": "parked"}),
+    );
+    while !stopping() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for &pid in &children {
+        // SAFETY: signalling and reaping our own children.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for &pid in &children {
+        let mut st = 0;
+        // SAFETY: as above.
+        unsafe { libc::waitpid(pid, &raw mut st, 0) };
+    }
+    for d in dirs.iter().chain(std::iter::once(&root.to_path_buf())) {
+        let _ = std::fs::remove_dir(d);
+    }
+    status(&json!({"workload": "park", "final": true}));
+    Ok(())
+}

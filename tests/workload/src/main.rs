@@ -69,6 +69,21 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         mib: usize,
     },
+    /// Context-switch throughput: two processes pinned to CPU 0 ping-pong a byte.
+    Pingpong {
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// Park idle processes across many cgroups until SIGTERM (agent cost benchmark).
+    Park {
+        /// Parent directory of the cgroups to create (inside a cgroup v2 mount).
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        cgroups: usize,
+        #[arg(long, default_value_t = 10_000)]
+        processes: usize,
+    },
     /// Run a scenario file inside the VM and print `RESULT {json}`.
     VmRun { scenario: PathBuf },
 }
@@ -93,6 +108,12 @@ fn main() -> Result<()> {
         } => behaviours::pool_explosion(jobs, mib_each, workers, hold_ms),
         Cmd::Spike { to, rise_s, hold_s } => behaviours::spike(to, rise_s, hold_s),
         Cmd::Heartbeat { period_ms, mib } => behaviours::heartbeat(period_ms, mib.max(1)),
+        Cmd::Pingpong { seconds } => behaviours::pingpong(seconds),
+        Cmd::Park {
+            root,
+            cgroups,
+            processes,
+        } => behaviours::park(&root, cgroups, processes),
         Cmd::VmRun { scenario } => runner::vm_run(&scenario),
     }
 }
