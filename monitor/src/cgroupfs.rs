@@ -316,20 +316,28 @@ pub fn parse_proc_cgroup(text: &str) -> Option<String> {
         .map(|p| p.trim_end_matches(" (deleted)").to_owned())
 }
 
-/// Resolves cgroup ids to paths. A cached path is trusted only while its directory
-/// still has that inode (one `stat`); an unknown or stale id triggers at most one
-/// re-walk per call to [`CgroupIndex::resolve_all`].
+/// Resolves cgroup ids to paths from a walk of the tree. The walk is redone when an
+/// unknown id shows up, and when the root's `cgroup.stat` (`nr_descendants`,
+/// `nr_dying_descendants`) says cgroups were created or deleted: one small read per
+/// tick instead of a `stat` per cgroup.
 #[derive(Debug)]
 pub struct CgroupIndex {
     reader: CgroupReader,
     by_id: HashMap<CgroupId, String>,
+    /// `cgroup.stat` of the root at the last walk; `None` where it cannot be read.
+    root_stat: Option<HashMap<String, u64>>,
 }
 
 impl CgroupIndex {
     #[must_use]
     pub fn new(reader: CgroupReader) -> Self {
+        let root_stat = reader.read_keyed("/", "cgroup.stat").ok().flatten();
         let by_id = reader.walk();
-        Self { reader, by_id }
+        Self {
+            reader,
+            by_id,
+            root_stat,
+        }
     }
 
     #[must_use]
@@ -337,14 +345,20 @@ impl CgroupIndex {
         &self.reader
     }
 
-    fn cached_and_current(&self, id: CgroupId) -> bool {
-        self.by_id
-            .get(&id)
-            .is_some_and(|rel| self.reader.id_of(rel).ok().flatten() == Some(id))
+    /// Walks again if the tree changed since the last walk (or if the root's
+    /// `cgroup.stat` cannot tell). Returns whether it walked.
+    pub fn refresh_if_changed(&mut self) -> bool {
+        let now = self.reader.read_keyed("/", "cgroup.stat").ok().flatten();
+        if now.is_some() && now == self.root_stat {
+            return false;
+        }
+        self.root_stat = now;
+        self.by_id = self.reader.walk();
+        true
     }
 
-    /// Path of every id in `ids`; ids not found by a fresh walk are gone (deleted
-    /// cgroups) and map to `None`.
+    /// Path of every id in `ids`, walking once more if one is unknown; ids still
+    /// unknown are gone (deleted cgroups) and map to `None`.
     pub fn resolve_all<'a>(
         &mut self,
         ids: impl IntoIterator<Item = &'a CgroupId> + Clone,
@@ -352,9 +366,9 @@ impl CgroupIndex {
         if ids
             .clone()
             .into_iter()
-            .any(|id| !self.cached_and_current(*id))
+            .any(|id| !self.by_id.contains_key(id))
         {
-            self.by_id = self.reader.walk();
+            self.refresh();
         }
         ids.into_iter()
             .map(|id| (*id, self.by_id.get(id).cloned()))
@@ -369,6 +383,7 @@ impl CgroupIndex {
 
     /// Walks the tree again (finds cgroups created and deleted since).
     pub fn refresh(&mut self) {
+        self.root_stat = self.reader.read_keyed("/", "cgroup.stat").ok().flatten();
         self.by_id = self.reader.walk();
     }
 
@@ -496,11 +511,23 @@ mod tests {
         let c_id = std::fs::metadata(dir.path().join("c")).unwrap().ino();
         assert_eq!(index.resolve_all(&[c_id])[&c_id].as_deref(), Some("/c"));
         std::fs::remove_dir(dir.path().join("c")).unwrap();
-        assert_eq!(
-            index.resolve_all(&[c_id])[&c_id],
-            None,
-            "cached path is re-checked"
-        );
+        // No cgroup.stat in a fake tree: the index cannot tell, so it walks.
+        assert!(index.refresh_if_changed());
+        assert_eq!(index.resolve_all(&[c_id])[&c_id], None);
+    }
+
+    #[test]
+    fn index_walks_only_when_the_root_stat_changes() {
+        let (dir, reader) = tree();
+        let stat = |n: u32| format!("nr_descendants {n}\nnr_dying_descendants 0\n");
+        std::fs::write(dir.path().join("cgroup.stat"), stat(3)).unwrap();
+        let mut index = CgroupIndex::new(reader);
+        assert!(!index.refresh_if_changed(), "nothing changed");
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("cgroup.stat"), stat(4)).unwrap();
+        assert!(index.refresh_if_changed());
+        let d_id = std::fs::metadata(dir.path().join("d")).unwrap().ino();
+        assert_eq!(index.known()[&d_id], "/d");
     }
 
     #[test]

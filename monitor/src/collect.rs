@@ -7,8 +7,9 @@
 //! CPU (from the per-CPU `CPU_SLICE` record) and pays that credit back when the slice
 //! ends and the map has it, so totals stay exact and each tick shows what happened in it.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     path::PathBuf,
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -296,7 +297,7 @@ pub struct CgroupSample {
     pub reclaims: u64,
     /// Slope of `memory.current` over the last samples, MiB/s.
     pub memory_trend_mib_per_s: Option<f64>,
-    pub files: CgroupFiles,
+    pub files: Arc<CgroupFiles>,
     /// Whether `files` were read in this tick (else: the last read, at most
     /// `REFRESH_TICKS` old, of a cgroup with no activity since).
     pub files_fresh: bool,
@@ -403,7 +404,8 @@ pub struct Snapshot {
     pub cgroups: Vec<CgroupSample>,
     /// Processes as of the last /proc scan, kept current by exec/exit events (a process
     /// first seen through its exec has only pid, comm and cgroup until the next scan).
-    pub processes: Vec<ProcessSample>,
+    /// Shared, not copied: rebuilt only in ticks that changed the table.
+    pub processes: Arc<Vec<ProcessSample>>,
     /// Milliseconds since that scan.
     pub processes_age_ms: u64,
     pub events: Events,
@@ -451,9 +453,12 @@ pub struct Collector {
     accountant: StatsAccountant,
     /// Recent `memory.current` samples per cgroup (seconds, MiB), for the trend.
     trends: HashMap<CgroupId, VecDeque<(f64, f64)>>,
-    /// Last control files read per cgroup.
-    files: HashMap<CgroupId, CgroupFiles>,
-    processes: HashMap<u32, ProcessSample>,
+    /// Last control files read per cgroup (shared with the snapshots, not copied).
+    files: HashMap<CgroupId, Arc<CgroupFiles>>,
+    /// By pid (sorted, so the snapshot's view needs no sort).
+    processes: BTreeMap<u32, ProcessSample>,
+    /// The snapshot's view of `processes`; `None` once the table changed.
+    processes_view: Option<Arc<Vec<ProcessSample>>>,
     last_scan: Option<Instant>,
     ticks: u64,
     users: HashMap<u32, Option<String>>,
@@ -480,7 +485,8 @@ impl Collector {
             accountant: StatsAccountant::default(),
             trends: HashMap::new(),
             files: HashMap::new(),
-            processes: HashMap::new(),
+            processes: BTreeMap::new(),
+            processes_view: None,
             last_scan: None,
             ticks: 0,
             users: HashMap::new(),
@@ -546,8 +552,10 @@ impl Collector {
             .filter(|p| p != "/")
             .collect();
         self.refresh_processes(&active);
-        let mut processes: Vec<ProcessSample> = self.processes.values().cloned().collect();
-        processes.sort_by_key(|p| p.pid);
+        let processes = self
+            .processes_view
+            .get_or_insert_with(|| Arc::new(self.processes.values().cloned().collect()))
+            .clone();
         Ok(Snapshot {
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -573,10 +581,13 @@ impl Collector {
         totals: &HashMap<CgroupId, CgroupStats>,
         deltas: &HashMap<CgroupId, CgroupStats>,
     ) -> (HashMap<CgroupId, Option<String>>, usize) {
-        // The ids the eBPF map holds are verified every tick (a deleted one must leave
-        // the map); the rest of the tree is re-walked every REFRESH_TICKS.
+        // The tree is re-walked when the root's cgroup.stat says it changed, and every
+        // REFRESH_TICKS in any case; a deleted cgroup then resolves to None and leaves
+        // the eBPF map.
         if self.ticks.is_multiple_of(REFRESH_TICKS) {
             self.index.refresh();
+        } else {
+            self.index.refresh_if_changed();
         }
         let mut map_ids: Vec<CgroupId> = totals.keys().chain(deltas.keys()).copied().collect();
         map_ids.sort_unstable();
@@ -625,12 +636,12 @@ impl Collector {
                 let fresh = active || due || !self.files.contains_key(&id);
                 let files = match (path.as_deref(), fresh) {
                     (Some(p), true) => {
-                        let f = CgroupFiles::read(self.index.reader(), p);
+                        let f = Arc::new(CgroupFiles::read(self.index.reader(), p));
                         self.files.insert(id, f.clone());
                         f
                     }
                     (Some(_), false) => self.files.get(&id).cloned().unwrap_or_default(),
-                    (None, _) => CgroupFiles::default(),
+                    (None, _) => Arc::default(),
                 };
                 let trend = if fresh {
                     files.memory_current.and_then(|bytes| {
@@ -667,7 +678,9 @@ impl Collector {
             out.decoded += 1;
             match e.kind {
                 Kind::Exit => {
-                    self.processes.remove(&e.tgid);
+                    if self.processes.remove(&e.tgid).is_some() {
+                        self.processes_view = None;
+                    }
                 }
                 Kind::Exec => {
                     let cgroup = self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone();
@@ -688,6 +701,7 @@ impl Collector {
                     p.comm.clone_from(&e.comm);
                     p.cgroup = cgroup;
                     p.exe = None; // a new program: re-read at the next refresh
+                    self.processes_view = None;
                 }
                 Kind::OomVictim => {
                     // The victim may be reaped already; its exit event comes after this
@@ -727,7 +741,7 @@ impl Collector {
                 warn!("cannot list processes under {}", self.proc_root.display());
                 return;
             };
-            let mut fresh = HashMap::with_capacity(self.processes.len());
+            let mut fresh = BTreeMap::new();
             // Processes exit mid-scan all the time: each failed read skips that process.
             for p in all.flatten() {
                 if let Some(sample) = self.process_sample(&p) {
@@ -735,6 +749,7 @@ impl Collector {
                 }
             }
             self.processes = fresh;
+            self.processes_view = None;
             return;
         }
         for rel in active.iter().take(ACTIVE_CGROUPS_PER_TICK) {
@@ -748,6 +763,7 @@ impl Collector {
                 };
                 if let Some(sample) = self.process_sample(&p) {
                     self.processes.insert(sample.pid, sample);
+                    self.processes_view = None;
                 }
             }
         }
@@ -800,7 +816,7 @@ fn sample(
     path: Option<String>,
     d: &CgroupStats,
     secs: f64,
-    files: CgroupFiles,
+    files: Arc<CgroupFiles>,
     memory_trend_mib_per_s: Option<f64>,
 ) -> CgroupSample {
     let runq = RunQueue {

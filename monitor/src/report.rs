@@ -126,10 +126,10 @@ mod tests {
             reclaim_ms_per_s: 0.0,
             reclaims: 0,
             memory_trend_mib_per_s: Some(1.5),
-            files: CgroupFiles {
+            files: std::sync::Arc::new(CgroupFiles {
                 memory_current: Some(64 << 20),
                 ..CgroupFiles::default()
-            },
+            }),
             files_fresh: true,
         }
     }
@@ -149,7 +149,7 @@ mod tests {
                 sample(6, None, 20),
                 sample(7, Some("/evil\x1b[2J"), 5),
             ],
-            processes: Vec::new(),
+            processes: std::sync::Arc::new(Vec::new()),
             processes_age_ms: 0,
             events: Events {
                 oom_victims: vec![OomVictim {
