@@ -194,6 +194,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
     }
     build_release_binaries()?;
+    // A baseline "without programs" is only one if none of ours is loaded.
+    let loaded = program_costs()?;
+    if !loaded.is_empty() {
+        bail!(
+            "{} cgsentry programs are already loaded (another agent runs?): stop it first, \
+             the baseline would be wrong",
+            loaded.len()
+        );
+    }
     let mut md = String::new();
     let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
