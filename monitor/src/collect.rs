@@ -20,7 +20,7 @@ use tracing::warn;
 use crate::{
     cgroupfs::{CgroupId, CgroupIndex, CgroupReader, CpuStat, Limit, Pressure, cgroup_of_pid},
     events::{Kind, ProcEvent},
-    probes::{EbpfStats, ProbeError, Probes, add_stats},
+    probes::{EbpfStats, ProbeError, Probes},
 };
 
 /// What one CPU is running at the moment of a tick, as resolved by the caller.
@@ -846,16 +846,6 @@ fn sample(
         files,
         files_fresh: true,
     }
-}
-
-/// Sums per-cgroup counters (test and tooling helper).
-#[must_use]
-pub fn sum_stats<'a>(stats: impl IntoIterator<Item = &'a CgroupStats>) -> CgroupStats {
-    let mut sum = CgroupStats::default();
-    for s in stats {
-        add_stats(&mut sum, s);
-    }
-    sum
 }
 
 #[cfg(test)]
