@@ -155,6 +155,18 @@ impl CgroupReader {
         }
     }
 
+    /// The processes (thread-group ids) in `rel`'s `cgroup.procs`; empty when the
+    /// cgroup vanished.
+    ///
+    /// # Errors
+    /// A read error other than "cgroup gone".
+    pub fn procs(&self, rel: &str) -> Result<Vec<u32>, CgroupError> {
+        Ok(self
+            .read(rel, "cgroup.procs")?
+            .map(|(_, text)| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default())
+    }
+
     /// `cpu.stat`: `usage_usec`, `user_usec`, `system_usec` (microseconds). Other keys
     /// (throttling, present with the cpu controller) are ignored here.
     ///

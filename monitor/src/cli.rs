@@ -51,10 +51,11 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub cgroup_map_capacity: u32,
 
-    /// Rescan all of /proc for the process table every N ticks. In between, exec/exit
-    /// events keep it current and the processes of the busiest cgroups are refreshed
-    /// every tick. 1 = every tick (costly with thousands of processes).
-    #[arg(long, value_name = "N", default_value_t = 30,
+    /// Rescan all of /proc for the process table every N ticks. In between,
+    /// fork/exec/exit events keep it current (new processes are read in the tick after
+    /// they appear) and the processes of the busiest cgroups are re-read every tick.
+    /// 1 = every tick (costly with thousands of processes).
+    #[arg(long, value_name = "N", default_value_t = 300,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub proc_scan_every: u32,
 }

@@ -298,8 +298,9 @@ pub struct CgroupSample {
     /// Slope of `memory.current` over the last samples, MiB/s.
     pub memory_trend_mib_per_s: Option<f64>,
     pub files: Arc<CgroupFiles>,
-    /// Whether `files` were read in this tick (else: the last read, at most
-    /// `REFRESH_TICKS` old, of a cgroup with no activity since).
+    /// Whether `files` were read in this tick. Else they are the last read of a cgroup
+    /// with no activity since: idle cgroups are checked every `IDLE_FILES_EVERY` ticks
+    /// through `memory.current` and `pids.current`, and read again when either moved.
     pub files_fresh: bool,
 }
 
@@ -354,6 +355,19 @@ pub struct ProcessSample {
     pub cgroup: Option<String>,
     /// Start time (clock ticks after boot): tells a reused pid from the same process.
     pub starttime: u64,
+    /// Threads (`num_threads`).
+    pub threads: Option<i64>,
+    /// User + system CPU time, clock ticks (cumulative).
+    pub cpu_ticks: u64,
+    /// CPU use between the two last reads of this process, percent of one core; `None`
+    /// until it was read twice.
+    pub cpu_percent: Option<f64>,
+    /// The tick of the last read ([`Snapshot::tick`]): `cpu_percent` and `rss_bytes`
+    /// are current when it equals the snapshot's tick.
+    pub read_tick: u64,
+    /// Monotonic ns of the last read.
+    #[serde(skip)]
+    pub read_ns: u64,
 }
 
 /// Lifecycle events drained this tick.
@@ -387,12 +401,24 @@ const DRAIN_LIMIT: usize = 65_536;
 const TREND_SAMPLES: usize = 10;
 /// Cgroups with kernel activity whose processes are refreshed per tick between scans.
 const ACTIVE_CGROUPS_PER_TICK: usize = 8;
-/// Idle cgroups' files are re-read, and the cgroup tree re-walked, every this many ticks.
-const REFRESH_TICKS: u64 = 10;
+/// A cgroup none of whose tasks ran, forked, exited or reclaimed cannot have grown:
+/// its files are re-read every this many ticks (spread over the ticks), not every tick.
+const IDLE_FILES_EVERY: u64 = 60;
+/// The tree is re-walked when the root's `cgroup.stat` changes (a cgroup was created or
+/// deleted), and every this many ticks in any case (renames leave the counts alone).
+const TREE_WALK_EVERY: u64 = 60;
+/// New processes (fork and exec events that outlived their tick) read per tick; the
+/// rest wait for the next tick.
+const NEW_PROCESSES_PER_TICK: usize = 256;
+/// New processes remembered until read; beyond this a fork bomb's children wait for
+/// the next full scan.
+const PENDING_MAX: usize = 65_536;
 
 /// Everything one tick saw.
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    /// Tick number, 1 for the first.
+    pub tick: u64,
     /// Wall-clock time of the tick, milliseconds since the Unix epoch.
     pub timestamp_ms: u128,
     /// Length of the tick, nanoseconds (monotonic).
@@ -402,8 +428,10 @@ pub struct Snapshot {
     pub machine: Machine,
     /// Every cgroup, busiest (CPU) first.
     pub cgroups: Vec<CgroupSample>,
-    /// Processes as of the last /proc scan, kept current by exec/exit events (a process
-    /// first seen through its exec has only pid, comm and cgroup until the next scan).
+    /// Processes as of the last /proc scan, kept current by fork/exec/exit events (a
+    /// process is read in the tick after its fork or exec, if it still lives; until
+    /// then an exec'd one has only pid, comm and cgroup), with the processes of the
+    /// busiest cgroups re-read every tick.
     /// Shared, not copied: rebuilt only in ticks that changed the table.
     pub processes: Arc<Vec<ProcessSample>>,
     /// Milliseconds since that scan.
@@ -439,7 +467,7 @@ pub struct CollectOptions {
 impl Default for CollectOptions {
     fn default() -> Self {
         Self {
-            proc_scan_every: 30,
+            proc_scan_every: 300,
         }
     }
 }
@@ -459,10 +487,13 @@ pub struct Collector {
     processes: BTreeMap<u32, ProcessSample>,
     /// The snapshot's view of `processes`; `None` once the table changed.
     processes_view: Option<Arc<Vec<ProcessSample>>>,
+    /// Pids from fork and exec events, with the tick they were seen in, to be read.
+    pending: BTreeMap<u32, u64>,
     last_scan: Option<Instant>,
     ticks: u64,
     users: HashMap<u32, Option<String>>,
     page_size: u64,
+    ticks_per_s: f64,
     start: Instant,
     last_ns: u64,
     last_map_full: u64,
@@ -487,10 +518,12 @@ impl Collector {
             files: HashMap::new(),
             processes: BTreeMap::new(),
             processes_view: None,
+            pending: BTreeMap::new(),
             last_scan: None,
             ticks: 0,
             users: HashMap::new(),
             page_size: procfs::page_size(),
+            ticks_per_s: procfs::ticks_per_second() as f64,
             start: Instant::now(),
             last_ns: monotonic_ns(),
             last_map_full: 0,
@@ -557,6 +590,7 @@ impl Collector {
             .get_or_insert_with(|| Arc::new(self.processes.values().cloned().collect()))
             .clone();
         Ok(Snapshot {
+            tick: self.ticks,
             timestamp_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),
@@ -581,10 +615,8 @@ impl Collector {
         totals: &HashMap<CgroupId, CgroupStats>,
         deltas: &HashMap<CgroupId, CgroupStats>,
     ) -> (HashMap<CgroupId, Option<String>>, usize) {
-        // The tree is re-walked when the root's cgroup.stat says it changed, and every
-        // REFRESH_TICKS in any case; a deleted cgroup then resolves to None and leaves
-        // the eBPF map.
-        if self.ticks.is_multiple_of(REFRESH_TICKS) {
+        // A deleted cgroup resolves to None after the walk and leaves the eBPF map.
+        if self.ticks.is_multiple_of(TREE_WALK_EVERY) {
             self.index.refresh();
         } else {
             self.index.refresh_if_changed();
@@ -628,12 +660,19 @@ impl Collector {
             .iter()
             .map(|(&id, path)| {
                 let d = deltas.get(&id).copied().unwrap_or_default();
-                // A cgroup none of whose tasks ran, forked or reclaimed in this tick
-                // cannot have changed much: its files are re-read in turn, a tenth of
-                // the idle cgroups per tick, instead of every tick.
                 let active = d.on_cpu_ns > 0 || d.forks > 0 || d.reclaims > 0 || d.exits > 0;
-                let due = (id.wrapping_add(tick)).is_multiple_of(REFRESH_TICKS);
-                let fresh = active || due || !self.files.contains_key(&id);
+                let due = (id.wrapping_add(tick)).is_multiple_of(IDLE_FILES_EVERY);
+                let cached = self.files.get(&id);
+                // An idle cgroup that is due is checked cheaply first: if neither its
+                // memory nor its task count moved, nothing a detector reads did.
+                let unchanged = !active
+                    && due
+                    && cached.zip(path.as_deref()).is_some_and(|(f, p)| {
+                        let r = self.index.reader();
+                        r.read_u64(p, "memory.current").ok().flatten() == f.memory_current
+                            && r.read_u64(p, "pids.current").ok().flatten() == f.pids_current
+                    });
+                let fresh = (active || due || cached.is_none()) && !unchanged;
                 let files = match (path.as_deref(), fresh) {
                     (Some(p), true) => {
                         let f = Arc::new(CgroupFiles::read(self.index.reader(), p));
@@ -643,7 +682,8 @@ impl Collector {
                     (Some(_), false) => self.files.get(&id).cloned().unwrap_or_default(),
                     (None, _) => Arc::default(),
                 };
-                let trend = if fresh {
+                // A cgroup checked unchanged adds a point too: its trend flattens.
+                let trend = if fresh || unchanged {
                     files.memory_current.and_then(|bytes| {
                         let points = self.trends.entry(id).or_default();
                         points.push_back((t, bytes as f64 / f64::from(1 << 20)));
@@ -678,6 +718,7 @@ impl Collector {
             out.decoded += 1;
             match e.kind {
                 Kind::Exit => {
+                    self.pending.remove(&e.tgid);
                     if self.processes.remove(&e.tgid).is_some() {
                         self.processes_view = None;
                     }
@@ -697,11 +738,17 @@ impl Collector {
                             rss_bytes: 0,
                             cgroup: None,
                             starttime: 0,
+                            threads: None,
+                            cpu_ticks: 0,
+                            cpu_percent: None,
+                            read_tick: 0,
+                            read_ns: 0,
                         });
                     p.comm.clone_from(&e.comm);
                     p.cgroup = cgroup;
-                    p.exe = None; // a new program: re-read at the next refresh
+                    p.exe = None; // a new program: read in the next tick
                     self.processes_view = None;
+                    self.remember(e.tgid);
                 }
                 Kind::OomVictim => {
                     // The victim may be reaped already; its exit event comes after this
@@ -717,7 +764,8 @@ impl Collector {
                         trigger_cgroup: self.index.resolve_all(&[e.cgroup])[&e.cgroup].clone(),
                     });
                 }
-                Kind::Fork => {}
+                // A thread's creation is a fork too: the next tick tells them apart.
+                Kind::Fork => self.remember(e.other_pid),
             }
             if out.recent.len() == RECENT_EVENTS {
                 out.recent.remove(0);
@@ -728,54 +776,111 @@ impl Collector {
         out
     }
 
-    /// Full /proc scan every `proc_scan_every` ticks; in between, only the processes of
-    /// the cgroups with kernel activity this tick (read from their `cgroup.procs`).
-    /// Known processes (same pid and start time) re-read only `stat` and `cgroup`;
-    /// `exe` and the owner are read once per process. At 10,000 processes a full scan
-    /// of everything cost ~40 µs per process here: this is why.
+    fn remember(&mut self, pid: u32) {
+        if self.pending.len() < PENDING_MAX {
+            self.pending.entry(pid).or_insert(self.ticks);
+        }
+    }
+
+    /// Keeps the process table current without reading all of /proc every tick:
+    /// - every `proc_scan_every` ticks, a full scan;
+    /// - every tick, the processes of the busiest cgroups (their RSS moves), and the
+    ///   processes forked or exec'd in an earlier tick that still live (short-lived
+    ///   ones are gone by then and cost nothing).
+    ///
+    /// At 10,000 processes a full scan costs ~40 µs per process here: this is why.
     fn refresh_processes(&mut self, active: &[String]) {
         let every = u64::from(self.options.proc_scan_every.max(1));
         if self.last_scan.is_none() || self.ticks.is_multiple_of(every) {
-            self.last_scan = Some(Instant::now());
-            let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
-                warn!("cannot list processes under {}", self.proc_root.display());
-                return;
-            };
-            let mut fresh = BTreeMap::new();
-            // Processes exit mid-scan all the time: each failed read skips that process.
-            for p in all.flatten() {
-                if let Some(sample) = self.process_sample(&p) {
-                    fresh.insert(sample.pid, sample);
-                }
-            }
-            self.processes = fresh;
-            self.processes_view = None;
+            self.full_scan();
             return;
         }
         for rel in active.iter().take(ACTIVE_CGROUPS_PER_TICK) {
-            let procs = std::fs::read_to_string(self.index.reader().dir(rel).join("cgroup.procs"))
-                .unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let Ok(p) =
-                    procfs::process::Process::new_with_root(self.proc_root.join(pid.to_string()))
-                else {
-                    continue;
-                };
-                if let Some(sample) = self.process_sample(&p) {
-                    self.processes.insert(sample.pid, sample);
-                    self.processes_view = None;
-                }
+            let pids = self.index.reader().procs(rel).unwrap_or_default();
+            for pid in pids {
+                self.pending.remove(&pid);
+                self.refresh_process(pid, Some(rel.clone()));
+            }
+        }
+        let tick = self.ticks;
+        let due: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|&(_, &seen)| seen < tick)
+            .map(|(&pid, _)| pid)
+            .take(NEW_PROCESSES_PER_TICK)
+            .collect();
+        for pid in due {
+            self.pending.remove(&pid);
+            // /proc/<tid> of a thread exists too (unlisted): only leaders are processes.
+            if tgid_of(&self.proc_root, pid) == Some(pid) {
+                self.refresh_process(pid, None);
             }
         }
     }
 
-    fn process_sample(&mut self, p: &procfs::process::Process) -> Option<ProcessSample> {
+    /// Reads every process; membership comes from each cgroup's `cgroup.procs` (one
+    /// read per cgroup instead of one `/proc/<pid>/cgroup` per process).
+    fn full_scan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.pending.clear();
+        let Ok(all) = procfs::process::all_processes_with_root(&self.proc_root) else {
+            warn!("cannot list processes under {}", self.proc_root.display());
+            return;
+        };
+        let mut member: HashMap<u32, String> = HashMap::new();
+        for rel in self.index.known().values() {
+            for pid in self.index.reader().procs(rel).unwrap_or_default() {
+                member.insert(pid, rel.clone());
+            }
+        }
+        let mut fresh = BTreeMap::new();
+        // Processes exit mid-scan all the time: each failed read skips that process.
+        for p in all.flatten() {
+            let cgroup = u32::try_from(p.pid)
+                .ok()
+                .and_then(|pid| member.remove(&pid));
+            if let Some(sample) = self.process_sample(&p, cgroup) {
+                fresh.insert(sample.pid, sample);
+            }
+        }
+        self.processes = fresh;
+        self.processes_view = None;
+    }
+
+    /// Re-reads one process (gone: nothing happens, its exit event removes it).
+    fn refresh_process(&mut self, pid: u32, cgroup: Option<String>) {
+        let Ok(p) = procfs::process::Process::new_with_root(self.proc_root.join(pid.to_string()))
+        else {
+            return;
+        };
+        if let Some(sample) = self.process_sample(&p, cgroup) {
+            self.processes.insert(sample.pid, sample);
+            self.processes_view = None;
+        }
+    }
+
+    /// One process; `cgroup` when the caller knows it already (else read from /proc).
+    fn process_sample(
+        &mut self,
+        p: &procfs::process::Process,
+        cgroup: Option<String>,
+    ) -> Option<ProcessSample> {
         let stat = p.stat().ok()?;
         let pid = u32::try_from(p.pid).ok()?;
-        let known = self
+        let same = self
             .processes
             .get(&pid)
-            .filter(|k| k.starttime == stat.starttime && k.exe.is_some());
+            .filter(|k| k.starttime == stat.starttime);
+        let now_ns = monotonic_ns();
+        let cpu_ticks = stat.utime + stat.stime;
+        let cpu_percent = same
+            .filter(|k| k.read_ns != 0 && now_ns > k.read_ns)
+            .map(|k| {
+                let secs = cpu_ticks.saturating_sub(k.cpu_ticks) as f64 / self.ticks_per_s;
+                secs * 1e9 / (now_ns - k.read_ns) as f64 * 100.0
+            });
+        let known = same.filter(|k| k.exe.is_some());
         let (exe, uid, user) = if let Some(k) = known {
             (k.exe.clone(), k.uid, k.user.clone())
         } else {
@@ -805,10 +910,24 @@ impl Collector {
             uid,
             user,
             rss_bytes: stat.rss * self.page_size,
-            cgroup: cgroup_of_pid(&self.proc_root, pid),
+            cgroup: cgroup.or_else(|| cgroup_of_pid(&self.proc_root, pid)),
             starttime: stat.starttime,
+            threads: Some(stat.num_threads),
+            cpu_ticks,
+            cpu_percent,
+            read_tick: self.ticks,
+            read_ns: now_ns,
         })
     }
+}
+
+/// The thread-group id of task `tid` (`Tgid:` in its status); `None` once it is gone.
+fn tgid_of(proc_root: &std::path::Path, tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(tid.to_string()).join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn sample(

@@ -136,6 +136,7 @@ mod tests {
 
     fn snap() -> Snapshot {
         Snapshot {
+            tick: 1,
             timestamp_ms: 1,
             interval_ns: 1_000_000_000,
             cpus: 2,

@@ -29,8 +29,9 @@ pub struct BenchArgs {
     /// Seconds per ping-pong run.
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
-    /// Measurement window for the agent's own cost, seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Measurement window for the agent's own cost, seconds. The default spans one
+    /// full /proc scan (every 300 ticks) so that its cost is in the average.
+    #[arg(long, default_value_t = 300)]
     pub agent_window: u64,
     /// Cgroups and processes for the agent-cost run.
     #[arg(long, default_value_t = 1000)]
