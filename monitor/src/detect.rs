@@ -1,0 +1,1449 @@
+//! Detection: snapshots in, findings out. Pure logic, no kernel access.
+//!
+//! [`Detector`] keeps a bounded window of [`Point`]s per cgroup, built from each
+//! [`Snapshot`], and runs one function per pattern over it: [`leak`], [`runaway`],
+//! [`explosion`], [`pressure`] (cgroup series) and the single-thread saturation hint
+//! (per process). Each returns its evidence — numbers, window, thresholds — so that
+//! `cgsentry explain` can say why, and each is unit-tested on synthetic series.
+//!
+//! Defaults are ratios where a size would not carry from a 2-core 2 GiB VM to a 64-core
+//! box: memory is judged by the time left until the cgroup's headroom is gone, CPU per
+//! busy core, task growth per CPU.
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cgroupfs::CgroupId,
+    collect::{CgroupSample, Machine, Snapshot},
+};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What a finding is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// Memory grows steadily and will reach the cgroup's headroom within the horizon.
+    Leak,
+    /// CPU pinned with (almost) no voluntary sleeps while others queue for a CPU.
+    Runaway,
+    /// Tasks or memory growing in a burst right after forks (incident D).
+    Explosion,
+    /// Reclaim stall or memory PSI above thresholds: the earliest "act now" signal.
+    Pressure,
+    /// One process pinned at one core while the machine has idle cores: a hint, never
+    /// an action (incidents A and B).
+    SingleThreadSaturation,
+}
+
+impl FindingKind {
+    /// Every kind, in a stable order.
+    pub const ALL: [FindingKind; 5] = [
+        FindingKind::Leak,
+        FindingKind::Runaway,
+        FindingKind::Explosion,
+        FindingKind::Pressure,
+        FindingKind::SingleThreadSaturation,
+    ];
+
+    /// The name used in policies and output.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            FindingKind::Leak => "leak",
+            FindingKind::Runaway => "runaway",
+            FindingKind::Explosion => "explosion",
+            FindingKind::Pressure => "pressure",
+            FindingKind::SingleThreadSaturation => "single_thread_saturation",
+        }
+    }
+}
+
+impl std::fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How urgent a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Advice for the operator; never acted on.
+    Hint,
+    Warning,
+    /// Act now: the limit or a freeze is seconds to minutes away.
+    Critical,
+}
+
+/// One number behind a finding.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evidence {
+    pub name: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+fn ev(name: &'static str, value: f64, unit: &'static str) -> Evidence {
+    Evidence { name, value, unit }
+}
+
+/// A pattern seen in one cgroup (or one process of it), with its evidence.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub severity: Severity,
+    pub cgroup_id: CgroupId,
+    pub cgroup: String,
+    /// The process the finding is about, or the cgroup's largest process as a lead.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// One line for people.
+    pub summary: String,
+    /// Seconds of history the finding is based on.
+    pub window_sec: f64,
+    /// Projected seconds until the limit (leak, explosion).
+    pub time_to_limit_sec: Option<f64>,
+    pub evidence: Vec<Evidence>,
+}
+
+/// The detectors' settings (`[detect]` in cgsentry.toml). Defaults suit a 2-core 2 GiB
+/// VM and a 64-core box alike.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectConfig {
+    /// History kept per cgroup.
+    pub window_sec: u64,
+    pub leak: LeakConfig,
+    pub runaway: RunawayConfig,
+    pub explosion: ExplosionConfig,
+    pub pressure: PressureConfig,
+    pub saturation: SaturationConfig,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            window_sec: 300,
+            leak: LeakConfig::default(),
+            runaway: RunawayConfig::default(),
+            explosion: ExplosionConfig::default(),
+            pressure: PressureConfig::default(),
+            saturation: SaturationConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeakConfig {
+    /// Least history before a leak can be called.
+    pub min_window_sec: u64,
+    /// A leak whose projection reaches the limit later than this is not reported.
+    pub horizon_sec: u64,
+    /// Never project further than this many times the history seen: 30 s of growth
+    /// says something about the next 90 s, not the next hour.
+    pub max_extrapolation: f64,
+    /// The recent third of the window must still grow at this fraction of the whole
+    /// window's slope; below it the series has plateaued (a compile, a model load).
+    pub plateau_ratio: f64,
+    /// The rise over the window must exceed this many robust standard deviations of
+    /// the series around its trend (noise and GC sawtooth are not growth).
+    pub noise_factor: f64,
+    /// Machine memory kept free when a cgroup has no `memory.max`, percent of RAM.
+    pub reserve_percent: f64,
+    /// Critical when the limit is nearer than this fraction of the horizon.
+    pub critical_fraction: f64,
+}
+
+impl Default for LeakConfig {
+    fn default() -> Self {
+        Self {
+            min_window_sec: 20,
+            horizon_sec: 900,
+            max_extrapolation: 3.0,
+            plateau_ratio: 0.3,
+            noise_factor: 4.0,
+            reserve_percent: 5.0,
+            critical_fraction: 0.2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunawayConfig {
+    pub window_sec: u64,
+    /// CPU, percent of one core, the cgroup stays at or above in (nearly) every tick.
+    pub cpu_percent: f64,
+    /// Voluntary sleeps per second per busy core at most (a spinner: 0; a busy web
+    /// server: thousands).
+    pub max_voluntary_per_sec: f64,
+    /// Forks plus exits in the window at most: the same tasks stay pinned (a build's
+    /// stream of short compilers is not a runaway).
+    pub max_turnover: u64,
+    /// Run-queue p99 of the other cgroups, ms, in at least half the ticks: somebody
+    /// waits for the CPU it holds.
+    pub victim_runq_p99_ms: f64,
+}
+
+impl Default for RunawayConfig {
+    fn default() -> Self {
+        Self {
+            window_sec: 30,
+            cpu_percent: 90.0,
+            max_voluntary_per_sec: 5.0,
+            max_turnover: 2,
+            victim_runq_p99_ms: 4.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExplosionConfig {
+    /// Seconds, not minutes: incident D went from burst to no RAM in ~5 s.
+    pub window_sec: u64,
+    /// Net new tasks in the window per CPU that make a fork burst.
+    pub new_tasks_per_cpu: f64,
+    /// A memory burst: growth in the window projects the headroom gone within this.
+    pub horizon_sec: u64,
+    /// ... and the growth in the window is at least this percent of the headroom left
+    /// at its start.
+    pub min_growth_percent: f64,
+    /// Exits at most this fraction of forks: tasks accumulate rather than turn over.
+    pub max_exit_ratio: f64,
+}
+
+impl Default for ExplosionConfig {
+    fn default() -> Self {
+        Self {
+            window_sec: 10,
+            new_tasks_per_cpu: 64.0,
+            horizon_sec: 30,
+            min_growth_percent: 10.0,
+            max_exit_ratio: 0.5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PressureConfig {
+    /// Time stalled in reclaim, percent of wall time, averaged over the last 3 ticks.
+    pub reclaim_stall_percent: f64,
+    /// `memory.pressure` some avg10, percent.
+    pub memory_some_percent: f64,
+    /// `memory.pressure` full avg10, percent.
+    pub memory_full_percent: f64,
+}
+
+impl Default for PressureConfig {
+    fn default() -> Self {
+        Self {
+            reclaim_stall_percent: 10.0,
+            memory_some_percent: 20.0,
+            memory_full_percent: 5.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SaturationConfig {
+    pub window_sec: u64,
+    /// A process within this band of one core (percent) is pinned to one thread's worth.
+    pub min_percent: f64,
+    pub max_percent: f64,
+    /// Idle cores (of the machine) at least, so more workers would have room.
+    pub min_idle_cores: f64,
+}
+
+impl Default for SaturationConfig {
+    fn default() -> Self {
+        Self {
+            window_sec: 30,
+            min_percent: 90.0,
+            max_percent: 110.0,
+            min_idle_cores: 0.5,
+        }
+    }
+}
+
+/// One tick of one cgroup, as the detectors see it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Point {
+    /// Seconds since the detector started.
+    pub t: f64,
+    /// Length of the tick, seconds.
+    pub interval_s: f64,
+    /// `memory.current`, bytes.
+    pub memory: Option<f64>,
+    /// Bytes the cgroup can still grow by: the nearer of its `memory.max` and the
+    /// machine's available memory less the reserve.
+    pub headroom: Option<f64>,
+    pub cpu_percent: f64,
+    /// Switches-out while sleeping (not preempted) in this tick.
+    pub voluntary: u64,
+    pub forks: u64,
+    pub exits: u64,
+    /// `pids.current`.
+    pub pids: Option<u64>,
+    pub reclaim_ms_per_s: f64,
+    pub memory_some_avg10: Option<f64>,
+    pub memory_full_avg10: Option<f64>,
+    /// Worst run-queue p99 among the *other* cgroups in this tick, µs.
+    pub others_runq_p99_us: Option<f64>,
+}
+
+/// Theil–Sen slope (median of pairwise slopes): robust to outliers and sawtooth.
+/// `None` with fewer than 2 points of distinct time.
+#[must_use]
+pub fn theil_sen(points: &[(f64, f64)]) -> Option<f64> {
+    let mut slopes = Vec::with_capacity(points.len() * points.len() / 2);
+    for (i, a) in points.iter().enumerate() {
+        for b in &points[i + 1..] {
+            if (b.0 - a.0).abs() > f64::EPSILON {
+                slopes.push((b.1 - a.1) / (b.0 - a.0));
+            }
+        }
+    }
+    median(&mut slopes)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    })
+}
+
+/// At most `buckets` points: the series cut into equal time slices, each the mean time
+/// and median value of its points. Keeps Theil–Sen's cost bounded on long windows.
+fn downsample(series: &[(f64, f64)], buckets: usize) -> Vec<(f64, f64)> {
+    if series.len() <= buckets {
+        return series.to_vec();
+    }
+    let (t0, t1) = (series[0].0, series[series.len() - 1].0);
+    let width = (t1 - t0) / buckets as f64;
+    let mut out = Vec::with_capacity(buckets);
+    let mut i = 0;
+    for b in 0..buckets {
+        let end = if b + 1 == buckets {
+            f64::INFINITY
+        } else {
+            t0 + width * (b + 1) as f64
+        };
+        let (mut ts, mut vs) = (Vec::new(), Vec::new());
+        while i < series.len() && series[i].0 < end {
+            ts.push(series[i].0);
+            vs.push(series[i].1);
+            i += 1;
+        }
+        if let Some(v) = median(&mut vs) {
+            out.push((ts.iter().sum::<f64>() / ts.len() as f64, v));
+        }
+    }
+    out
+}
+
+/// Points of the last `secs` seconds.
+fn last_secs(points: &[Point], secs: f64) -> &[Point] {
+    let Some(end) = points.last().map(|p| p.t) else {
+        return points;
+    };
+    let start = points.partition_point(|p| p.t < end - secs);
+    &points[start..]
+}
+
+/// Span covered by `points`: from the start of the first tick to the last.
+fn span(points: &[Point]) -> f64 {
+    match (points.first(), points.last()) {
+        (Some(a), Some(b)) => b.t - a.t + a.interval_s,
+        _ => 0.0,
+    }
+}
+
+/// What [`leak`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeakEvidence {
+    pub slope_bytes_per_s: f64,
+    pub recent_slope_bytes_per_s: f64,
+    pub window_s: f64,
+    pub memory: f64,
+    pub headroom: f64,
+    pub time_to_limit_s: f64,
+    pub rise_over_noise: f64,
+}
+
+/// A sustained rise whose projection reaches the headroom within the horizon.
+#[must_use]
+pub fn leak(points: &[Point], cfg: &LeakConfig) -> Option<LeakEvidence> {
+    let series: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| Some((p.t, p.memory?)))
+        .collect();
+    let window = span(points);
+    if series.len() < 5 || window < cfg.min_window_sec as f64 {
+        return None;
+    }
+    let coarse = downsample(&series, 30);
+    let slope = theil_sen(&coarse)?;
+    if slope <= 0.0 {
+        return None;
+    }
+    // Plateau: the last third must still be rising.
+    let t_recent = series[series.len() - 1].0 - window / 3.0;
+    let recent: Vec<(f64, f64)> = coarse
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t >= t_recent)
+        .collect();
+    let recent_slope = if recent.len() >= 3 {
+        theil_sen(&recent)?
+    } else {
+        slope
+    };
+    if recent_slope < cfg.plateau_ratio * slope {
+        return None;
+    }
+    // Noise: robust sigma (1.4826 × MAD) of the residuals around the fitted line.
+    let (t0, _) = series[0];
+    let mut intercepts: Vec<f64> = series.iter().map(|(t, v)| v - slope * (t - t0)).collect();
+    let intercept = median(&mut intercepts)?;
+    let mut residuals: Vec<f64> = series
+        .iter()
+        .map(|(t, v)| (v - intercept - slope * (t - t0)).abs())
+        .collect();
+    let sigma = 1.4826 * median(&mut residuals)?;
+    let rise = slope * (series[series.len() - 1].0 - t0);
+    let rise_over_noise = if sigma > 0.0 {
+        rise / sigma
+    } else {
+        f64::INFINITY
+    };
+    if rise_over_noise < cfg.noise_factor {
+        return None;
+    }
+    let last = points.iter().rev().find(|p| p.memory.is_some())?;
+    let headroom = last.headroom?.max(0.0);
+    let time_to_limit_s = headroom / slope;
+    let trusted = (cfg.horizon_sec as f64).min(cfg.max_extrapolation * window);
+    (time_to_limit_s <= trusted).then_some(LeakEvidence {
+        slope_bytes_per_s: slope,
+        recent_slope_bytes_per_s: recent_slope,
+        window_s: window,
+        memory: last.memory?,
+        headroom,
+        time_to_limit_s,
+        rise_over_noise,
+    })
+}
+
+/// What [`runaway`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunawayEvidence {
+    pub window_s: f64,
+    pub mean_cpu_percent: f64,
+    pub pinned_fraction: f64,
+    pub voluntary_per_s_per_core: f64,
+    pub turnover: u64,
+    pub victims_runq_p99_ms: f64,
+}
+
+/// Pinned at a full core or more, (almost) never sleeping by itself, the same tasks
+/// throughout, while other cgroups wait for a CPU.
+#[must_use]
+pub fn runaway(points: &[Point], cfg: &RunawayConfig) -> Option<RunawayEvidence> {
+    let w = last_secs(points, cfg.window_sec as f64);
+    let window = span(w);
+    if w.len() < 3 || window < 0.9 * cfg.window_sec as f64 {
+        return None;
+    }
+    let n = w.len() as f64;
+    let pinned = w
+        .iter()
+        .filter(|p| p.cpu_percent >= cfg.cpu_percent)
+        .count() as f64
+        / n;
+    let mean_cpu = w.iter().map(|p| p.cpu_percent).sum::<f64>() / n;
+    let cores = (mean_cpu / 100.0).max(0.01);
+    let voluntary = w.iter().map(|p| p.voluntary).sum::<u64>() as f64 / window / cores;
+    let turnover: u64 = w.iter().map(|p| p.forks + p.exits).sum();
+    let threshold_us = cfg.victim_runq_p99_ms * 1000.0;
+    let mut victims: Vec<f64> = w.iter().filter_map(|p| p.others_runq_p99_us).collect();
+    let waiting = victims.iter().filter(|&&us| us >= threshold_us).count() as f64 / n;
+    let victims_p99 = median(&mut victims).unwrap_or(0.0) / 1000.0;
+    (pinned >= 0.9
+        && voluntary <= cfg.max_voluntary_per_sec
+        && turnover <= cfg.max_turnover
+        && waiting >= 0.5)
+        .then_some(RunawayEvidence {
+            window_s: window,
+            mean_cpu_percent: mean_cpu,
+            pinned_fraction: pinned,
+            voluntary_per_s_per_core: voluntary,
+            turnover,
+            victims_runq_p99_ms: victims_p99,
+        })
+}
+
+/// What [`explosion`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExplosionEvidence {
+    pub window_s: f64,
+    pub forks: u64,
+    pub exits: u64,
+    pub new_tasks: i64,
+    pub memory_growth: f64,
+    pub growth_bytes_per_s: f64,
+    pub headroom: Option<f64>,
+    pub time_to_limit_s: Option<f64>,
+    /// Which burst: tasks, memory, or both.
+    pub tasks_burst: bool,
+    pub memory_burst: bool,
+}
+
+/// Forks that accumulate (few exits), with either a task burst (net new tasks per CPU)
+/// or a memory burst (the window's growth projects the headroom gone within the
+/// explosion horizon), judged over seconds.
+#[must_use]
+pub fn explosion(
+    points: &[Point],
+    cpus: usize,
+    cfg: &ExplosionConfig,
+) -> Option<ExplosionEvidence> {
+    let w = last_secs(points, cfg.window_sec as f64);
+    if w.len() < 3 {
+        return None;
+    }
+    let window = span(w);
+    let forks: u64 = w.iter().map(|p| p.forks).sum();
+    let exits: u64 = w.iter().map(|p| p.exits).sum();
+    if forks == 0 || exits as f64 > cfg.max_exit_ratio * forks as f64 {
+        return None;
+    }
+    let new_tasks = match (w[0].pids, w[w.len() - 1].pids) {
+        (Some(a), Some(b)) => i64::try_from(b).unwrap_or(i64::MAX) - i64::try_from(a).unwrap_or(0),
+        _ => i64::try_from(forks).unwrap_or(i64::MAX) - i64::try_from(exits).unwrap_or(0),
+    };
+    let tasks_burst = new_tasks as f64 >= cfg.new_tasks_per_cpu * cpus.max(1) as f64;
+
+    // Memory: growing in each of the last ticks, fast enough to end the headroom soon.
+    let mem: Vec<(f64, f64)> = w.iter().filter_map(|p| Some((p.t, p.memory?))).collect();
+    let rising = mem.len() >= 3 && mem.windows(2).rev().take(2).all(|p| p[1].1 > p[0].1);
+    let growth = match (mem.first(), mem.last()) {
+        (Some(a), Some(b)) => b.1 - a.1,
+        _ => 0.0,
+    };
+    let slope = theil_sen(&mem).unwrap_or(0.0);
+    let headroom = w.iter().rev().find_map(|p| p.headroom).map(|h| h.max(0.0));
+    let time_to_limit_s = headroom.filter(|_| slope > 0.0).map(|h| h / slope);
+    let memory_burst = rising
+        && time_to_limit_s.is_some_and(|t| t <= cfg.horizon_sec as f64)
+        && headroom.is_some_and(|h| growth >= cfg.min_growth_percent / 100.0 * (h + growth));
+    (tasks_burst || memory_burst).then_some(ExplosionEvidence {
+        window_s: window,
+        forks,
+        exits,
+        new_tasks,
+        memory_growth: growth,
+        growth_bytes_per_s: slope,
+        headroom,
+        time_to_limit_s,
+        tasks_burst,
+        memory_burst,
+    })
+}
+
+/// What [`pressure`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PressureEvidence {
+    pub reclaim_stall_percent: f64,
+    pub memory_some_avg10: Option<f64>,
+    pub memory_full_avg10: Option<f64>,
+    pub critical: bool,
+}
+
+/// Reclaim stall (last 3 ticks) or memory PSI over its thresholds.
+#[must_use]
+pub fn pressure(points: &[Point], cfg: &PressureConfig) -> Option<PressureEvidence> {
+    let last = points.last()?;
+    let recent = &points[points.len().saturating_sub(3)..];
+    let time: f64 = recent.iter().map(|p| p.interval_s).sum();
+    let stall_ms: f64 = recent
+        .iter()
+        .map(|p| p.reclaim_ms_per_s * p.interval_s)
+        .sum();
+    let stall = if time > 0.0 {
+        stall_ms / time / 10.0
+    } else {
+        0.0
+    };
+    let some = last.memory_some_avg10;
+    let full = last.memory_full_avg10;
+    let over = stall >= cfg.reclaim_stall_percent
+        || some.is_some_and(|s| s >= cfg.memory_some_percent)
+        || full.is_some_and(|f| f >= cfg.memory_full_percent);
+    let critical = stall >= 5.0 * cfg.reclaim_stall_percent
+        || full.is_some_and(|f| f >= 4.0 * cfg.memory_full_percent);
+    over.then_some(PressureEvidence {
+        reclaim_stall_percent: stall,
+        memory_some_avg10: some,
+        memory_full_avg10: full,
+        critical,
+    })
+}
+
+/// Builds one cgroup's [`Point`] from its sample in a snapshot.
+#[must_use]
+pub fn point(
+    t: f64,
+    interval_s: f64,
+    c: &CgroupSample,
+    machine: &Machine,
+    reserve_percent: f64,
+    others_runq_p99_us: Option<f64>,
+) -> Point {
+    let f = &c.files;
+    let memory = f.memory_current.map(|m| m as f64);
+    let reserve = machine.mem_total_bytes as f64 * reserve_percent / 100.0;
+    let machine_room = (machine.mem_available_bytes as f64 - reserve).max(0.0);
+    let limit_room = match (f.memory_max.and_then(crate::cgroupfs::Limit::value), memory) {
+        (Some(max), Some(m)) => Some((max as f64 - m).max(0.0)),
+        _ => None,
+    };
+    let headroom = match (memory, limit_room) {
+        (None, _) => None,
+        (Some(_), Some(l)) => Some(l.min(machine_room)),
+        (Some(_), None) => Some(machine_room),
+    };
+    Point {
+        t,
+        interval_s,
+        memory,
+        headroom,
+        cpu_percent: c.cpu_percent,
+        voluntary: c.switches.saturating_sub(c.involuntary_switches),
+        forks: c.forks,
+        exits: c.exits,
+        pids: f.pids_current,
+        reclaim_ms_per_s: c.reclaim_ms_per_s,
+        memory_some_avg10: f.memory_pressure.map(|p| p.some.avg10),
+        memory_full_avg10: f.memory_pressure.and_then(|p| p.full.map(|l| l.avg10)),
+        others_runq_p99_us,
+    }
+}
+
+#[derive(Debug, Default)]
+struct ProcessStreak {
+    since: f64,
+    starttime: u64,
+}
+
+/// Keeps the windows and runs every detector once per snapshot.
+#[derive(Debug)]
+pub struct Detector {
+    config: DetectConfig,
+    t: f64,
+    history: HashMap<CgroupId, VecDeque<Point>>,
+    saturated: HashMap<u32, ProcessStreak>,
+}
+
+impl Detector {
+    #[must_use]
+    pub fn new(config: DetectConfig) -> Self {
+        Self {
+            config,
+            t: 0.0,
+            history: HashMap::new(),
+            saturated: HashMap::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &DetectConfig {
+        &self.config
+    }
+
+    /// The window of one cgroup, oldest first.
+    #[must_use]
+    pub fn history(&self, id: CgroupId) -> Option<&VecDeque<Point>> {
+        self.history.get(&id)
+    }
+
+    /// Adds a snapshot and returns every finding, deepest cgroup first: a memory
+    /// finding of a cgroup whose descendant has the same finding is dropped (the
+    /// parent's memory includes the child's; the child is the offender).
+    pub fn observe(&mut self, snap: &Snapshot) -> Vec<Finding> {
+        let interval_s = snap.interval_ns as f64 / 1e9;
+        self.t += interval_s;
+        let t = self.t;
+        // Worst and second-worst run-queue p99 so each cgroup sees the others' worst.
+        let mut worst: [(Option<CgroupId>, f64); 2] = [(None, 0.0), (None, 0.0)];
+        for c in &snap.cgroups {
+            if let Some(p99) = c.runq.p99_us {
+                if p99 > worst[0].1 {
+                    worst = [(Some(c.id), p99), worst[0]];
+                } else if p99 > worst[1].1 {
+                    worst[1] = (Some(c.id), p99);
+                }
+            }
+        }
+        let window = self.config.window_sec.max(self.config.runaway.window_sec) as f64;
+        let mut seen = HashSet::new();
+        let mut findings = Vec::new();
+        for c in &snap.cgroups {
+            let Some(path) = c.path.as_deref() else {
+                continue;
+            };
+            seen.insert(c.id);
+            let others = if worst[0].0 == Some(c.id) {
+                worst[1]
+            } else {
+                worst[0]
+            };
+            let p = point(
+                t,
+                interval_s,
+                c,
+                &snap.machine,
+                self.config.leak.reserve_percent,
+                others.0.map(|_| others.1),
+            );
+            let h = self.history.entry(c.id).or_default();
+            h.push_back(p);
+            while h.front().is_some_and(|p| p.t < t - window) {
+                h.pop_front();
+            }
+            let points = h.make_contiguous();
+            findings.extend(cgroup_findings(&self.config, c.id, path, points, snap));
+        }
+        self.history.retain(|id, _| seen.contains(id));
+        findings.extend(self.saturation(snap, t));
+        suppress_ancestors(&mut findings);
+        findings
+    }
+}
+
+/// Builds a finding of one cgroup from its kind-specific parts.
+type Make<'a> =
+    &'a dyn Fn(FindingKind, Severity, String, f64, Option<f64>, Vec<Evidence>) -> Finding;
+
+fn cgroup_findings(
+    cfg: &DetectConfig,
+    id: CgroupId,
+    path: &str,
+    points: &[Point],
+    snap: &Snapshot,
+) -> Vec<Finding> {
+    let lead = largest_process(snap, path);
+    let base = |kind, severity, summary: String, window_sec, ttl, evidence| Finding {
+        kind,
+        severity,
+        cgroup_id: id,
+        cgroup: path.to_owned(),
+        pid: lead.map(|p| p.0),
+        comm: lead.map(|p| p.1.to_owned()),
+        summary,
+        window_sec,
+        time_to_limit_sec: ttl,
+        evidence,
+    };
+    let mut out = Vec::new();
+    memory_findings(cfg, points, snap.cpus, &base, &mut out);
+    cpu_and_pressure_findings(cfg, points, &base, &mut out);
+    out
+}
+
+fn memory_findings(
+    cfg: &DetectConfig,
+    points: &[Point],
+    cpus: usize,
+    base: Make<'_>,
+    out: &mut Vec<Finding>,
+) {
+    if let Some(e) = leak(points, &cfg.leak) {
+        let critical =
+            e.time_to_limit_s <= cfg.leak.critical_fraction * cfg.leak.horizon_sec as f64;
+        out.push(base(
+            FindingKind::Leak,
+            if critical {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            format!(
+                "memory grows {:.2} MiB/s for {:.0} s; {:.0} MiB left: limit in {:.0} s",
+                e.slope_bytes_per_s / MIB,
+                e.window_s,
+                e.headroom / MIB,
+                e.time_to_limit_s
+            ),
+            e.window_s,
+            Some(e.time_to_limit_s),
+            vec![
+                ev("slope", e.slope_bytes_per_s / MIB, "MiB/s"),
+                ev("recent_slope", e.recent_slope_bytes_per_s / MIB, "MiB/s"),
+                ev("memory", e.memory / MIB, "MiB"),
+                ev("headroom", e.headroom / MIB, "MiB"),
+                ev("time_to_limit", e.time_to_limit_s, "s"),
+                ev("rise_over_noise", e.rise_over_noise, "sigma"),
+            ],
+        ));
+    }
+    if let Some(e) = explosion(points, cpus, &cfg.explosion) {
+        let what = match (e.tasks_burst, e.memory_burst) {
+            (true, true) => "tasks and memory",
+            (true, false) => "tasks",
+            _ => "memory",
+        };
+        let mut evidence = vec![
+            ev("forks", e.forks as f64, "tasks"),
+            ev("exits", e.exits as f64, "tasks"),
+            ev("new_tasks", e.new_tasks as f64, "tasks"),
+            ev("memory_growth", e.memory_growth / MIB, "MiB"),
+            ev("growth_rate", e.growth_bytes_per_s / MIB, "MiB/s"),
+        ];
+        if let Some(h) = e.headroom {
+            evidence.push(ev("headroom", h / MIB, "MiB"));
+        }
+        out.push(base(
+            FindingKind::Explosion,
+            Severity::Critical,
+            format!(
+                "{what} burst: {} forks, {} new tasks, +{:.0} MiB in {:.0} s{}",
+                e.forks,
+                e.new_tasks,
+                e.memory_growth / MIB,
+                e.window_s,
+                e.time_to_limit_s
+                    .map(|t| format!("; headroom gone in {t:.0} s"))
+                    .unwrap_or_default()
+            ),
+            e.window_s,
+            e.time_to_limit_s,
+            evidence,
+        ));
+    }
+}
+
+fn cpu_and_pressure_findings(
+    cfg: &DetectConfig,
+    points: &[Point],
+    base: Make<'_>,
+    out: &mut Vec<Finding>,
+) {
+    if let Some(e) = runaway(points, &cfg.runaway) {
+        out.push(base(
+                FindingKind::Runaway,
+                Severity::Warning,
+                format!(
+                    "{:.0} % CPU for {:.0} s with {:.1} voluntary sleeps/s per core; others wait {:.1} ms (p99)",
+                    e.mean_cpu_percent, e.window_s, e.voluntary_per_s_per_core, e.victims_runq_p99_ms
+                ),
+                e.window_s,
+                None,
+                vec![
+                    ev("cpu", e.mean_cpu_percent, "%"),
+                    ev("pinned_fraction", e.pinned_fraction, "ratio"),
+                    ev("voluntary_sleeps", e.voluntary_per_s_per_core, "/s/core"),
+                    ev("forks_and_exits", e.turnover as f64, "tasks"),
+                    ev("others_runq_p99", e.victims_runq_p99_ms, "ms"),
+                ],
+            ));
+    }
+    if let Some(e) = pressure(points, &cfg.pressure) {
+        let mut evidence = vec![ev("reclaim_stall", e.reclaim_stall_percent, "%")];
+        if let Some(s) = e.memory_some_avg10 {
+            evidence.push(ev("memory_psi_some_avg10", s, "%"));
+        }
+        if let Some(f) = e.memory_full_avg10 {
+            evidence.push(ev("memory_psi_full_avg10", f, "%"));
+        }
+        out.push(base(
+            FindingKind::Pressure,
+            if e.critical {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            format!(
+                "stalled {:.1} % of the time in reclaim; memory PSI some {} full {}",
+                e.reclaim_stall_percent,
+                fmt_opt(e.memory_some_avg10),
+                fmt_opt(e.memory_full_avg10)
+            ),
+            points.iter().rev().take(3).map(|p| p.interval_s).sum(),
+            None,
+            evidence,
+        ));
+    }
+}
+
+impl Detector {
+    /// A process at about one core, for the whole window, while the machine has idle
+    /// cores: more workers (or fewer awaits on one loop) would help. A hint only.
+    fn saturation(&mut self, snap: &Snapshot, t: f64) -> Vec<Finding> {
+        let cfg = &self.config.saturation;
+        let busy: f64 = snap.cgroups.iter().map(|c| c.cpu_percent).sum::<f64>() / 100.0;
+        let idle_cores = snap.cpus as f64 - busy;
+        let mut out = Vec::new();
+        let mut alive = HashSet::new();
+        for p in snap.processes.iter() {
+            let Some(cpu) = p.cpu_percent.filter(|_| p.read_tick == snap.tick) else {
+                continue;
+            };
+            if cpu < cfg.min_percent || cpu > cfg.max_percent || idle_cores < cfg.min_idle_cores {
+                continue;
+            }
+            alive.insert(p.pid);
+            let streak = self.saturated.entry(p.pid).or_insert(ProcessStreak {
+                since: t - snap.interval_ns as f64 / 1e9,
+                starttime: p.starttime,
+            });
+            if streak.starttime != p.starttime {
+                *streak = ProcessStreak {
+                    since: t,
+                    starttime: p.starttime,
+                };
+            }
+            let held = t - streak.since;
+            if held < cfg.window_sec as f64 {
+                continue;
+            }
+            let cgroup = p.cgroup.clone().unwrap_or_default();
+            let cgroup_id = snap
+                .cgroups
+                .iter()
+                .find(|c| c.path.as_deref() == Some(cgroup.as_str()))
+                .map_or(0, |c| c.id);
+            out.push(Finding {
+                kind: FindingKind::SingleThreadSaturation,
+                severity: Severity::Hint,
+                cgroup_id,
+                cgroup,
+                pid: Some(p.pid),
+                comm: Some(p.comm.clone()),
+                summary: format!(
+                    "{} (pid {}) holds {cpu:.0} % of one core for {held:.0} s while {idle_cores:.1} cores idle: \
+                     one thread or event loop is the bottleneck; more workers would use them",
+                    p.comm, p.pid
+                ),
+                window_sec: held,
+                time_to_limit_sec: None,
+                evidence: vec![
+                    ev("process_cpu", cpu, "%"),
+                    ev("threads", p.threads.unwrap_or(0) as f64, "threads"),
+                    ev("idle_cores", idle_cores, "cores"),
+                ],
+            });
+        }
+        self.saturated.retain(|pid, _| alive.contains(pid));
+        out
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1} %"))
+}
+
+/// The process with the most RSS in `path` (the lead an operator checks first).
+fn largest_process<'a>(snap: &'a Snapshot, path: &str) -> Option<(u32, &'a str)> {
+    snap.processes
+        .iter()
+        .filter(|p| p.cgroup.as_deref() == Some(path))
+        .max_by_key(|p| p.rss_bytes)
+        .map(|p| (p.pid, p.comm.as_str()))
+}
+
+fn is_ancestor(ancestor: &str, path: &str) -> bool {
+    ancestor == "/"
+        || path
+            .strip_prefix(ancestor)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Drops memory findings (leak, explosion, pressure) of cgroups one of whose
+/// descendants has the same finding: memory is hierarchical, the child is the offender.
+fn suppress_ancestors(findings: &mut Vec<Finding>) {
+    let hierarchical = |k| {
+        matches!(
+            k,
+            FindingKind::Leak | FindingKind::Explosion | FindingKind::Pressure
+        )
+    };
+    let keyed: Vec<(FindingKind, String)> = findings
+        .iter()
+        .map(|f| (f.kind, f.cgroup.clone()))
+        .collect();
+    findings.retain(|f| {
+        !hierarchical(f.kind)
+            || !keyed
+                .iter()
+                .any(|(k, p)| *k == f.kind && p != &f.cgroup && is_ancestor(&f.cgroup, p))
+    });
+    findings.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(
+                b.cgroup
+                    .matches('/')
+                    .count()
+                    .cmp(&a.cgroup.matches('/').count()),
+            )
+            .then(a.cgroup.cmp(&b.cgroup))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fmt::Write as _, sync::Arc};
+
+    use super::*;
+    use crate::{
+        cgroupfs::{Limit, Pressure, PsiLine},
+        collect::{CgroupFiles, Events, ProcessSample, RunQueue},
+        probes::EbpfStats,
+    };
+
+    const CPUS: usize = 2;
+
+    /// One synthetic tick per second; `f(t)` fills in what the case varies.
+    fn series(secs: u32, limit_mib: f64, f: impl Fn(f64, &mut Point)) -> Vec<Point> {
+        (1..=secs)
+            .map(|i| {
+                let t = f64::from(i);
+                let mut p = Point {
+                    t,
+                    interval_s: 1.0,
+                    others_runq_p99_us: Some(50.0),
+                    pids: Some(4),
+                    voluntary: 200,
+                    cpu_percent: 5.0,
+                    ..Point::default()
+                };
+                f(t, &mut p);
+                if let Some(m) = p.memory {
+                    p.memory = Some(m * MIB);
+                    p.headroom = Some((limit_mib * MIB - m * MIB).max(0.0));
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// Deterministic noise in [-1, 1].
+    fn noise(t: f64) -> f64 {
+        ((t * 12.9898).sin() * 43_758.545_3).fract()
+    }
+
+    fn kinds(points: &[Point]) -> Vec<FindingKind> {
+        let cfg = DetectConfig::default();
+        let mut k = Vec::new();
+        if leak(points, &cfg.leak).is_some() {
+            k.push(FindingKind::Leak);
+        }
+        if runaway(points, &cfg.runaway).is_some() {
+            k.push(FindingKind::Runaway);
+        }
+        if explosion(points, CPUS, &cfg.explosion).is_some() {
+            k.push(FindingKind::Explosion);
+        }
+        if pressure(points, &cfg.pressure).is_some() {
+            k.push(FindingKind::Pressure);
+        }
+        k
+    }
+
+    /// Every synthetic case against every series detector: the expected findings and no
+    /// others (a compile burst must be neither a runaway nor an explosion nor a leak).
+    /// `--nocapture` prints the false-positive/false-negative table.
+    #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one table of cases, read top to bottom"
+    )]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "synthetic series count whole seconds"
+    )]
+    fn synthetic_series_table() {
+        use FindingKind::{Explosion, Leak, Pressure, Runaway};
+        let cases: Vec<(&str, Vec<Point>, Vec<FindingKind>)> = vec![
+            (
+                "stable",
+                series(300, 1024.0, |_, p| p.memory = Some(500.0)),
+                vec![],
+            ),
+            (
+                "noisy-stable (±30 MiB)",
+                series(300, 1024.0, |t, p| p.memory = Some(500.0 + 30.0 * noise(t))),
+                vec![],
+            ),
+            (
+                "noisy-stable near its limit",
+                series(300, 1024.0, |t, p| p.memory = Some(960.0 + 20.0 * noise(t))),
+                vec![],
+            ),
+            (
+                "glacial growth (limit in hours)",
+                series(300, 4096.0, |t, p| p.memory = Some(500.0 + 0.05 * t)),
+                vec![],
+            ),
+            (
+                "slow leak 0.5 MiB/s",
+                series(300, 1024.0, |t, p| {
+                    p.memory = Some(500.0 + 0.5 * t + 3.0 * noise(t));
+                }),
+                vec![Leak],
+            ),
+            (
+                "fast leak 20 MiB/s",
+                series(30, 1024.0, |t, p| {
+                    p.memory = Some(200.0 + 20.0 * t);
+                    p.cpu_percent = 30.0;
+                }),
+                vec![Leak],
+            ),
+            (
+                "spike then plateau (model load)",
+                series(90, 1024.0, |t, p| {
+                    p.memory = Some(if t < 20.0 {
+                        100.0 + 40.0 * t
+                    } else {
+                        900.0 + 2.0 * noise(t)
+                    });
+                }),
+                vec![],
+            ),
+            (
+                "GC sawtooth, flat baseline",
+                series(300, 1024.0, |t, p| {
+                    p.memory = Some(400.0 + (t % 20.0) * 10.0);
+                }),
+                vec![],
+            ),
+            (
+                "GC sawtooth over a 1 MiB/s leak",
+                series(300, 1536.0, |t, p| {
+                    p.memory = Some(400.0 + t + (t % 20.0) * 10.0);
+                }),
+                vec![Leak],
+            ),
+            (
+                "CPU runaway, others queue",
+                series(40, 1024.0, |_, p| {
+                    p.memory = Some(50.0);
+                    p.cpu_percent = 100.0;
+                    p.voluntary = 0;
+                    p.others_runq_p99_us = Some(8_000.0);
+                }),
+                vec![Runaway],
+            ),
+            (
+                "busy server at 100 % (sleeps in epoll)",
+                series(40, 1024.0, |_, p| {
+                    p.memory = Some(50.0);
+                    p.cpu_percent = 100.0;
+                    p.voluntary = 3_000;
+                    p.others_runq_p99_us = Some(8_000.0);
+                }),
+                vec![],
+            ),
+            (
+                "spinner alone on an idle machine",
+                series(40, 1024.0, |_, p| {
+                    p.memory = Some(50.0);
+                    p.cpu_percent = 100.0;
+                    p.voluntary = 0;
+                    p.others_runq_p99_us = Some(60.0);
+                }),
+                vec![],
+            ),
+            (
+                "compile-like burst of short processes",
+                series(40, 2048.0, |t, p| {
+                    p.cpu_percent = 190.0;
+                    p.forks = 20;
+                    p.exits = 20;
+                    p.voluntary = 60;
+                    p.pids = Some(10 + (t as u64 % 4));
+                    p.others_runq_p99_us = Some(8_000.0);
+                    p.memory = Some(300.0 + 120.0 * (t * 0.7).sin().abs());
+                }),
+                vec![],
+            ),
+            (
+                "pool explosion (incident D: queue outgrows RAM)",
+                series(6, 2048.0, |t, p| {
+                    p.forks = if t <= 1.0 { 8 } else { 0 };
+                    p.pids = Some(9);
+                    p.memory = Some(100.0 + 250.0 * t);
+                    p.cpu_percent = 150.0;
+                }),
+                // 6 s is too short a history for a leak: the explosion detector is the
+                // one judged on seconds.
+                vec![Explosion],
+            ),
+            (
+                "fork bomb",
+                series(4, 2048.0, |t, p| {
+                    p.forks = 200;
+                    p.pids = Some(4 + 200 * t as u64);
+                    p.memory = Some(100.0 + t);
+                }),
+                vec![Explosion],
+            ),
+            (
+                "reclaim stall 30 %",
+                series(10, 1024.0, |_, p| {
+                    p.memory = Some(1000.0);
+                    p.reclaim_ms_per_s = 300.0;
+                }),
+                vec![Pressure],
+            ),
+            (
+                "memory PSI full 30 %",
+                series(10, 1024.0, |_, p| {
+                    p.memory = Some(1000.0);
+                    p.memory_some_avg10 = Some(40.0);
+                    p.memory_full_avg10 = Some(30.0);
+                }),
+                vec![Pressure],
+            ),
+        ];
+        let mut table = String::from("| case | expected | found | result |\n|---|---|---|---|\n");
+        let mut wrong = Vec::new();
+        for (name, points, expected) in &cases {
+            let mut found = kinds(points);
+            found.sort();
+            let mut expected = expected.clone();
+            expected.sort();
+            let verdict = if found == expected {
+                "ok"
+            } else if found.iter().any(|k| !expected.contains(k)) {
+                "FALSE POSITIVE"
+            } else {
+                "FALSE NEGATIVE"
+            };
+            let names = |k: &[FindingKind]| {
+                if k.is_empty() {
+                    "-".to_owned()
+                } else {
+                    k.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                }
+            };
+            let _ = writeln!(
+                table,
+                "| {name} | {} | {} | {verdict} |",
+                names(&expected),
+                names(&found)
+            );
+            if found != expected {
+                wrong.push(*name);
+            }
+        }
+        println!("{table}");
+        assert!(wrong.is_empty(), "misjudged: {wrong:?}\n{table}");
+    }
+
+    #[test]
+    fn leak_projection_is_bounded_by_history() {
+        // 25 s of growth whose projection is 200 s away: more than 3 × 25 s, not trusted.
+        let p = series(25, 1024.0, |t, p| p.memory = Some(500.0 + 2.0 * t));
+        assert!(leak(&p, &LeakConfig::default()).is_none());
+        // The same growth seen for 120 s (limit ~80 s ahead) is a leak.
+        let p = series(120, 1024.0, |t, p| p.memory = Some(500.0 + 2.0 * t));
+        let e = leak(&p, &LeakConfig::default()).expect("leak");
+        assert!((e.slope_bytes_per_s / MIB - 2.0).abs() < 0.01, "{e:?}");
+        assert!((e.time_to_limit_s - 142.0).abs() < 2.0, "{e:?}");
+    }
+
+    #[test]
+    fn theil_sen_ignores_outliers() {
+        let mut pts: Vec<(f64, f64)> = (0..20)
+            .map(|i| (f64::from(i), 3.0 * f64::from(i)))
+            .collect();
+        pts[5].1 = 1e9;
+        pts[12].1 = -1e9;
+        assert!((theil_sen(&pts).unwrap() - 3.0).abs() < 1e-9);
+        assert_eq!(theil_sen(&[(1.0, 1.0)]), None);
+    }
+
+    fn cgroup(id: u64, path: &str, memory_mib: u64, cpu_percent: f64) -> CgroupSample {
+        CgroupSample {
+            id,
+            path: Some(path.into()),
+            on_cpu_ns: 0,
+            cpu_percent,
+            switches: 100,
+            involuntary_switches: 0,
+            runq: RunQueue::default(),
+            forks: 0,
+            execs: 0,
+            exits: 0,
+            forks_per_s: 0.0,
+            reclaim_stall_ms: 0.0,
+            reclaim_ms_per_s: 0.0,
+            reclaims: 0,
+            memory_trend_mib_per_s: None,
+            files: Arc::new(CgroupFiles {
+                memory_current: Some(memory_mib << 20),
+                memory_max: Some(Limit::Value(1 << 30)),
+                pids_current: Some(3),
+                memory_pressure: Some(Pressure {
+                    some: PsiLine::default(),
+                    full: None,
+                }),
+                ..CgroupFiles::default()
+            }),
+            files_fresh: true,
+        }
+    }
+
+    fn snapshot(
+        tick: u64,
+        cpus: usize,
+        cgroups: Vec<CgroupSample>,
+        processes: Vec<ProcessSample>,
+    ) -> Snapshot {
+        Snapshot {
+            tick,
+            timestamp_ms: u128::from(tick) * 1000,
+            interval_ns: 1_000_000_000,
+            cpus,
+            machine: Machine {
+                mem_total_bytes: 8 << 30,
+                mem_available_bytes: 6 << 30,
+                ..Machine::default()
+            },
+            cgroups,
+            processes: Arc::new(processes),
+            processes_age_ms: 0,
+            events: Events::default(),
+            tracked_cgroups: 0,
+            vanished_cgroups: 0,
+            ebpf: EbpfStats::default(),
+        }
+    }
+
+    fn process(pid: u32, cgroup: &str, cpu: f64, tick: u64) -> ProcessSample {
+        ProcessSample {
+            pid,
+            ppid: 1,
+            comm: "uvicorn".into(),
+            exe: None,
+            uid: Some(1000),
+            user: None,
+            rss_bytes: 100 << 20,
+            cgroup: Some(cgroup.into()),
+            starttime: 77,
+            threads: Some(9),
+            cpu_ticks: 0,
+            cpu_percent: Some(cpu),
+            read_tick: tick,
+            read_ns: 0,
+        }
+    }
+
+    /// The parent's memory includes the child's: only the child is named.
+    #[test]
+    fn leak_is_reported_at_the_deepest_cgroup() {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut last = Vec::new();
+        for tick in 1..=120 {
+            let child = 200 + 6 * tick; // MiB, 6 MiB/s
+            last = d.observe(&snapshot(
+                tick,
+                2,
+                vec![
+                    cgroup(10, "/app.slice", child + 50, 20.0),
+                    cgroup(11, "/app.slice/worker", child, 20.0),
+                    cgroup(12, "/other", 300, 1.0),
+                ],
+                vec![process(500, "/app.slice/worker", 20.0, tick)],
+            ));
+        }
+        let leaks: Vec<&Finding> = last
+            .iter()
+            .filter(|f| f.kind == FindingKind::Leak)
+            .collect();
+        assert_eq!(leaks.len(), 1, "{last:#?}");
+        assert_eq!(leaks[0].cgroup, "/app.slice/worker");
+        assert_eq!(leaks[0].pid, Some(500), "the largest process is the lead");
+        assert!(
+            leaks[0].time_to_limit_sec.is_some_and(|t| t < 60.0),
+            "{:?}",
+            leaks[0]
+        );
+        assert!(
+            leaks[0]
+                .evidence
+                .iter()
+                .any(|e| e.name == "slope" && (e.value - 6.0).abs() < 0.1)
+        );
+    }
+
+    /// Incidents A/B: one worker pinned at one core while three cores idle → a hint
+    /// after the window, never sooner; on a one-CPU machine there is nothing to gain.
+    #[test]
+    fn single_thread_saturation_is_a_hint_after_its_window() {
+        for (cpus, expect) in [(4, true), (1, false)] {
+            let mut d = Detector::new(DetectConfig::default());
+            let mut first_hint = None;
+            for tick in 1..=40 {
+                let found = d.observe(&snapshot(
+                    tick,
+                    cpus,
+                    vec![cgroup(20, "/omnimind", 300, 99.0)],
+                    vec![process(700, "/omnimind", 99.0, tick)],
+                ));
+                if let Some(f) = found
+                    .iter()
+                    .find(|f| f.kind == FindingKind::SingleThreadSaturation)
+                {
+                    assert_eq!(f.severity, Severity::Hint);
+                    assert_eq!(f.pid, Some(700));
+                    first_hint.get_or_insert(tick);
+                }
+            }
+            assert_eq!(first_hint.is_some(), expect, "cpus {cpus}: {first_hint:?}");
+            if expect {
+                assert_eq!(first_hint, Some(30), "held for the whole 30 s window first");
+            }
+        }
+    }
+
+    /// A stale CPU reading (process not re-read this tick) is not evidence.
+    #[test]
+    fn stale_process_readings_are_ignored() {
+        let mut d = Detector::new(DetectConfig::default());
+        for tick in 1..=40 {
+            let found = d.observe(&snapshot(
+                tick,
+                4,
+                vec![cgroup(20, "/svc", 300, 99.0)],
+                vec![process(700, "/svc", 99.0, 1)],
+            ));
+            assert!(found.is_empty(), "tick {tick}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn vanished_cgroups_leave_the_window() {
+        let mut d = Detector::new(DetectConfig::default());
+        d.observe(&snapshot(1, 2, vec![cgroup(30, "/gone", 10, 1.0)], vec![]));
+        assert!(d.history(30).is_some());
+        d.observe(&snapshot(2, 2, vec![], vec![]));
+        assert!(d.history(30).is_none());
+    }
+}
