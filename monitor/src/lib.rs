@@ -11,6 +11,7 @@ pub mod cli;
 pub mod collect;
 pub mod detect;
 pub mod events;
+pub mod policy;
 pub mod preflight;
 pub mod probes;
 pub mod report;

@@ -1,0 +1,1112 @@
+//! Policies: what to do about a finding, and what never to touch.
+//!
+//! Two kinds of files, both TOML:
+//! - the main file, `/etc/cgsentry/cgsentry.toml`: agent settings (`dry_run`,
+//!   `policies_dir`, `quarantine_parent`) and the detectors' `[detect]` table;
+//! - policy files, `<policies_dir>/*.toml` (default `/etc/cgsentry/policies.d`), merged
+//!   in file-name order: `[[protect]]` entries and `[[rule]]`s. A rule with the name of
+//!   an earlier one replaces it (so `90-local.toml` can override a shipped rule); for a
+//!   finding, the last matching rule wins.
+//!
+//! `protect` always wins: a protected cgroup is never throttled, moved, frozen or killed,
+//! whatever a rule says (it may still be notified about).
+//!
+//! Every problem is reported as `file:line:col: message`, all of them at once where the
+//! file parses; a set with any error is rejected whole, so a running agent keeps its last
+//! good set.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use globset::{Glob, GlobMatcher};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::detect::{DetectConfig, Finding, FindingKind, Severity};
+
+/// Where the main file lives unless told otherwise.
+pub const DEFAULT_MAIN: &str = "/etc/cgsentry/cgsentry.toml";
+/// Where policy files live unless the main file says otherwise.
+pub const DEFAULT_POLICIES_DIR: &str = "/etc/cgsentry/policies.d";
+
+/// One problem in one file, at a position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no position (an unreadable file).
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+struct FileCtx<'a> {
+    path: &'a Path,
+    text: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+impl FileCtx<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.diags.push(Diagnostic {
+            file: self.path.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    fn toml_error(&mut self, e: &toml::de::Error) {
+        let span = e.span().unwrap_or(0..0);
+        self.error(span, e.message().trim().to_owned());
+    }
+}
+
+/// Steps of a ladder, gentlest first. A ladder only climbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Log and notify; the only step allowed on protected cgroups.
+    Notify,
+    /// Limit in place: `cpu.max`, `memory.high`, `pids.max`.
+    Throttle,
+    /// Move into `<quarantine_parent>/quarantine-<name>` with the step's limits.
+    Quarantine,
+    /// `cgroup.freeze`: stopped dead, nothing lost; thawed on release.
+    Freeze,
+    /// SIGTERM, a grace period, then `cgroup.kill`. Last resort.
+    Kill,
+}
+
+impl Action {
+    const NAMES: &'static str = "notify, throttle, quarantine, freeze, kill";
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "notify" => Action::Notify,
+            "throttle" => Action::Throttle,
+            "quarantine" => Action::Quarantine,
+            "freeze" => Action::Freeze,
+            "kill" => Action::Kill,
+            _ => return None,
+        })
+    }
+
+    /// Whether this step changes the offender (everything but `notify`).
+    #[must_use]
+    pub fn intervenes(self) -> bool {
+        self != Action::Notify
+    }
+}
+
+fn parse_kind(s: &str) -> Option<FindingKind> {
+    FindingKind::ALL.into_iter().find(|k| k.name() == s)
+}
+
+fn parse_severity(s: &str) -> Option<Severity> {
+    Some(match s {
+        "hint" => Severity::Hint,
+        "warning" => Severity::Warning,
+        "critical" => Severity::Critical,
+        _ => return None,
+    })
+}
+
+// ---- raw file formats (what serde reads; spans kept for messages) ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyFile {
+    #[serde(default)]
+    protect: Vec<RawProtect>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtect {
+    name: Spanned<String>,
+    cgroup: Option<Spanned<String>>,
+    comm: Option<Spanned<String>>,
+    exe: Option<Spanned<String>>,
+    user: Option<String>,
+    uid: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    finding: Spanned<String>,
+    cgroup: Option<Spanned<String>>,
+    comm: Option<Spanned<String>>,
+    exe: Option<Spanned<String>>,
+    user: Option<String>,
+    uid: Option<u32>,
+    dry_run: Option<bool>,
+    min_severity: Option<Spanned<String>>,
+    cooldown_sec: Option<u64>,
+    release_after_quiet_sec: Option<u64>,
+    ladder: Spanned<Vec<RawStep>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    action: Spanned<String>,
+    after_sec: Option<u64>,
+    cpu_max_percent: Option<Spanned<f64>>,
+    memory_high_percent: Option<Spanned<f64>>,
+    pids_max: Option<u64>,
+    grace_sec: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMain {
+    dry_run: Option<bool>,
+    policies_dir: Option<String>,
+    quarantine_parent: Option<Spanned<String>>,
+    detect: Option<DetectConfig>,
+}
+
+// ---- validated, effective policy ----
+
+/// Which cgroups (and processes in them) an entry applies to. Every given criterion
+/// must hold; process criteria hold when any process of the cgroup matches.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Matcher {
+    /// Glob on the cgroup path: `*` stays within one level, `**` crosses levels
+    /// (`/user.slice/**`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Regular expression searched in the process name (anchor with `^…$`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip)]
+    compiled: Compiled,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Compiled {
+    cgroup: Option<GlobMatcher>,
+    comm: Option<Regex>,
+    exe: Option<Regex>,
+}
+
+/// A process as matchers see it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessRef<'a> {
+    pub comm: &'a str,
+    pub exe: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub uid: Option<u32>,
+}
+
+impl Matcher {
+    fn has_process_criteria(&self) -> bool {
+        self.comm.is_some() || self.exe.is_some() || self.user.is_some() || self.uid.is_some()
+    }
+
+    fn process_matches(&self, p: &ProcessRef<'_>) -> bool {
+        self.compiled
+            .comm
+            .as_ref()
+            .is_none_or(|r| r.is_match(p.comm))
+            && self
+                .compiled
+                .exe
+                .as_ref()
+                .is_none_or(|r| p.exe.is_some_and(|e| r.is_match(e)))
+            && self.user.as_deref().is_none_or(|u| p.user == Some(u))
+            && self.uid.is_none_or(|u| p.uid == Some(u))
+    }
+
+    /// Whether the cgroup at `path`, holding `processes`, matches.
+    #[must_use]
+    pub fn matches(&self, path: &str, processes: &[ProcessRef<'_>]) -> bool {
+        self.compiled
+            .cgroup
+            .as_ref()
+            .is_none_or(|g| g.is_match(path))
+            && (!self.has_process_criteria() || processes.iter().any(|p| self.process_matches(p)))
+    }
+}
+
+/// Never act on what this matches.
+#[derive(Clone, Debug, Serialize)]
+pub struct Protect {
+    pub name: String,
+    #[serde(flatten)]
+    pub matcher: Matcher,
+    /// The file it came from.
+    pub source: PathBuf,
+}
+
+/// One step of a ladder.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Step {
+    pub action: Action,
+    /// The finding must persist this long after the previous step (the cooldown).
+    pub after_sec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_max_percent: Option<f64>,
+    /// `memory.high` as a percent of the cgroup's memory when the step is taken
+    /// (100 holds it where it is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_high_percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// Kill: seconds between SIGTERM and SIGKILL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_sec: Option<u64>,
+}
+
+/// What to do about one kind of finding in the cgroups a rule matches.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rule {
+    pub name: String,
+    pub finding: FindingKind,
+    #[serde(flatten)]
+    pub matcher: Matcher,
+    pub dry_run: bool,
+    pub min_severity: Severity,
+    pub cooldown_sec: u64,
+    /// Undo everything once the finding has been absent this long.
+    pub release_after_quiet_sec: u64,
+    pub ladder: Vec<Step>,
+    pub source: PathBuf,
+}
+
+/// The merged, validated policy the agent runs with.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicySet {
+    /// Log what would be done, do nothing (every rule; a rule can also set its own).
+    pub dry_run: bool,
+    pub policies_dir: PathBuf,
+    pub quarantine_parent: String,
+    pub detect: DetectConfig,
+    pub protect: Vec<Protect>,
+    pub rule: Vec<Rule>,
+    /// Files read, in merge order.
+    pub files: Vec<PathBuf>,
+}
+
+const DEFAULT_COOLDOWN_SEC: u64 = 30;
+const DEFAULT_RELEASE_SEC: u64 = 120;
+const DEFAULT_GRACE_SEC: u64 = 10;
+
+fn compile_matcher(
+    ctx: &mut FileCtx<'_>,
+    cgroup: Option<Spanned<String>>,
+    comm: Option<Spanned<String>>,
+    exe: Option<Spanned<String>>,
+    user: Option<String>,
+    uid: Option<u32>,
+) -> Matcher {
+    let mut m = Matcher {
+        user,
+        uid,
+        ..Matcher::default()
+    };
+    if let Some(g) = cgroup {
+        let span = g.span();
+        let glob = g.into_inner();
+        if glob.starts_with('/') {
+            match globset::GlobBuilder::new(&glob)
+                .literal_separator(true)
+                .build()
+                .map(|g: Glob| g.compile_matcher())
+            {
+                Ok(c) => m.compiled.cgroup = Some(c),
+                Err(e) => ctx.error(span, format!("bad cgroup glob {glob:?}: {}", e.kind())),
+            }
+        } else {
+            ctx.error(
+                span,
+                format!(
+                    "cgroup glob {glob:?} must start with '/' (a path below the cgroup v2 root)"
+                ),
+            );
+        }
+        m.cgroup = Some(glob);
+    }
+    for (field, value) in [("comm", comm), ("exe", exe)] {
+        let Some(v) = value else { continue };
+        let span = v.span();
+        let pattern = v.into_inner();
+        match Regex::new(&pattern) {
+            Ok(r) => {
+                if field == "comm" {
+                    m.compiled.comm = Some(r);
+                } else {
+                    m.compiled.exe = Some(r);
+                }
+            }
+            Err(e) => ctx.error(
+                span,
+                format!("bad {field} regex: {}", e.to_string().replace('\n', " ")),
+            ),
+        }
+        if field == "comm" {
+            m.comm = Some(pattern);
+        } else {
+            m.exe = Some(pattern);
+        }
+    }
+    m
+}
+
+fn percent(ctx: &mut FileCtx<'_>, v: Option<Spanned<f64>>, what: &str) -> Option<f64> {
+    let v = v?;
+    let (span, value) = (v.span(), *v.get_ref());
+    if !(value > 0.0 && value <= 10_000.0 && value.is_finite()) {
+        ctx.error(
+            span,
+            format!("{what} must be a percentage above 0 (got {value})"),
+        );
+    }
+    Some(value)
+}
+
+fn validate_ladder(
+    ctx: &mut FileCtx<'_>,
+    raw: Spanned<Vec<RawStep>>,
+    finding: Option<FindingKind>,
+    cooldown: u64,
+) -> Vec<Step> {
+    let ladder_span = raw.span();
+    let raw_ladder = raw.into_inner();
+    if raw_ladder.is_empty() {
+        ctx.error(ladder_span, "a rule needs at least one ladder step");
+    }
+    let mut ladder = Vec::new();
+    for (i, step) in raw_ladder.into_iter().enumerate() {
+        let action_span = step.action.span();
+        let Some(action) = Action::parse(step.action.get_ref()) else {
+            ctx.error(
+                action_span,
+                format!(
+                    "unknown action {:?}: expected one of {}",
+                    step.action.get_ref(),
+                    Action::NAMES
+                ),
+            );
+            continue;
+        };
+        if let Some(prev) = ladder.last().map(|s: &Step| s.action)
+            && action <= prev
+        {
+            ctx.error(
+                action_span.clone(),
+                format!(
+                    "ladder steps must climb ({}): {action:?} after {prev:?}",
+                    Action::NAMES
+                ),
+            );
+        }
+        let cpu = percent(ctx, step.cpu_max_percent, "cpu_max_percent");
+        let mem = percent(ctx, step.memory_high_percent, "memory_high_percent");
+        if action == Action::Throttle && cpu.is_none() && mem.is_none() && step.pids_max.is_none() {
+            ctx.error(
+                action_span.clone(),
+                "a throttle step needs at least one of cpu_max_percent, memory_high_percent, pids_max",
+            );
+        }
+        if action == Action::Kill && finding == Some(FindingKind::SingleThreadSaturation) {
+            ctx.error(
+                action_span.clone(),
+                "single_thread_saturation is a hint: it is never acted on",
+            );
+        }
+        if step.grace_sec.is_some() && action != Action::Kill {
+            ctx.error(action_span, "grace_sec only applies to a kill step");
+        }
+        ladder.push(Step {
+            action,
+            after_sec: step.after_sec.unwrap_or(if i == 0 { 0 } else { cooldown }),
+            cpu_max_percent: cpu,
+            memory_high_percent: mem,
+            pids_max: step.pids_max,
+            grace_sec: (action == Action::Kill)
+                .then(|| step.grace_sec.unwrap_or(DEFAULT_GRACE_SEC)),
+        });
+    }
+    ladder
+}
+
+fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
+    let finding_span = raw.finding.span();
+    let finding = parse_kind(raw.finding.get_ref());
+    if finding.is_none() {
+        ctx.error(
+            finding_span.clone(),
+            format!(
+                "unknown finding {:?}: expected one of {}",
+                raw.finding.get_ref(),
+                FindingKind::ALL.map(FindingKind::name).join(", ")
+            ),
+        );
+    }
+    let min_severity = match raw.min_severity {
+        None => Severity::Warning,
+        Some(s) => parse_severity(s.get_ref()).unwrap_or_else(|| {
+            ctx.error(
+                s.span(),
+                format!(
+                    "unknown severity {:?}: expected hint, warning or critical",
+                    s.get_ref()
+                ),
+            );
+            Severity::Warning
+        }),
+    };
+    let matcher = compile_matcher(ctx, raw.cgroup, raw.comm, raw.exe, raw.user, raw.uid);
+    let cooldown = raw.cooldown_sec.unwrap_or(DEFAULT_COOLDOWN_SEC);
+    let ladder = validate_ladder(ctx, raw.ladder, finding, cooldown);
+    if finding == Some(FindingKind::SingleThreadSaturation)
+        && ladder.iter().any(|s| s.action.intervenes())
+    {
+        ctx.error(
+            finding_span,
+            "single_thread_saturation is a hint: its ladder can only notify",
+        );
+    }
+    Some(Rule {
+        name: raw.name.into_inner(),
+        finding: finding?,
+        matcher,
+        dry_run: raw.dry_run.unwrap_or(false),
+        min_severity,
+        cooldown_sec: cooldown,
+        release_after_quiet_sec: raw.release_after_quiet_sec.unwrap_or(DEFAULT_RELEASE_SEC),
+        ladder,
+        source: ctx.path.to_owned(),
+    })
+}
+
+/// Parses and validates one policy file.
+///
+/// # Errors
+/// Every problem found, with its position.
+pub fn parse_policy_file(
+    path: &Path,
+    text: &str,
+) -> Result<(Vec<Protect>, Vec<Rule>), Vec<Diagnostic>> {
+    let mut ctx = FileCtx {
+        path,
+        text,
+        diags: Vec::new(),
+    };
+    let raw: RawPolicyFile = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.toml_error(&e);
+            return Err(ctx.diags);
+        }
+    };
+    let mut names: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    let protect: Vec<Protect> = raw
+        .protect
+        .into_iter()
+        .map(|p| Protect {
+            name: p.name.get_ref().clone(),
+            matcher: compile_matcher(&mut ctx, p.cgroup, p.comm, p.exe, p.user, p.uid),
+            source: path.to_owned(),
+        })
+        .collect();
+    let mut rules = Vec::new();
+    for r in raw.rule {
+        let span = r.name.span();
+        if let Some(first) = names.insert(r.name.get_ref().clone(), span.clone()) {
+            let (line, _) = line_col(text, first.start);
+            ctx.error(
+                span,
+                format!(
+                    "rule {:?} is defined twice in this file (first on line {line})",
+                    r.name.get_ref()
+                ),
+            );
+        }
+        if let Some(rule) = validate_rule(&mut ctx, r) {
+            rules.push(rule);
+        }
+    }
+    if ctx.diags.is_empty() {
+        Ok((protect, rules))
+    } else {
+        Err(ctx.diags)
+    }
+}
+
+/// The main file's settings.
+#[derive(Clone, Debug)]
+pub struct MainConfig {
+    pub dry_run: bool,
+    pub policies_dir: PathBuf,
+    pub quarantine_parent: String,
+    pub detect: DetectConfig,
+}
+
+/// Parses the main file; a missing file means defaults.
+///
+/// # Errors
+/// Every problem found, with its position.
+pub fn parse_main(path: &Path, text: &str) -> Result<MainConfig, Vec<Diagnostic>> {
+    let mut ctx = FileCtx {
+        path,
+        text,
+        diags: Vec::new(),
+    };
+    let raw: RawMain = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.toml_error(&e);
+            return Err(ctx.diags);
+        }
+    };
+    let quarantine_parent = match raw.quarantine_parent {
+        None => "cgsentry.slice".to_owned(),
+        Some(q) => {
+            let name = q.get_ref().clone();
+            if name.is_empty() || name.contains("..") || name.starts_with('/') {
+                ctx.error(
+                    q.span(),
+                    format!("quarantine_parent {name:?} must be a relative cgroup path like \"cgsentry.slice\""),
+                );
+            }
+            name
+        }
+    };
+    let policies_dir = raw.policies_dir.map_or_else(
+        || PathBuf::from(DEFAULT_POLICIES_DIR),
+        |d| {
+            // Relative to the main file's directory.
+            path.parent().unwrap_or(Path::new("/")).join(d)
+        },
+    );
+    if ctx.diags.is_empty() {
+        Ok(MainConfig {
+            dry_run: raw.dry_run.unwrap_or(false),
+            policies_dir,
+            quarantine_parent,
+            detect: raw.detect.unwrap_or_default(),
+        })
+    } else {
+        Err(ctx.diags)
+    }
+}
+
+fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
+    Diagnostic {
+        file: path.to_owned(),
+        line: 0,
+        col: 0,
+        message: format!("cannot read: {e}"),
+    }
+}
+
+/// `*.toml` files of `dir`, sorted by file name.
+///
+/// # Errors
+/// The directory cannot be listed.
+pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
+    let entries = std::fs::read_dir(dir).map_err(|e| unreadable(dir, &e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Merges parsed files in order: protect entries accumulate; a rule replaces an earlier
+/// one of the same name, in place.
+#[must_use]
+pub fn merge(main: MainConfig, parsed: Vec<(PathBuf, Vec<Protect>, Vec<Rule>)>) -> PolicySet {
+    let mut set = PolicySet {
+        dry_run: main.dry_run,
+        policies_dir: main.policies_dir,
+        quarantine_parent: main.quarantine_parent,
+        detect: main.detect,
+        protect: Vec::new(),
+        rule: Vec::new(),
+        files: Vec::new(),
+    };
+    for (file, protect, rules) in parsed {
+        set.files.push(file);
+        set.protect.extend(protect);
+        for r in rules {
+            if let Some(old) = set.rule.iter_mut().find(|o| o.name == r.name) {
+                *old = r;
+            } else {
+                set.rule.push(r);
+            }
+        }
+    }
+    set
+}
+
+/// Loads the main file (absent: defaults) and every policy file of its directory.
+///
+/// # Errors
+/// Every problem in every file; the set is only returned when there is none.
+pub fn load(main_path: &Path) -> Result<PolicySet, Vec<Diagnostic>> {
+    let main = match std::fs::read_to_string(main_path) {
+        Ok(text) => parse_main(main_path, &text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => MainConfig {
+            dry_run: false,
+            policies_dir: main_path.parent().map_or_else(
+                || PathBuf::from(DEFAULT_POLICIES_DIR),
+                |p| p.join("policies.d"),
+            ),
+            quarantine_parent: "cgsentry.slice".into(),
+            detect: DetectConfig::default(),
+        },
+        Err(e) => return Err(vec![unreadable(main_path, &e)]),
+    };
+    let files = if main.policies_dir.exists() {
+        policy_files(&main.policies_dir).map_err(|d| vec![d])?
+    } else {
+        Vec::new()
+    };
+    load_files(main, &files)
+}
+
+/// Parses and merges the given policy files over `main`.
+///
+/// # Errors
+/// Every problem in every file.
+pub fn load_files(main: MainConfig, files: &[PathBuf]) -> Result<PolicySet, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut parsed = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(f) {
+            Ok(text) => match parse_policy_file(f, &text) {
+                Ok((p, r)) => parsed.push((f.clone(), p, r)),
+                Err(d) => diags.extend(d),
+            },
+            Err(e) => diags.push(unreadable(f, &e)),
+        }
+    }
+    if diags.is_empty() {
+        Ok(merge(main, parsed))
+    } else {
+        Err(diags)
+    }
+}
+
+/// How a policy set judges one finding.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// The rule that applies (the last matching one), if any.
+    pub rule: Option<String>,
+    /// Protect entries that match: no step beyond `notify` is taken.
+    pub protected_by: Vec<String>,
+    /// Whether the finding is severe enough for the rule.
+    pub severe_enough: bool,
+    pub dry_run: bool,
+}
+
+impl PolicySet {
+    /// The protect entries matching a cgroup and its processes.
+    #[must_use]
+    pub fn protected_by(&self, path: &str, processes: &[ProcessRef<'_>]) -> Vec<&Protect> {
+        self.protect
+            .iter()
+            .filter(|p| p.matcher.matches(path, processes))
+            .collect()
+    }
+
+    /// The rule for a finding: the last rule for its kind that matches its cgroup.
+    #[must_use]
+    pub fn rule_for(&self, finding: &Finding, processes: &[ProcessRef<'_>]) -> Option<&Rule> {
+        self.rule
+            .iter()
+            .rev()
+            .find(|r| r.finding == finding.kind && r.matcher.matches(&finding.cgroup, processes))
+    }
+
+    /// Rule, protection and dry-run for one finding.
+    #[must_use]
+    pub fn judge(&self, finding: &Finding, processes: &[ProcessRef<'_>]) -> Verdict {
+        let rule = self.rule_for(finding, processes);
+        Verdict {
+            rule: rule.map(|r| r.name.clone()),
+            protected_by: self
+                .protected_by(&finding.cgroup, processes)
+                .into_iter()
+                .map(|p| p.name.clone())
+                .collect(),
+            severe_enough: rule.is_some_and(|r| finding.severity >= r.min_severity),
+            dry_run: self.dry_run || rule.is_some_and(|r| r.dry_run),
+        }
+    }
+
+    /// The effective policy as TOML (what `cgsentry check --print` shows).
+    ///
+    /// # Errors
+    /// Never in practice: every field serialises.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"
+[[protect]]
+name = "sshd"
+comm = "^sshd$"
+
+[[rule]]
+name = "pools"
+finding = "explosion"
+cgroup = "/user.slice/**"
+comm = "python"
+
+[[rule.ladder]]
+action = "throttle"
+pids_max = 64
+memory_high_percent = 100
+
+[[rule.ladder]]
+action = "freeze"
+after_sec = 5
+"#;
+
+    fn parse(text: &str) -> Result<(Vec<Protect>, Vec<Rule>), Vec<String>> {
+        parse_policy_file(Path::new("p.toml"), text)
+            .map_err(|d| d.iter().map(ToString::to_string).collect())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text).expect_err("should be rejected")
+    }
+
+    fn main_defaults() -> MainConfig {
+        MainConfig {
+            dry_run: false,
+            policies_dir: PathBuf::from("/nonexistent"),
+            quarantine_parent: "cgsentry.slice".into(),
+            detect: DetectConfig::default(),
+        }
+    }
+
+    fn finding(kind: FindingKind, cgroup: &str, severity: Severity) -> Finding {
+        Finding {
+            kind,
+            severity,
+            cgroup_id: 1,
+            cgroup: cgroup.into(),
+            pid: None,
+            comm: None,
+            summary: String::new(),
+            window_sec: 1.0,
+            time_to_limit_sec: None,
+            evidence: Vec::new(),
+        }
+    }
+
+    fn proc(comm: &str) -> ProcessRef<'_> {
+        ProcessRef {
+            comm,
+            exe: None,
+            user: Some("ci"),
+            uid: Some(1000),
+        }
+    }
+
+    #[test]
+    fn parses_a_good_file_with_defaults_filled_in() {
+        let (protect, rules) = parse(GOOD).unwrap();
+        assert_eq!(protect.len(), 1);
+        let r = &rules[0];
+        assert_eq!(
+            (r.finding, r.cooldown_sec, r.min_severity),
+            (FindingKind::Explosion, 30, Severity::Warning)
+        );
+        assert_eq!(r.ladder[0].after_sec, 0, "the first step is immediate");
+        assert_eq!(r.ladder[1].after_sec, 5);
+        assert_eq!(r.ladder[0].pids_max, Some(64));
+    }
+
+    /// Each bad input names the file, line and column of the culprit.
+    #[test]
+    fn bad_files_get_precise_errors() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[[rule]\nname = 1", "p.toml:1:", "syntax"),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nbogus = 3\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:1: unknown field `bogus`",
+                "unknown key",
+            ),
+            (
+                "[[protect]]\nname = \"x\"\ncomm = \"(unclosed\"\n",
+                "p.toml:3:8: bad comm regex",
+                "bad regex",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"freeze\", after_sec = -5}]\n",
+                "p.toml:4:",
+                "negative duration",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leek\"\nladder = [{action = \"notify\"}]\n",
+                "p.toml:3:11: unknown finding \"leek\"",
+                "unknown finding",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"freeze\"}, {action = \"throttle\", pids_max = 5}]\n",
+                "p.toml:4:42: ladder steps must climb",
+                "ladder going down",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\"}]\n",
+                "p.toml:4:21: a throttle step needs",
+                "throttle without limits",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\ncgroup = \"user.slice\"\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:10: cgroup glob \"user.slice\" must start with '/'",
+                "relative glob",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"single_thread_saturation\"\nladder = [{action = \"notify\"}, {action = \"freeze\"}]\n",
+                "p.toml:3:11: single_thread_saturation is a hint",
+                "acting on a hint",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\", cpu_max_percent = 0.0}]\n",
+                "p.toml:4:51: cpu_max_percent must be a percentage above 0",
+                "zero percent",
+            ),
+        ];
+        for (text, expected, what) in cases {
+            let errs = errors(text);
+            assert!(
+                errs.iter().any(|e| e.starts_with(expected)),
+                "{what}: expected {expected:?} in {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_not_just_the_first() {
+        let text = "[[rule]]\nname = \"x\"\nfinding = \"nope\"\ncomm = \"[\"\nladder = [{action = \"explode\"}]\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("p.toml:3:11:"), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("p.toml:4:8: bad comm regex")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("p.toml:5:21: unknown action \"explode\"")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn merge_in_file_order_later_rule_of_same_name_replaces() {
+        let (p1, r1) = parse(GOOD).unwrap();
+        let (p2, r2) = parse(
+            "[[rule]]\nname = \"pools\"\nfinding = \"explosion\"\nladder = [{action = \"notify\"}]\n\n\
+             [[rule]]\nname = \"leaks\"\nfinding = \"leak\"\nladder = [{action = \"notify\"}]\n",
+        )
+        .unwrap();
+        let set = merge(
+            main_defaults(),
+            vec![("00.toml".into(), p1, r1), ("90.toml".into(), p2, r2)],
+        );
+        assert_eq!(set.rule.len(), 2);
+        assert_eq!(set.rule[0].name, "pools", "replaced in place");
+        assert_eq!(set.rule[0].ladder.len(), 1, "by the later file's version");
+        assert_eq!(
+            set.files,
+            vec![PathBuf::from("00.toml"), PathBuf::from("90.toml")]
+        );
+    }
+
+    #[test]
+    fn files_load_in_name_order_and_one_bad_file_rejects_the_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("50-b.toml"),
+            "[[rule]]\nname = \"r\"\nfinding = \"leak\"\nladder = [{action = \"freeze\"}]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("10-a.toml"),
+            "[[rule]]\nname = \"r\"\nfinding = \"leak\"\nladder = [{action = \"notify\"}]\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("README.md"), "not a policy").unwrap();
+        std::fs::write(
+            d.join("cgsentry.toml"),
+            "policies_dir = \".\"\ndry_run = true\n",
+        )
+        .unwrap();
+        // The main file sits in the same directory here; it is not a policy file.
+        let main = parse_main(
+            &d.join("cgsentry.toml"),
+            "policies_dir = \".\"\ndry_run = true\n",
+        )
+        .unwrap();
+        let files: Vec<PathBuf> = policy_files(d)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.file_name().is_some_and(|n| n != "cgsentry.toml"))
+            .collect();
+        let set = load_files(main.clone(), &files).unwrap();
+        assert!(set.dry_run);
+        assert_eq!(
+            set.rule[0].ladder[0].action,
+            Action::Freeze,
+            "50-b.toml overrides 10-a.toml"
+        );
+
+        std::fs::write(d.join("70-broken.toml"), "[[rule]\n").unwrap();
+        let files = policy_files(d).unwrap();
+        let errs = load_files(main, &files).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.file.ends_with("70-broken.toml") && e.line == 1),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn protect_wins_and_the_last_matching_rule_applies() {
+        let (protect, rules) = parse(GOOD).unwrap();
+        let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
+        let f = finding(
+            FindingKind::Explosion,
+            "/user.slice/ci.scope",
+            Severity::Critical,
+        );
+        let v = set.judge(&f, &[proc("python3")]);
+        assert_eq!(v.rule.as_deref(), Some("pools"));
+        assert!(v.protected_by.is_empty() && v.severe_enough);
+        // The same cgroup with sshd in it: still the rule, but protected.
+        let v = set.judge(&f, &[proc("python3"), proc("sshd")]);
+        assert_eq!(v.protected_by, vec!["sshd".to_owned()]);
+        // Outside the glob, or no python: no rule.
+        let outside = finding(
+            FindingKind::Explosion,
+            "/system.slice/x",
+            Severity::Critical,
+        );
+        assert_eq!(set.judge(&outside, &[proc("python3")]).rule, None);
+        assert_eq!(set.judge(&f, &[proc("bash")]).rule, None);
+        // `*` stays within a level, `**` crosses them.
+        let deep = finding(
+            FindingKind::Explosion,
+            "/user.slice/a/b/c",
+            Severity::Critical,
+        );
+        assert!(set.judge(&deep, &[proc("python3")]).rule.is_some());
+        let weak = finding(FindingKind::Explosion, "/user.slice/a", Severity::Hint);
+        assert!(!set.judge(&weak, &[proc("python3")]).severe_enough);
+    }
+
+    #[test]
+    fn effective_policy_prints_as_toml_and_reads_back() {
+        let (protect, rules) = parse(GOOD).unwrap();
+        let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
+        let text = set.to_toml().unwrap();
+        assert!(text.contains("name = \"pools\""), "{text}");
+        assert!(text.contains("[detect.leak]"), "{text}");
+        let back: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(
+            back["rule"][0]["ladder"][1]["action"].as_str(),
+            Some("freeze")
+        );
+    }
+
+    #[test]
+    fn main_file_errors_and_defaults() {
+        let p = Path::new("/etc/cgsentry/cgsentry.toml");
+        let m = parse_main(p, "").unwrap();
+        assert_eq!(m.policies_dir, PathBuf::from(DEFAULT_POLICIES_DIR));
+        assert_eq!(m.detect, DetectConfig::default());
+        let m = parse_main(p, "[detect.leak]\nhorizon_sec = 60\n").unwrap();
+        assert_eq!(m.detect.leak.horizon_sec, 60);
+        let errs = parse_main(p, "[detect.leak]\nhorizon = 60\n").unwrap_err();
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("/etc/cgsentry/cgsentry.toml:2:1: unknown field `horizon`"),
+            "{errs:?}"
+        );
+        let errs = parse_main(p, "quarantine_parent = \"../x\"\n").unwrap_err();
+        assert_eq!((errs[0].line, errs[0].col), (1, 21));
+    }
+
+    proptest! {
+        /// Whatever bytes an operator (or an editor crash) leaves in a policy file, the
+        /// parser answers with a value or diagnostics, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = parse_policy_file(Path::new("f.toml"), &text);
+            let _ = parse_main(Path::new("m.toml"), &text);
+        }
+
+        /// Structured near-misses: valid TOML shapes with arbitrary values.
+        #[test]
+        fn arbitrary_values_never_panic(
+            finding in "[a-z_]{0,30}",
+            action in "[a-z]{0,10}",
+            glob in "\\PC{0,20}",
+            regex in "\\PC{0,20}",
+            after in proptest::num::i64::ANY,
+            pct in proptest::num::f64::ANY,
+        ) {
+            let text = format!(
+                "[[rule]]\nname = \"r\"\nfinding = {finding:?}\ncgroup = {glob:?}\ncomm = {regex:?}\n\
+                 ladder = [{{action = {action:?}, after_sec = {after}, cpu_max_percent = {pct:?}}}]\n"
+            );
+            let _ = parse_policy_file(Path::new("f.toml"), &text);
+        }
+    }
+}
