@@ -22,6 +22,28 @@ pub enum Command {
     /// Load the eBPF programs and show the busiest cgroups every tick (Ctrl-C stops,
     /// detaching everything).
     Run(RunArgs),
+    /// Validate the main file and policy files; print every error as
+    /// `file:line:col: message` (exit status 1), or with `--print` the merged policy in
+    /// effect.
+    #[command(
+        after_help = "Examples:\n  cgsentry check                         # /etc/cgsentry/cgsentry.toml and its policies.d\n  \
+cgsentry check /etc/cgsentry/policies.d/50-batch-pool.toml\n  \
+cgsentry check ./policies --print      # a directory of policy files, merged"
+    )]
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// What to check: a main file (`cgsentry.toml`, with the policy directory it names),
+    /// a directory (its `cgsentry.toml` if present, and its `*.toml` policy files or its
+    /// `policies.d/`), or one policy file.
+    #[arg(value_name = "PATH", default_value = crate::policy::DEFAULT_MAIN)]
+    pub path: std::path::PathBuf,
+
+    /// Print the merged, effective policy (defaults filled in) as TOML on success.
+    #[arg(long)]
+    pub print: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -96,7 +118,9 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["cgsentry", "run", "--top", "3", "--json", "--ticks", "2"])
             .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!((args.top, args.json, args.ticks), (3, true, Some(2)));
         assert_eq!(args.interval, Duration::from_secs(1));
     }

@@ -12,6 +12,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Check(args) = &cli.command {
+        return cgsentry::policy::check(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -26,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => cgsentry::agent::run(args).await,
+            Command::Check(_) => unreachable!("handled above"),
         }
     });
     match result {

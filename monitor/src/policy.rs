@@ -581,6 +581,17 @@ pub struct MainConfig {
     pub detect: DetectConfig,
 }
 
+impl Default for MainConfig {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            policies_dir: PathBuf::from(DEFAULT_POLICIES_DIR),
+            quarantine_parent: "cgsentry.slice".into(),
+            detect: DetectConfig::default(),
+        }
+    }
+}
+
 /// Parses the main file; a missing file means defaults.
 ///
 /// # Errors
@@ -689,13 +700,11 @@ pub fn load(main_path: &Path) -> Result<PolicySet, Vec<Diagnostic>> {
     let main = match std::fs::read_to_string(main_path) {
         Ok(text) => parse_main(main_path, &text)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => MainConfig {
-            dry_run: false,
             policies_dir: main_path.parent().map_or_else(
                 || PathBuf::from(DEFAULT_POLICIES_DIR),
                 |p| p.join("policies.d"),
             ),
-            quarantine_parent: "cgsentry.slice".into(),
-            detect: DetectConfig::default(),
+            ..MainConfig::default()
         },
         Err(e) => return Err(vec![unreadable(main_path, &e)]),
     };
@@ -727,6 +736,72 @@ pub fn load_files(main: MainConfig, files: &[PathBuf]) -> Result<PolicySet, Vec<
         Ok(merge(main, parsed))
     } else {
         Err(diags)
+    }
+}
+
+/// The policy set `path` stands for (see `cgsentry check --help`).
+///
+/// # Errors
+/// Every problem in every file.
+pub fn load_path(path: &Path) -> Result<PolicySet, Vec<Diagnostic>> {
+    if path.is_dir() {
+        let main = path.join("cgsentry.toml");
+        if main.is_file() {
+            return load(&main);
+        }
+        let dir = if path.join("policies.d").is_dir() {
+            path.join("policies.d")
+        } else {
+            path.to_owned()
+        };
+        let files = policy_files(&dir).map_err(|d| vec![d])?;
+        let main = MainConfig {
+            policies_dir: dir,
+            ..MainConfig::default()
+        };
+        return load_files(main, &files);
+    }
+    let is_main = path.file_name().is_some_and(|n| n == "cgsentry.toml");
+    if is_main || !path.exists() {
+        return load(path);
+    }
+    let main = MainConfig {
+        policies_dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        ..MainConfig::default()
+    };
+    load_files(main, &[path.to_owned()])
+}
+
+/// `cgsentry check`: diagnostics on stderr, summary (and `--print`) on stdout.
+#[must_use]
+pub fn check(args: &crate::cli::CheckArgs) -> std::process::ExitCode {
+    match load_path(&args.path) {
+        Ok(set) => {
+            if args.print {
+                match set.to_toml() {
+                    Ok(t) => print!("{t}"),
+                    Err(e) => {
+                        eprintln!("cgsentry: cannot print the policy: {e}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                }
+            }
+            eprintln!(
+                "ok: {} policy file(s), {} protect entries, {} rules{}",
+                set.files.len(),
+                set.protect.len(),
+                set.rule.len(),
+                if set.dry_run { " (dry run)" } else { "" }
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!("{} error(s): the policy set is rejected", diags.len());
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -259,6 +259,59 @@ fn non_root_gets_a_clear_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// `cgsentry check`: the shipped policies pass; a broken set is rejected with one
+/// `file:line:col: message` line per problem and exit status 1.
+#[test]
+fn check_accepts_shipped_policies_and_pinpoints_errors() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args(["check", "--print"])
+        .arg(&shipped)
+        .output()
+        .expect("running cgsentry check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ok: 3 policy file(s)"), "{stderr}");
+    assert!(
+        stdout.contains("name = \"batch pool explosion\""),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        shipped.join("00-defaults.toml"),
+        dir.path().join("00-defaults.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("60-local.toml"),
+        "[[rule]]\nname = \"mine\"\nfinding = \"leak\"\ncomm = \"(\"\nladder = [{action = \"nuke\"}]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .arg("check")
+        .arg(dir.path())
+        .output()
+        .expect("running cgsentry check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let file = dir.path().join("60-local.toml");
+    let f = file.display();
+    assert!(
+        stderr.contains(&format!("{f}:4:8: bad comm regex")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{f}:5:21: unknown action \"nuke\"")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("2 error(s): the policy set is rejected"),
+        "{stderr}"
+    );
+}
+
 /// A fork storm (a shell running /bin/true 300 times) is counted in its own cgroup:
 /// forks, execs and exits in the map, fork events in the ring buffer; an idle sibling
 /// forks nothing.
