@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cgroupfs;
 pub mod cli;
 pub mod collect;
+pub mod decide;
 pub mod detect;
 pub mod events;
 pub mod policy;

@@ -1,0 +1,404 @@
+//! Decisions: findings plus policy, over time. Pure logic, no kernel access.
+//!
+//! For each (cgroup, rule) with a live finding, [`Decider`] climbs the rule's ladder one
+//! step at a time: the first step once the finding has lasted its `after_sec`, each next
+//! step `after_sec` after the previous one while the finding persists (the cooldown).
+//! When the finding has been absent for the rule's `release_after_quiet_sec`, a
+//! [`Release`] undoes the ladder. Protected cgroups get `notify` decisions only, saying
+//! what was held back and why. The act stage (containment) carries decisions out.
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    cgroupfs::CgroupId,
+    detect::{Finding, FindingKind},
+    policy::{Action, PolicySet, ProcessRef, Step},
+};
+
+/// One step to take now.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub cgroup_id: CgroupId,
+    pub cgroup: String,
+    pub finding: FindingKind,
+    pub rule: String,
+    /// Index of the step in the rule's ladder.
+    pub step: usize,
+    /// What to do (`notify` when protection held the step back).
+    pub action: Action,
+    /// The step's parameters (limits, grace).
+    pub params: Step,
+    /// Log it, do not do it.
+    pub dry_run: bool,
+    /// Protect entries that held an intervening step back to `notify`.
+    pub protected_by: Vec<String>,
+    /// Why, in one line: the finding's summary and the ladder's position.
+    pub reason: String,
+}
+
+/// Undo everything a rule did to a cgroup.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Release {
+    pub cgroup_id: CgroupId,
+    pub cgroup: String,
+    pub rule: String,
+    /// Steps that had been taken (the highest last).
+    pub steps_taken: usize,
+    pub quiet_sec: f64,
+    pub dry_run: bool,
+}
+
+/// Where one rule stands on one cgroup.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LadderState {
+    pub cgroup: String,
+    pub rule: String,
+    pub finding: FindingKind,
+    /// Steps taken so far (0: the finding is live, no step due yet).
+    pub steps_taken: usize,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    /// When the last step was taken.
+    pub stepped_at: f64,
+    pub release_after_quiet_sec: u64,
+    pub dry_run: bool,
+}
+
+/// Everything decided in one tick.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Outcome {
+    pub decisions: Vec<Decision>,
+    pub releases: Vec<Release>,
+}
+
+#[derive(Debug, Default)]
+pub struct Decider {
+    states: HashMap<(CgroupId, String), LadderState>,
+}
+
+impl Decider {
+    /// Ladders in progress.
+    pub fn states(&self) -> impl Iterator<Item = &LadderState> {
+        self.states.values()
+    }
+
+    /// One tick at time `t` (seconds): `findings` with the processes of each one's
+    /// cgroup (for matching and protection).
+    pub fn tick(
+        &mut self,
+        t: f64,
+        policy: &PolicySet,
+        findings: &[(Finding, Vec<ProcessRef<'_>>)],
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        for (finding, processes) in findings {
+            let Some(rule) = policy.rule_for(finding, processes) else {
+                continue;
+            };
+            if finding.severity < rule.min_severity {
+                continue;
+            }
+            let dry_run = policy.dry_run || rule.dry_run;
+            let state = self
+                .states
+                .entry((finding.cgroup_id, rule.name.clone()))
+                .or_insert_with(|| LadderState {
+                    cgroup: finding.cgroup.clone(),
+                    rule: rule.name.clone(),
+                    finding: finding.kind,
+                    steps_taken: 0,
+                    first_seen: t,
+                    last_seen: t,
+                    stepped_at: t,
+                    release_after_quiet_sec: rule.release_after_quiet_sec,
+                    dry_run,
+                });
+            state.last_seen = t;
+            state.release_after_quiet_sec = rule.release_after_quiet_sec;
+            state.dry_run = dry_run;
+            let Some(step) = rule.ladder.get(state.steps_taken) else {
+                continue; // top of the ladder: stay there until released
+            };
+            let since = if state.steps_taken == 0 {
+                state.first_seen
+            } else {
+                state.stepped_at
+            };
+            if t - since < step.after_sec as f64 {
+                continue;
+            }
+            let protected_by: Vec<String> = if step.action.intervenes() {
+                policy
+                    .protected_by(&finding.cgroup, processes)
+                    .into_iter()
+                    .map(|p| p.name.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let action = if protected_by.is_empty() {
+                step.action
+            } else {
+                Action::Notify
+            };
+            let held = if protected_by.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({:?} held back: protected by {})",
+                    step.action,
+                    protected_by.join(", ")
+                )
+            };
+            out.decisions.push(Decision {
+                cgroup_id: finding.cgroup_id,
+                cgroup: finding.cgroup.clone(),
+                finding: finding.kind,
+                rule: rule.name.clone(),
+                step: state.steps_taken,
+                action,
+                params: step.clone(),
+                dry_run,
+                protected_by,
+                reason: format!(
+                    "{}: {} — rule {:?} step {}/{}{held}",
+                    finding.kind,
+                    finding.summary,
+                    rule.name,
+                    state.steps_taken + 1,
+                    rule.ladder.len()
+                ),
+            });
+            state.steps_taken += 1;
+            state.stepped_at = t;
+        }
+        self.states.retain(|(id, _), s| {
+            let quiet = t - s.last_seen;
+            if quiet < s.release_after_quiet_sec as f64 || quiet <= 0.0 {
+                return true;
+            }
+            if s.steps_taken > 0 {
+                out.releases.push(Release {
+                    cgroup_id: *id,
+                    cgroup: s.cgroup.clone(),
+                    rule: s.rule.clone(),
+                    steps_taken: s.steps_taken,
+                    quiet_sec: quiet,
+                    dry_run: s.dry_run,
+                });
+            }
+            false
+        });
+        out
+    }
+
+    /// Drops the ladders of a cgroup that no longer exists (nothing left to undo).
+    pub fn forget(&mut self, id: CgroupId) {
+        self.states.retain(|(cg, _), _| *cg != id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        detect::Severity,
+        policy::{MainConfig, merge, parse_policy_file},
+    };
+
+    fn policy(text: &str, dry_run: bool) -> PolicySet {
+        let (p, r) = parse_policy_file(Path::new("t.toml"), text).expect("valid policy");
+        merge(
+            MainConfig {
+                dry_run,
+                ..MainConfig::default()
+            },
+            vec![("t.toml".into(), p, r)],
+        )
+    }
+
+    const LADDER: &str = r#"
+[[protect]]
+name = "sshd"
+comm = "^sshd$"
+
+[[rule]]
+name = "leaks"
+finding = "leak"
+cgroup = "/**"
+release_after_quiet_sec = 10
+
+[[rule.ladder]]
+action = "notify"
+
+[[rule.ladder]]
+action = "throttle"
+after_sec = 5
+memory_high_percent = 100
+
+[[rule.ladder]]
+action = "freeze"
+after_sec = 5
+"#;
+
+    fn leak(cgroup: &str) -> Finding {
+        Finding {
+            kind: FindingKind::Leak,
+            severity: Severity::Warning,
+            cgroup_id: 7,
+            cgroup: cgroup.into(),
+            pid: None,
+            comm: None,
+            summary: "memory grows".into(),
+            window_sec: 30.0,
+            time_to_limit_sec: Some(100.0),
+            evidence: Vec::new(),
+        }
+    }
+
+    fn p(comm: &str) -> ProcessRef<'_> {
+        ProcessRef {
+            comm,
+            ..ProcessRef::default()
+        }
+    }
+
+    /// (second, actions decided that second, rules released that second)
+    fn run(
+        policy: &PolicySet,
+        comms: &[&str],
+        live: impl Fn(u32) -> bool,
+        secs: u32,
+    ) -> Vec<(u32, Vec<Action>, usize)> {
+        let mut d = Decider::default();
+        let mut log = Vec::new();
+        for s in 0..secs {
+            let procs: Vec<ProcessRef<'_>> = comms.iter().map(|c| p(c)).collect();
+            let findings = if live(s) {
+                vec![(leak("/app"), procs)]
+            } else {
+                vec![]
+            };
+            let o = d.tick(f64::from(s), policy, &findings);
+            if !o.decisions.is_empty() || !o.releases.is_empty() {
+                log.push((
+                    s,
+                    o.decisions.iter().map(|d| d.action).collect(),
+                    o.releases.len(),
+                ));
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn ladder_climbs_with_cooldowns_and_stops_at_the_top() {
+        let log = run(&policy(LADDER, false), &["python"], |_| true, 30);
+        assert_eq!(
+            log,
+            vec![
+                (0, vec![Action::Notify], 0),
+                (5, vec![Action::Throttle], 0),
+                (10, vec![Action::Freeze], 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn release_after_quiet_then_a_new_finding_starts_over() {
+        // Live for 0..=6 (notify at 0, throttle at 5), quiet from 7; released at 16
+        // (quiet 10 s); live again at 20: the ladder starts over at notify.
+        let log = run(
+            &policy(LADDER, false),
+            &["python"],
+            |s| s <= 6 || s >= 20,
+            22,
+        );
+        assert_eq!(
+            log,
+            vec![
+                (0, vec![Action::Notify], 0),
+                (5, vec![Action::Throttle], 0),
+                (16, vec![], 1),
+                (20, vec![Action::Notify], 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_short_gap_is_not_a_release() {
+        let log = run(
+            &policy(LADDER, false),
+            &["python"],
+            |s| s != 3 && s != 4,
+            12,
+        );
+        assert_eq!(
+            log,
+            vec![
+                (0, vec![Action::Notify], 0),
+                (5, vec![Action::Throttle], 0),
+                (10, vec![Action::Freeze], 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn protection_holds_every_intervening_step_back_to_notify() {
+        let pol = policy(LADDER, false);
+        let mut d = Decider::default();
+        let procs = vec![p("python"), p("sshd")];
+        let mut all = Vec::new();
+        for s in 0..12 {
+            all.extend(
+                d.tick(f64::from(s), &pol, &[(leak("/app"), procs.clone())])
+                    .decisions,
+            );
+        }
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|d| d.action == Action::Notify), "{all:#?}");
+        assert_eq!(all[1].protected_by, vec!["sshd".to_owned()]);
+        assert!(
+            all[1]
+                .reason
+                .contains("Throttle held back: protected by sshd"),
+            "{}",
+            all[1].reason
+        );
+    }
+
+    #[test]
+    fn dry_run_is_carried_on_every_decision() {
+        let log_pol = policy(LADDER, true);
+        let mut d = Decider::default();
+        let o = d.tick(0.0, &log_pol, &[(leak("/app"), vec![p("x")])]);
+        assert!(o.decisions.iter().all(|d| d.dry_run));
+    }
+
+    #[test]
+    fn findings_below_the_rule_severity_or_without_a_rule_decide_nothing() {
+        let pol = policy(
+            r#"
+[[rule]]
+name = "critical leaks only"
+finding = "leak"
+cgroup = "/batch/**"
+min_severity = "critical"
+ladder = [{ action = "freeze" }]
+"#,
+            false,
+        );
+        let mut d = Decider::default();
+        let mut f = leak("/batch/job");
+        let o = d.tick(0.0, &pol, &[(f.clone(), vec![])]);
+        assert!(o.decisions.is_empty(), "warning < critical");
+        f.severity = Severity::Critical;
+        let o = d.tick(1.0, &pol, &[(f, vec![])]);
+        assert_eq!(o.decisions[0].action, Action::Freeze);
+        let o = d.tick(2.0, &pol, &[(leak("/elsewhere"), vec![])]);
+        assert!(o.decisions.is_empty(), "no rule matches /elsewhere");
+    }
+}
