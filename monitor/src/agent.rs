@@ -8,16 +8,204 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     time::MissedTickBehavior,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     cgroupfs::{CgroupIndex, CgroupReader},
     cli::RunArgs,
-    collect::{CollectOptions, Collector},
+    collect::{CollectOptions, Collector, Snapshot},
+    decide::Decider,
+    detect::Detector,
+    explain::{self, Logged, State},
+    policy::{self, PolicySet, ProcessRef},
     preflight,
     probes::{LoadOptions, Probes},
     report,
 };
+
+/// Files that make up the policy set, with their modification time and size: a change
+/// in any means "reload".
+type Fingerprint = Vec<(std::path::PathBuf, Option<std::time::SystemTime>, u64)>;
+
+fn fingerprint(main: &std::path::Path, dir: &std::path::Path) -> Fingerprint {
+    let stat = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).ok();
+        (
+            p.to_owned(),
+            m.as_ref().and_then(|m| m.modified().ok()),
+            m.map_or(0, |m| m.len()),
+        )
+    };
+    let mut fp = vec![stat(main), stat(dir)];
+    if let Ok(files) = policy::policy_files(dir) {
+        fp.extend(files.iter().map(|f| stat(f)));
+    }
+    fp
+}
+
+/// Detection and decisions over the snapshots, with the policy kept current: a broken
+/// edit is logged and the last good set stays in force.
+pub struct Guard {
+    config: std::path::PathBuf,
+    state_dir: std::path::PathBuf,
+    policy: PolicySet,
+    policy_errors: Vec<String>,
+    fingerprint: Fingerprint,
+    detector: Detector,
+    decider: Decider,
+    t: f64,
+    decisions: Vec<Logged<crate::decide::Decision>>,
+    releases: Vec<Logged<crate::decide::Release>>,
+    state_write_failed: bool,
+}
+
+impl Guard {
+    /// Loads the policy set of `config` (on failure: no rules, errors logged).
+    #[must_use]
+    pub fn new(config: std::path::PathBuf, state_dir: std::path::PathBuf) -> Self {
+        let mut g = Self {
+            config,
+            state_dir,
+            policy: PolicySet::empty(),
+            policy_errors: Vec::new(),
+            fingerprint: Vec::new(),
+            detector: Detector::new(crate::detect::DetectConfig::default()),
+            decider: Decider::default(),
+            t: 0.0,
+            decisions: Vec::new(),
+            releases: Vec::new(),
+            state_write_failed: false,
+        };
+        g.reload("start");
+        g
+    }
+
+    /// Reloads the policy set; on errors keeps the current one.
+    pub fn reload(&mut self, why: &str) {
+        self.fingerprint = fingerprint(&self.config, &self.policy.policies_dir);
+        match policy::load(&self.config) {
+            Ok(set) => {
+                info!(
+                    why,
+                    files = set.files.len(),
+                    protect = set.protect.len(),
+                    rules = set.rule.len(),
+                    dry_run = set.dry_run,
+                    "policy loaded"
+                );
+                self.detector.set_config(set.detect.clone());
+                self.fingerprint = fingerprint(&self.config, &set.policies_dir);
+                self.policy = set;
+                self.policy_errors.clear();
+            }
+            Err(diags) => {
+                for d in &diags {
+                    error!("{d}");
+                }
+                error!(
+                    why,
+                    errors = diags.len(),
+                    "policy rejected: the last good set stays in force (check with `cgsentry check`)"
+                );
+                self.policy_errors = explain::diagnostics_text(&diags);
+            }
+        }
+    }
+
+    /// Reloads if a policy file changed since the last load.
+    pub fn reload_if_changed(&mut self) {
+        if fingerprint(&self.config, &self.policy.policies_dir) != self.fingerprint {
+            self.reload("files changed");
+        }
+    }
+
+    /// Detects, decides, logs, writes the state file; returns lines for the table.
+    pub fn on_snapshot(&mut self, snap: &Snapshot, interval_ms: u64) -> Vec<String> {
+        self.t += snap.interval_ns as f64 / 1e9;
+        let findings = self.detector.observe(snap);
+        let with_procs: Vec<(crate::detect::Finding, Vec<ProcessRef<'_>>)> = findings
+            .into_iter()
+            .map(|f| {
+                let procs = snap
+                    .processes
+                    .iter()
+                    .filter(|p| p.cgroup.as_deref() == Some(f.cgroup.as_str()))
+                    .map(|p| ProcessRef {
+                        comm: &p.comm,
+                        exe: p.exe.as_deref(),
+                        user: p.user.as_deref(),
+                        uid: p.uid,
+                    })
+                    .collect();
+                (f, procs)
+            })
+            .collect();
+        let outcome = self.decider.tick(self.t, &self.policy, &with_procs);
+        for d in &outcome.decisions {
+            info!(cgroup = %d.cgroup, rule = %d.rule, action = ?d.action, dry_run = d.dry_run,
+                  "decision: {}", d.reason);
+        }
+        for r in &outcome.releases {
+            info!(cgroup = %r.cgroup, rule = %r.rule, steps = r.steps_taken, dry_run = r.dry_run,
+                  "release: quiet for {:.0} s", r.quiet_sec);
+        }
+        let judged = explain::judge_all(&with_procs, &self.policy, &self.decider);
+        let lines = judged
+            .iter()
+            .map(|j| {
+                format!(
+                    "!! {} {:?} {}: {} [rule {}]",
+                    j.finding.kind,
+                    j.finding.severity,
+                    report::printable(&j.finding.cgroup),
+                    j.finding.summary,
+                    j.rule.as_deref().unwrap_or("none")
+                )
+            })
+            .collect();
+        let t = self.t;
+        self.decisions.extend(
+            outcome
+                .decisions
+                .into_iter()
+                .map(|item| Logged { at: t, item }),
+        );
+        self.releases.extend(
+            outcome
+                .releases
+                .into_iter()
+                .map(|item| Logged { at: t, item }),
+        );
+        let excess = self.decisions.len().saturating_sub(explain::KEEP_DECISIONS);
+        self.decisions.drain(..excess);
+        let excess = self.releases.len().saturating_sub(explain::KEEP_DECISIONS);
+        self.releases.drain(..excess);
+        let state = State {
+            timestamp_ms: snap.timestamp_ms,
+            t,
+            interval_ms,
+            policy_files: self.policy.files.clone(),
+            rules: self.policy.rule.len(),
+            dry_run: self.policy.dry_run,
+            policy_errors: self.policy_errors.clone(),
+            findings: judged,
+            decisions: self.decisions.clone(),
+            releases: self.releases.clone(),
+        };
+        match explain::write_state(&self.state_dir, &state) {
+            Ok(()) => self.state_write_failed = false,
+            Err(e) if !self.state_write_failed => {
+                warn!(
+                    "cannot write the state file under {}: {e} (`cgsentry explain` will not see this agent)",
+                    self.state_dir.display()
+                );
+                self.state_write_failed = true;
+            }
+            Err(_) => {}
+        }
+        lines
+    }
+}
 
 /// Runs the agent until SIGINT/SIGTERM or `--ticks`.
 ///
@@ -35,9 +223,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         proc_scan_every: args.proc_scan_every,
     };
     let mut collector = Collector::new(probes, index, "/proc", collect_options);
+    let mut guard = Guard::new(args.config.clone(), args.state_dir.clone());
+    let interval_ms = u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut ticker = tokio::time::interval(args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate: skip it so tick 1 spans an interval
@@ -48,7 +239,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = ticker.tick() => {}
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
+            _ = sighup.recv() => { guard.reload("SIGHUP"); continue }
         }
+        guard.reload_if_changed();
         let snap = match collector.collect() {
             Ok(s) => s,
             Err(e) => {
@@ -56,10 +249,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 continue;
             }
         };
+        let findings = guard.on_snapshot(&snap, interval_ms);
         let text = if args.json {
             report::json(&snap)? + "\n"
         } else {
-            report::table(&snap, args.top) + "\n"
+            let mut t = report::table(&snap, args.top);
+            for line in findings {
+                t += &line;
+                t.push('\n');
+            }
+            t + "\n"
         };
         let mut stdout = std::io::stdout().lock();
         if let Err(e) = stdout
@@ -115,4 +314,58 @@ fn spawn_ebpf_logger(probes: &mut Probes) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULE: &str =
+        "[[rule]]\nname = \"r\"\nfinding = \"leak\"\nladder = [{action = \"notify\"}]\n";
+
+    /// A broken edit is rejected and reported; the last good set stays in force; the
+    /// fix is picked up by the next change check.
+    #[test]
+    fn reload_keeps_the_last_good_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("cgsentry.toml");
+        std::fs::write(&main, "policies_dir = \"policies.d\"\n").unwrap();
+        std::fs::create_dir(dir.path().join("policies.d")).unwrap();
+        let file = dir.path().join("policies.d/10-a.toml");
+        std::fs::write(&file, RULE).unwrap();
+        let mut g = Guard::new(main, dir.path().join("state"));
+        assert_eq!((g.policy.rule.len(), g.policy_errors.len()), (1, 0));
+
+        std::fs::write(&file, format!("{RULE}[[rule]]\nname = \"oops\"\n")).unwrap();
+        g.reload_if_changed();
+        assert_eq!(g.policy.rule.len(), 1, "last good set kept");
+        assert_eq!(g.policy_errors.len(), 1, "{:?}", g.policy_errors);
+        assert!(
+            g.policy_errors[0].contains("10-a.toml:5:"),
+            "{:?}",
+            g.policy_errors
+        );
+
+        std::fs::write(
+            dir.path().join("policies.d/20-b.toml"),
+            RULE.replace("\"r\"", "\"second\""),
+        )
+        .unwrap();
+        std::fs::write(&file, RULE).unwrap();
+        g.reload_if_changed();
+        assert_eq!((g.policy.rule.len(), g.policy_errors.len()), (2, 0));
+
+        // Unchanged files: no reload (the errors would otherwise be recomputed).
+        let before = g.fingerprint.clone();
+        g.reload_if_changed();
+        assert_eq!(g.fingerprint, before);
+    }
+
+    /// Without any configuration the agent runs with no rules rather than not at all.
+    #[test]
+    fn missing_configuration_means_no_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Guard::new(dir.path().join("absent.toml"), dir.path().join("state"));
+        assert!(g.policy.rule.is_empty() && g.policy_errors.is_empty());
+    }
 }

@@ -31,6 +31,29 @@ cgsentry check /etc/cgsentry/policies.d/50-batch-pool.toml\n  \
 cgsentry check ./policies --print      # a directory of policy files, merged"
     )]
     Check(CheckArgs),
+    /// Explain what the running agent sees: findings with their evidence, the rule that
+    /// matched, protection, and where the action ladder stands.
+    #[command(
+        after_help = "Examples:\n  cgsentry explain                  # everything\n  \
+cgsentry explain /user.slice      # a cgroup and everything below it\n  \
+cgsentry explain 4242             # the cgroup of process 4242"
+    )]
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// A cgroup path (`/system.slice/app.service`, with what is below it) or a pid.
+    #[arg(value_name = "CGROUP|PID")]
+    pub target: Option<String>,
+
+    /// The running agent's `--state-dir`.
+    #[arg(long, value_name = "DIR", default_value = crate::explain::DEFAULT_STATE_DIR)]
+    pub state_dir: std::path::PathBuf,
+
+    /// Print the agent's state file (JSON) instead of the text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -61,6 +84,17 @@ pub struct RunArgs {
     /// table.
     #[arg(long)]
     pub json: bool,
+
+    /// The main configuration file; it names the policy directory (default: the
+    /// `policies.d` next to it). Absent: built-in defaults and no rules. A broken set is
+    /// logged and the last good one kept; edits are picked up within a tick, or at once
+    /// on SIGHUP.
+    #[arg(long, value_name = "PATH", default_value = crate::policy::DEFAULT_MAIN)]
+    pub config: std::path::PathBuf,
+
+    /// Where the agent keeps `state.json` (findings, decisions) for `cgsentry explain`.
+    #[arg(long, value_name = "DIR", default_value = crate::explain::DEFAULT_STATE_DIR)]
+    pub state_dir: std::path::PathBuf,
 
     /// Stop after N ticks (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]

@@ -8,7 +8,7 @@
 //! what was held back and why. The act stage (containment) carries decisions out.
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroupfs::CgroupId,
@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// One step to take now.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub cgroup_id: CgroupId,
     pub cgroup: String,
@@ -38,7 +38,7 @@ pub struct Decision {
 }
 
 /// Undo everything a rule did to a cgroup.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     pub cgroup_id: CgroupId,
     pub cgroup: String,
@@ -50,7 +50,7 @@ pub struct Release {
 }
 
 /// Where one rule stands on one cgroup.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LadderState {
     pub cgroup: String,
     pub rule: String,

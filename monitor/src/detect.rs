@@ -9,7 +9,10 @@
 //! Defaults are ratios where a size would not carry from a 2-core 2 GiB VM to a 64-core
 //! box: memory is judged by the time left until the cgroup's headroom is gone, CPU per
 //! busy core, task growth per CPU.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet, VecDeque},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -78,19 +81,23 @@ pub enum Severity {
 }
 
 /// One number behind a finding.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub value: f64,
-    pub unit: &'static str,
+    pub unit: Cow<'static, str>,
 }
 
 fn ev(name: &'static str, value: f64, unit: &'static str) -> Evidence {
-    Evidence { name, value, unit }
+    Evidence {
+        name: Cow::Borrowed(name),
+        value,
+        unit: Cow::Borrowed(unit),
+    }
 }
 
 /// A pattern seen in one cgroup (or one process of it), with its evidence.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     pub kind: FindingKind,
     pub severity: Severity,
@@ -671,6 +678,11 @@ impl Detector {
     #[must_use]
     pub fn config(&self) -> &DetectConfig {
         &self.config
+    }
+
+    /// New thresholds (a policy reload); the windows are kept.
+    pub fn set_config(&mut self, config: DetectConfig) {
+        self.config = config;
     }
 
     /// The window of one cgroup, oldest first.

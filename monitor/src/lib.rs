@@ -12,6 +12,7 @@ pub mod collect;
 pub mod decide;
 pub mod detect;
 pub mod events;
+pub mod explain;
 pub mod policy;
 pub mod preflight;
 pub mod probes;

@@ -12,8 +12,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::Check(args) = &cli.command {
-        return cgsentry::policy::check(args);
+    match &cli.command {
+        Command::Check(args) => return cgsentry::policy::check(args),
+        Command::Explain(args) => return cgsentry::explain::explain(args),
+        Command::Run(_) => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -29,7 +31,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => cgsentry::agent::run(args).await,
-            Command::Check(_) => unreachable!("handled above"),
+            Command::Check(_) | Command::Explain(_) => unreachable!("handled above"),
         }
     });
     match result {

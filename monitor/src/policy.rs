@@ -277,7 +277,7 @@ pub struct Protect {
 }
 
 /// One step of a ladder.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     pub action: Action,
     /// The finding must persist this long after the previous step (the cooldown).
@@ -663,6 +663,14 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
         .collect();
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
+}
+
+impl PolicySet {
+    /// No rules, no protection: what the agent runs with until a set loads.
+    #[must_use]
+    pub fn empty() -> Self {
+        merge(MainConfig::default(), Vec::new())
+    }
 }
 
 /// Merges parsed files in order: protect entries accumulate; a rule replaces an earlier

@@ -78,7 +78,8 @@ fn row(out: &mut String, c: &CgroupSample, secs: f64) {
 
 /// cgroup names may hold any byte but '/' and NUL: escape control characters so a
 /// hostile name cannot rewrite the operator's terminal.
-fn printable(s: &str) -> String {
+#[must_use]
+pub fn printable(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             if c.is_control() {

@@ -312,6 +312,83 @@ fn check_accepts_shipped_policies_and_pinpoints_errors() {
     );
 }
 
+/// The whole pipeline in the running agent: a burst of 150 processes that do not exit
+/// is an explosion of its own cgroup; the test policy's rule climbs its ladder (dry run);
+/// the state file and `cgsentry explain` say what, why and which rule.
+#[test]
+fn agent_detects_a_fork_burst_decides_and_explains() {
+    let Some(env) = kernel_env() else { return };
+    let burst = TestCgroup::new(&env, "burst");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cgsentry.toml");
+    std::fs::write(&config, "dry_run = true\npolicies_dir = \"policies.d\"\n").unwrap();
+    std::fs::create_dir(dir.path().join("policies.d")).unwrap();
+    std::fs::write(
+        dir.path().join("policies.d/10-test.toml"),
+        "[[rule]]\nname = \"test explosion\"\nfinding = \"explosion\"\ncgroup = \"/cgsentry-test-*\"\n\
+         ladder = [{action = \"notify\"}, {action = \"freeze\", after_sec = 1}]\n",
+    )
+    .unwrap();
+    let state_dir = dir.path().join("state");
+    let agent = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args(["run", "--ticks", "8", "--interval", "500ms", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cgsentry");
+    std::thread::sleep(Duration::from_millis(1200));
+    let burster = burst.spawn("for i in $(seq 150); do sleep 30 & done; wait");
+    let out = agent.wait_with_output().expect("agent output");
+    stop(burster);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("!! explosion Critical {}", burst.rel)),
+        "no explosion line for {} in\n{stdout}\n{stderr}",
+        burst.rel
+    );
+    assert!(stderr.contains("decision"), "{stderr}");
+
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
+    let actions: Vec<&str> = state["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["cgroup"] == burst.rel.as_str())
+        .map(|d| d["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["notify", "freeze"], "{state}");
+    assert!(
+        state["decisions"][0]["dry_run"].as_bool().unwrap(),
+        "{state}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args(["explain", &burst.rel, "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("running cgsentry explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "explosion",
+        "new_tasks",
+        "rule: \"test explosion\"",
+        "DRY RUN",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
 /// A fork storm (a shell running /bin/true 300 times) is counted in its own cgroup:
 /// forks, execs and exits in the map, fork events in the ring buffer; an idle sibling
 /// forks nothing.
