@@ -661,6 +661,8 @@ pub struct Detector {
     config: DetectConfig,
     t: f64,
     history: HashMap<CgroupId, VecDeque<Point>>,
+    /// RSS windows of processes, with their start time (a reused pid starts over).
+    rss: HashMap<u32, (u64, VecDeque<Point>)>,
     saturated: HashMap<u32, ProcessStreak>,
 }
 
@@ -671,6 +673,7 @@ impl Detector {
             config,
             t: 0.0,
             history: HashMap::new(),
+            rss: HashMap::new(),
             saturated: HashMap::new(),
         }
     }
@@ -739,9 +742,118 @@ impl Detector {
             findings.extend(cgroup_findings(&self.config, c.id, path, points, snap));
         }
         self.history.retain(|id, _| seen.contains(id));
+        let headroom: HashMap<&str, f64> = snap
+            .cgroups
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.path.as_deref()?,
+                    self.history.get(&c.id)?.back()?.headroom?,
+                ))
+            })
+            .collect();
+        let process_leaks = self.process_leaks(snap, t, window, &headroom);
+        merge_process_leaks(&mut findings, process_leaks);
         findings.extend(self.saturation(snap, t));
         suppress_ancestors(&mut findings);
         findings
+    }
+
+    /// Leaks of single processes, from the RSS of processes read this tick (the busiest
+    /// cgroups' and new ones): a leaking process runs, so it is read. Its headroom is
+    /// its cgroup's.
+    fn process_leaks(
+        &mut self,
+        snap: &Snapshot,
+        t: f64,
+        window: f64,
+        headroom: &HashMap<&str, f64>,
+    ) -> Vec<Finding> {
+        let interval_s = snap.interval_ns as f64 / 1e9;
+        let mut out = Vec::new();
+        let mut alive = HashSet::new();
+        for p in snap.processes.iter() {
+            alive.insert(p.pid);
+            if p.read_tick != snap.tick {
+                continue;
+            }
+            let h = self.rss.entry(p.pid).or_default();
+            if h.0 != p.starttime {
+                *h = (p.starttime, VecDeque::new());
+            }
+            let cgroup = p.cgroup.as_deref().unwrap_or("/");
+            h.1.push_back(Point {
+                t,
+                interval_s,
+                memory: Some(p.rss_bytes as f64),
+                headroom: headroom.get(cgroup).copied(),
+                ..Point::default()
+            });
+            while h.1.front().is_some_and(|q| q.t < t - window) {
+                h.1.pop_front();
+            }
+            let Some(e) = leak(h.1.make_contiguous(), &self.config.leak) else {
+                continue;
+            };
+            let critical = e.time_to_limit_s
+                <= self.config.leak.critical_fraction * self.config.leak.horizon_sec as f64;
+            out.push(Finding {
+                kind: FindingKind::Leak,
+                severity: if critical { Severity::Critical } else { Severity::Warning },
+                cgroup_id: snap
+                    .cgroups
+                    .iter()
+                    .find(|c| c.path.as_deref() == Some(cgroup))
+                    .map_or(0, |c| c.id),
+                cgroup: cgroup.to_owned(),
+                pid: Some(p.pid),
+                comm: Some(p.comm.clone()),
+                summary: format!(
+                    "{} (pid {}) RSS grows {:.2} MiB/s for {:.0} s; its cgroup has {:.0} MiB left: limit in {:.0} s",
+                    p.comm,
+                    p.pid,
+                    e.slope_bytes_per_s / MIB,
+                    e.window_s,
+                    e.headroom / MIB,
+                    e.time_to_limit_s
+                ),
+                window_sec: e.window_s,
+                time_to_limit_sec: Some(e.time_to_limit_s),
+                evidence: vec![
+                    ev("process_slope", e.slope_bytes_per_s / MIB, "MiB/s"),
+                    ev("process_rss", e.memory / MIB, "MiB"),
+                    ev("headroom", e.headroom / MIB, "MiB"),
+                    ev("time_to_limit", e.time_to_limit_s, "s"),
+                    ev("rise_over_noise", e.rise_over_noise, "sigma"),
+                ],
+            });
+        }
+        self.rss.retain(|pid, _| alive.contains(pid));
+        out
+    }
+}
+
+/// A process leak inside a cgroup that leaks as a whole names the process on the
+/// cgroup's finding (its lead and evidence); a process leaking while its cgroup as a
+/// whole does not (others shrink) is a finding of its own.
+fn merge_process_leaks(findings: &mut Vec<Finding>, process_leaks: Vec<Finding>) {
+    for p in process_leaks {
+        if let Some(c) = findings
+            .iter_mut()
+            .find(|f| f.kind == FindingKind::Leak && f.cgroup == p.cgroup)
+        {
+            c.pid = p.pid;
+            c.comm.clone_from(&p.comm);
+            c.evidence.extend(
+                p.evidence
+                    .into_iter()
+                    .filter(|e| e.name.starts_with("process_")),
+            );
+            c.evidence
+                .push(ev("process_pid", f64::from(p.pid.unwrap_or(0)), "pid"));
+        } else {
+            findings.push(p);
+        }
     }
 }
 
@@ -1403,6 +1515,43 @@ mod tests {
                 .iter()
                 .any(|e| e.name == "slope" && (e.value - 6.0).abs() < 0.1)
         );
+    }
+
+    /// One process leaks while its cgroup's total stays flat (a sibling shrinks): a
+    /// process finding naming it; when the cgroup leaks too, the process is named on the
+    /// cgroup's finding instead of a second one.
+    #[test]
+    fn process_leaks_are_found_and_merged_into_their_cgroup() {
+        for (cgroup_grows, expect_process_finding) in [(false, true), (true, false)] {
+            let mut d = Detector::new(DetectConfig::default());
+            let mut last = Vec::new();
+            for tick in 1..=120u32 {
+                let mut leaker = process(600, "/svc", 10.0, u64::from(tick));
+                leaker.rss_bytes = u64::from(100 + 5 * tick) << 20;
+                let mut sibling = process(601, "/svc", 10.0, u64::from(tick));
+                sibling.rss_bytes = u64::from(800 - 5 * tick) << 20;
+                let total = if cgroup_grows { 100 + 5 * tick } else { 900 };
+                last = d.observe(&snapshot(
+                    u64::from(tick),
+                    2,
+                    vec![cgroup(40, "/svc", u64::from(total), 20.0)],
+                    vec![leaker, sibling],
+                ));
+            }
+            let leaks: Vec<&Finding> = last
+                .iter()
+                .filter(|f| f.kind == FindingKind::Leak)
+                .collect();
+            assert_eq!(leaks.len(), 1, "{last:#?}");
+            assert_eq!(
+                leaks[0].pid,
+                Some(600),
+                "the leaking process is named: {last:#?}"
+            );
+            let has_cgroup_slope = leaks[0].evidence.iter().any(|e| e.name == "slope");
+            assert_eq!(has_cgroup_slope, !expect_process_finding, "{:#?}", leaks[0]);
+            assert!(leaks[0].evidence.iter().any(|e| e.name == "process_slope"));
+        }
     }
 
     /// Incidents A/B: one worker pinned at one core while three cores idle → a hint
