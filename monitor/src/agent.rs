@@ -119,8 +119,9 @@ impl Guard {
         }
     }
 
-    /// Detects, decides, logs, writes the state file; returns lines for the table.
-    pub fn on_snapshot(&mut self, snap: &Snapshot, interval_ms: u64) -> Vec<String> {
+    /// Detects, decides, logs, writes the state file; returns what this tick found and
+    /// decided.
+    pub fn on_snapshot(&mut self, snap: &Snapshot, interval_ms: u64) -> report::Judgement {
         self.t += snap.interval_ns as f64 / 1e9;
         let findings = self.detector.observe(snap);
         let with_procs: Vec<(crate::detect::Finding, Vec<ProcessRef<'_>>)> = findings
@@ -150,19 +151,11 @@ impl Guard {
                   "release: quiet for {:.0} s", r.quiet_sec);
         }
         let judged = explain::judge_all(&with_procs, &self.policy, &self.decider);
-        let lines = judged
-            .iter()
-            .map(|j| {
-                format!(
-                    "!! {} {:?} {}: {} [rule {}]",
-                    j.finding.kind,
-                    j.finding.severity,
-                    report::printable(&j.finding.cgroup),
-                    j.finding.summary,
-                    j.rule.as_deref().unwrap_or("none")
-                )
-            })
-            .collect();
+        let judgement = report::Judgement {
+            findings: judged.clone(),
+            decisions: outcome.decisions.clone(),
+            releases: outcome.releases.clone(),
+        };
         let t = self.t;
         self.decisions.extend(
             outcome
@@ -203,7 +196,7 @@ impl Guard {
             }
             Err(_) => {}
         }
-        lines
+        judgement
     }
 }
 
@@ -249,16 +242,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 continue;
             }
         };
-        let findings = guard.on_snapshot(&snap, interval_ms);
+        let judgement = guard.on_snapshot(&snap, interval_ms);
         let text = if args.json {
-            report::json(&snap)? + "\n"
+            report::json(&snap, &judgement)? + "\n"
         } else {
-            let mut t = report::table(&snap, args.top);
-            for line in findings {
-                t += &line;
-                t.push('\n');
-            }
-            t + "\n"
+            report::table(&snap, args.top) + &report::findings(&judgement) + "\n"
         };
         let mut stdout = std::io::stdout().lock();
         if let Err(e) = stdout

@@ -80,8 +80,8 @@ pub struct RunArgs {
     pub top: usize,
 
     /// Print the whole snapshot as one JSON object per tick (machine, every cgroup with
-    /// its eBPF counters and control files, processes, lifecycle events) instead of the
-    /// table.
+    /// its eBPF counters and control files, processes, lifecycle events, and the tick's
+    /// findings, decisions and releases) instead of the table.
     #[arg(long)]
     pub json: bool,
 

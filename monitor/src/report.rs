@@ -91,12 +91,59 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
-/// One JSON object, no newline.
+/// The snapshot and the tick's findings, decisions and releases as one JSON object,
+/// no newline.
 ///
 /// # Errors
 /// Never in practice: every field serialises.
-pub fn json(snap: &Snapshot) -> serde_json::Result<String> {
-    serde_json::to_string(snap)
+pub fn json(snap: &Snapshot, judgement: &Judgement) -> serde_json::Result<String> {
+    #[derive(serde::Serialize)]
+    struct Tick<'a> {
+        #[serde(flatten)]
+        snapshot: &'a Snapshot,
+        #[serde(flatten)]
+        judgement: &'a Judgement,
+    }
+    serde_json::to_string(&Tick {
+        snapshot: snap,
+        judgement,
+    })
+}
+
+/// What one tick found and decided (the detect and decide stages' output).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Judgement {
+    pub findings: Vec<crate::explain::Judged>,
+    pub decisions: Vec<crate::decide::Decision>,
+    pub releases: Vec<crate::decide::Release>,
+}
+
+/// One line per finding and decision, for under the table.
+#[must_use]
+pub fn findings(j: &Judgement) -> String {
+    let mut out = String::new();
+    for f in &j.findings {
+        let _ = writeln!(
+            out,
+            "!! {} {:?} {}: {} [rule {}]",
+            f.finding.kind,
+            f.finding.severity,
+            printable(&f.finding.cgroup),
+            f.finding.summary,
+            f.rule.as_deref().unwrap_or("none")
+        );
+    }
+    for d in &j.decisions {
+        let _ = writeln!(
+            out,
+            ">> {:?}{} {}: {}",
+            d.action,
+            if d.dry_run { " (dry run)" } else { "" },
+            printable(&d.cgroup),
+            d.reason
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -206,7 +253,7 @@ mod tests {
 
     #[test]
     fn json_is_one_line_with_all_fields() {
-        let j = json(&snap()).unwrap();
+        let j = json(&snap(), &Judgement::default()).unwrap();
         assert!(!j.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
         assert_eq!(v["cgroups"][0]["path"], "/busy");
@@ -215,6 +262,8 @@ mod tests {
         assert_eq!(v["cgroups"][0]["runq"]["p99_us"], 2048.0);
         assert_eq!(v["ebpf"]["cgroup_map_capacity"], 4096);
         assert_eq!(v["machine"]["mem_total_bytes"], 1u64 << 30);
+        assert_eq!(v["findings"], serde_json::json!([]));
+        assert_eq!(v["decisions"], serde_json::json!([]));
         assert_eq!(v["events"]["oom_victims"][0]["pid"], 42);
         assert_eq!(v["interval_ns"], 1_000_000_000u64);
     }

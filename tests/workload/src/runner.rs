@@ -441,6 +441,7 @@ fn agent_metrics(
     ticks: &[(Duration, Value)],
     since: Duration,
 ) {
+    finding_metrics(metrics, ticks, since);
     let ticks: Vec<&Value> = ticks
         .iter()
         .filter(|(t, _)| *t > since + Duration::from_secs(1))
@@ -522,6 +523,60 @@ fn agent_metrics(
     }
 }
 
+/// Finding kinds the agent reports (its `detect::FindingKind` names).
+const FINDING_KINDS: [&str; 5] = [
+    "leak",
+    "runaway",
+    "explosion",
+    "pressure",
+    "single_thread_saturation",
+];
+
+/// From every tick since the workloads started: `agent_findings:<kind>:<cgroup>` ticks
+/// with that finding (0 for every cgroup the agent saw, so "never" can be asserted),
+/// `agent_finding_s:<kind>:<cgroup>` seconds from the start to the first one, and
+/// `agent_decision_s:<action>:<cgroup>` likewise for decisions.
+fn finding_metrics(
+    metrics: &mut serde_json::Map<String, Value>,
+    ticks: &[(Duration, Value)],
+    since: Duration,
+) {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for (t, tick) in ticks.iter().filter(|(t, _)| *t >= since) {
+        let secs = (*t - since).as_secs_f64();
+        for c in tick["cgroups"].as_array().into_iter().flatten() {
+            if let Some(p) = c["path"].as_str() {
+                for k in FINDING_KINDS {
+                    counts.entry(format!("agent_findings:{k}:{p}")).or_default();
+                }
+            }
+        }
+        for f in tick["findings"].as_array().into_iter().flatten() {
+            let f = &f["finding"];
+            let (Some(kind), Some(cgroup)) = (f["kind"].as_str(), f["cgroup"].as_str()) else {
+                continue;
+            };
+            *counts
+                .entry(format!("agent_findings:{kind}:{cgroup}"))
+                .or_default() += 1;
+            metrics
+                .entry(format!("agent_finding_s:{kind}:{cgroup}"))
+                .or_insert_with(|| json!(secs));
+        }
+        for d in tick["decisions"].as_array().into_iter().flatten() {
+            let (Some(action), Some(cgroup)) = (d["action"].as_str(), d["cgroup"].as_str()) else {
+                continue;
+            };
+            metrics
+                .entry(format!("agent_decision_s:{action}:{cgroup}"))
+                .or_insert_with(|| json!(secs));
+        }
+    }
+    for (k, n) in counts {
+        metrics.insert(k, json!(n));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,6 +587,36 @@ mod tests {
             .map(|(p, c)| json!({"path": p, "cpu_percent": c}))
             .collect();
         json!({"cgroups": cgroups, "ebpf": {"cgroup_map_full": 0, "read_errors": 1, "update_errors": 0, "clock_backwards": 0}})
+    }
+
+    #[test]
+    fn finding_metrics_count_ticks_and_time_the_first() {
+        let s = Duration::from_secs;
+        let with = |kind: &str, cgroup: &str| {
+            json!({"cgroups": [{"path": cgroup}, {"path": "/calm"}],
+                   "findings": [{"finding": {"kind": kind, "cgroup": cgroup}}],
+                   "decisions": [{"action": "freeze", "cgroup": cgroup}]})
+        };
+        let ticks = vec![
+            (s(1), with("leak", "/early")), // before the start: ignored
+            (
+                s(5),
+                json!({"cgroups": [{"path": "/pool"}], "findings": []}),
+            ),
+            (s(6), with("explosion", "/pool")),
+            (s(7), with("explosion", "/pool")),
+        ];
+        let mut m = serde_json::Map::new();
+        finding_metrics(&mut m, &ticks, s(4));
+        assert_eq!(m["agent_findings:explosion:/pool"], json!(2));
+        assert_eq!(m["agent_finding_s:explosion:/pool"], json!(2.0));
+        assert_eq!(m["agent_decision_s:freeze:/pool"], json!(2.0));
+        assert_eq!(
+            m["agent_findings:leak:/calm"],
+            json!(0),
+            "seen, never found"
+        );
+        assert!(!m.contains_key("agent_finding_s:leak:/early"));
     }
 
     #[test]
