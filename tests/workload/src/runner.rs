@@ -543,7 +543,7 @@ fn finding_metrics(
 ) {
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for (t, tick) in ticks.iter().filter(|(t, _)| *t >= since) {
-        let secs = (*t - since).as_secs_f64();
+        let secs = t.saturating_sub(since).as_secs_f64();
         for c in tick["cgroups"].as_array().into_iter().flatten() {
             if let Some(p) = c["path"].as_str() {
                 for k in FINDING_KINDS {
