@@ -271,7 +271,7 @@ impl CgroupFiles {
 }
 
 /// One cgroup in one tick.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CgroupSample {
     /// cgroup v2 id (inode of its directory).
     pub id: CgroupId,

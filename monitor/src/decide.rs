@@ -230,18 +230,11 @@ name = "leaks"
 finding = "leak"
 cgroup = "/**"
 release_after_quiet_sec = 10
-
-[[rule.ladder]]
-action = "notify"
-
-[[rule.ladder]]
-action = "throttle"
-after_sec = 5
-memory_high_percent = 100
-
-[[rule.ladder]]
-action = "freeze"
-after_sec = 5
+ladder = [
+    { action = "notify" },
+    { action = "throttle", after_sec = 5, memory_high_percent = 100 },
+    { action = "freeze", after_sec = 5 },
+]
 "#;
 
     fn leak(cgroup: &str) -> Finding {

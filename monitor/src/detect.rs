@@ -1134,7 +1134,7 @@ mod tests {
     use super::*;
     use crate::{
         cgroupfs::{Limit, Pressure, PsiLine},
-        collect::{CgroupFiles, Events, ProcessSample, RunQueue},
+        collect::{CgroupFiles, Events, ProcessSample},
         probes::EbpfStats,
     };
 
@@ -1407,19 +1407,8 @@ mod tests {
         CgroupSample {
             id,
             path: Some(path.into()),
-            on_cpu_ns: 0,
             cpu_percent,
             switches: 100,
-            involuntary_switches: 0,
-            runq: RunQueue::default(),
-            forks: 0,
-            execs: 0,
-            exits: 0,
-            forks_per_s: 0.0,
-            reclaim_stall_ms: 0.0,
-            reclaim_ms_per_s: 0.0,
-            reclaims: 0,
-            memory_trend_mib_per_s: None,
             files: Arc::new(CgroupFiles {
                 memory_current: Some(memory_mib << 20),
                 memory_max: Some(Limit::Value(1 << 30)),
@@ -1431,6 +1420,7 @@ mod tests {
                 ..CgroupFiles::default()
             }),
             files_fresh: true,
+            ..CgroupSample::default()
         }
     }
 

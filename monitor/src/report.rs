@@ -166,19 +166,13 @@ mod tests {
                 p99_us: Some(2048.0),
                 ..RunQueue::default()
             },
-            forks: 0,
-            execs: 0,
-            exits: 0,
-            forks_per_s: 0.0,
-            reclaim_stall_ms: 0.0,
-            reclaim_ms_per_s: 0.0,
-            reclaims: 0,
             memory_trend_mib_per_s: Some(1.5),
             files: std::sync::Arc::new(CgroupFiles {
                 memory_current: Some(64 << 20),
                 ..CgroupFiles::default()
             }),
             files_fresh: true,
+            ..CgroupSample::default()
         }
     }
 
