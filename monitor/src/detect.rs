@@ -401,6 +401,11 @@ pub fn leak(points: &[Point], cfg: &LeakConfig) -> Option<LeakEvidence> {
     if series.len() < 5 || window < cfg.min_window_sec as f64 {
         return None;
     }
+    // Cheap first: most cgroups end where they started (idle, flat) or lower, and a
+    // leak ends higher. This keeps a tick over thousands of cgroups cheap.
+    if series[series.len() - 1].1 <= series[0].1 {
+        return None;
+    }
     let coarse = downsample(&series, 30);
     let slope = theil_sen(&coarse)?;
     if slope <= 0.0 {
