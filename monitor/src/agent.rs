@@ -11,6 +11,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    act::{self, Actuator},
     cgroupfs::{CgroupIndex, CgroupReader},
     cli::RunArgs,
     collect::{CollectOptions, Collector, Snapshot},
@@ -57,12 +58,35 @@ pub struct Guard {
     decisions: Vec<Logged<crate::decide::Decision>>,
     releases: Vec<Logged<crate::decide::Release>>,
     state_write_failed: bool,
+    actuator: Actuator,
+}
+
+fn log_report(r: &act::Report) {
+    if r.errors.is_empty() {
+        info!(cgroup = %r.cgroup, rule = %r.rule, action = %r.action, dry_run = r.dry_run, "done: {}", r.done);
+    } else {
+        warn!(cgroup = %r.cgroup, rule = %r.rule, action = %r.action, dry_run = r.dry_run,
+              "done: {}; failed: {}", r.done, r.errors.join("; "));
+    }
+}
+
+fn cgroup_id(w: &act::Writer, rel: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(w.dir(rel)).ok().map(|m| m.ino())
 }
 
 impl Guard {
-    /// Loads the policy set of `config` (on failure: no rules, errors logged).
+    /// Loads the policy set of `config` (on failure: no rules, errors logged), opens
+    /// the journal in `journal_dir` and reconciles it: what a previous agent applied is
+    /// re-adopted (its ladder continues and is released after quiet) or, if no rule of
+    /// the current policy owns it any more, undone.
     #[must_use]
-    pub fn new(config: std::path::PathBuf, state_dir: std::path::PathBuf) -> Self {
+    pub fn new(
+        config: std::path::PathBuf,
+        state_dir: std::path::PathBuf,
+        cgroup_root: &std::path::Path,
+        journal_dir: &std::path::Path,
+    ) -> Self {
         let mut g = Self {
             config,
             state_dir,
@@ -75,9 +99,53 @@ impl Guard {
             decisions: Vec::new(),
             releases: Vec::new(),
             state_write_failed: false,
+            actuator: Actuator::open(cgroup_root, journal_dir, "cgsentry.slice"),
         };
         g.reload("start");
+        g.actuator
+            .set_quarantine_parent(&g.policy.quarantine_parent);
+        g.reconcile();
         g
+    }
+
+    fn reconcile(&mut self) {
+        for a in self.actuator.reconcile() {
+            let rule = self.policy.rule.iter().find(|r| r.name == a.rule);
+            let id = cgroup_id(self.actuator.writer(), &a.cgroup);
+            if let (Some(rule), Some(id)) = (rule, id) {
+                info!(cgroup = %a.cgroup, rule = %a.rule, steps = a.steps_taken,
+                      frozen = a.frozen.is_some(),
+                      "reconcile: re-adopted what the previous agent applied");
+                self.decider.adopt(
+                    id,
+                    crate::decide::LadderState {
+                        cgroup: a.cgroup.clone(),
+                        rule: a.rule.clone(),
+                        finding: a.finding,
+                        steps_taken: a.steps_taken,
+                        first_seen: self.t,
+                        last_seen: self.t,
+                        stepped_at: self.t,
+                        release_after_quiet_sec: rule.release_after_quiet_sec,
+                        dry_run: a.dry_run,
+                    },
+                );
+                continue;
+            }
+            info!(cgroup = %a.cgroup, rule = %a.rule,
+                  "reconcile: no rule owns this any more (or its cgroup is gone): undoing");
+            let r = crate::decide::Release {
+                cgroup_id: id.unwrap_or(0),
+                cgroup: a.cgroup.clone(),
+                rule: a.rule.clone(),
+                steps_taken: a.steps_taken,
+                quiet_sec: 0.0,
+                dry_run: a.dry_run,
+            };
+            if let Some(report) = self.actuator.release(&r) {
+                log_report(&report);
+            }
+        }
     }
 
     /// Reloads the policy set; on errors keeps the current one.
@@ -94,6 +162,7 @@ impl Guard {
                     "policy loaded"
                 );
                 self.detector.set_config(set.detect.clone());
+                self.actuator.set_quarantine_parent(&set.quarantine_parent);
                 self.fingerprint = fingerprint(&self.config, &set.policies_dir);
                 self.policy = set;
                 self.policy_errors.clear();
@@ -126,7 +195,7 @@ impl Guard {
         let findings = self.detector.observe(snap);
         let with_procs: Vec<(crate::detect::Finding, Vec<ProcessRef<'_>>)> = findings
             .into_iter()
-            .map(|f| {
+            .map(|mut f| {
                 let procs = snap
                     .processes
                     .iter()
@@ -138,6 +207,14 @@ impl Guard {
                         uid: p.uid,
                     })
                     .collect();
+                // A quarantined offender is still the offender: its ladder continues.
+                if let Some(origin) = self.actuator.origin_of(&f.cgroup).map(str::to_owned) {
+                    if let Some(id) = cgroup_id(self.actuator.writer(), &origin) {
+                        f.cgroup_id = id;
+                    }
+                    f.summary = format!("{} (in quarantine {})", f.summary, f.cgroup);
+                    f.cgroup = origin;
+                }
                 (f, procs)
             })
             .collect();
@@ -150,11 +227,28 @@ impl Guard {
             info!(cgroup = %r.cgroup, rule = %r.rule, steps = r.steps_taken, dry_run = r.dry_run,
                   "release: quiet for {:.0} s", r.quiet_sec);
         }
+        let mut actions = Vec::new();
+        for d in &outcome.decisions {
+            let memory = snap
+                .cgroups
+                .iter()
+                .find(|c| c.path.as_deref() == Some(d.cgroup.as_str()))
+                .and_then(|c| c.files.memory_current);
+            actions.push(self.actuator.apply(d, memory));
+        }
+        for r in &outcome.releases {
+            actions.extend(self.actuator.release(r));
+        }
+        actions.extend(self.actuator.tick());
+        for a in &actions {
+            log_report(a);
+        }
         let judged = explain::judge_all(&with_procs, &self.policy, &self.decider);
         let judgement = report::Judgement {
             findings: judged.clone(),
             decisions: outcome.decisions.clone(),
             releases: outcome.releases.clone(),
+            actions,
         };
         let t = self.t;
         self.decisions.extend(
@@ -216,7 +310,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         proc_scan_every: args.proc_scan_every,
     };
     let mut collector = Collector::new(probes, index, "/proc", collect_options);
-    let mut guard = Guard::new(args.config.clone(), args.state_dir.clone());
+    let mut guard = Guard::new(
+        args.config.clone(),
+        args.state_dir.clone(),
+        &env.cgroup_root,
+        &args.journal_dir,
+    );
     let interval_ms = u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -321,7 +420,12 @@ mod tests {
         std::fs::create_dir(dir.path().join("policies.d")).unwrap();
         let file = dir.path().join("policies.d/10-a.toml");
         std::fs::write(&file, RULE).unwrap();
-        let mut g = Guard::new(main, dir.path().join("state"));
+        let mut g = Guard::new(
+            main,
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
         assert_eq!((g.policy.rule.len(), g.policy_errors.len()), (1, 0));
 
         std::fs::write(&file, format!("{RULE}[[rule]]\nname = \"oops\"\n")).unwrap();
@@ -353,7 +457,12 @@ mod tests {
     #[test]
     fn missing_configuration_means_no_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let g = Guard::new(dir.path().join("absent.toml"), dir.path().join("state"));
+        let g = Guard::new(
+            dir.path().join("absent.toml"),
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
         assert!(g.policy.rule.is_empty() && g.policy_errors.is_empty());
     }
 }

@@ -96,6 +96,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = crate::explain::DEFAULT_STATE_DIR)]
     pub state_dir: std::path::PathBuf,
 
+    /// Where the agent journals what it applied (limits it replaced, processes it moved,
+    /// cgroups it froze), so that a restarted agent re-adopts or undoes it.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cgsentry")]
+    pub journal_dir: std::path::PathBuf,
+
     /// Stop after N ticks (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub ticks: Option<u64>,

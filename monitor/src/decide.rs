@@ -2,7 +2,9 @@
 //!
 //! For each (cgroup, rule) with a live finding, [`Decider`] climbs the rule's ladder one
 //! step at a time: the first step once the finding has lasted its `after_sec`, each next
-//! step `after_sec` after the previous one while the finding persists (the cooldown).
+//! step `after_sec` after the previous one while the finding persists (the cooldown) —
+//! or sooner when the finding says the limit is nearer: never more than half the time
+//! left until the limit.
 //! When the finding has been absent for the rule's `release_after_quiet_sec`, a
 //! [`Release`] undoes the ladder. Protected cgroups get `notify` decisions only, saying
 //! what was held back and why. The act stage (containment) carries decisions out.
@@ -125,32 +127,17 @@ impl Decider {
             } else {
                 state.stepped_at
             };
-            if t - since < step.after_sec as f64 {
+            // Never wait past half the time the finding says is left: a step due after
+            // the limit is reached would come too late to matter.
+            let wait = finding
+                .time_to_limit_sec
+                .map_or(step.after_sec as f64, |ttl| {
+                    (step.after_sec as f64).min(ttl / 2.0)
+                });
+            if t - since < wait {
                 continue;
             }
-            let protected_by: Vec<String> = if step.action.intervenes() {
-                policy
-                    .protected_by(&finding.cgroup, processes)
-                    .into_iter()
-                    .map(|p| p.name.clone())
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let action = if protected_by.is_empty() {
-                step.action
-            } else {
-                Action::Notify
-            };
-            let held = if protected_by.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " ({:?} held back: protected by {})",
-                    step.action,
-                    protected_by.join(", ")
-                )
-            };
+            let (action, protected_by, held) = protection(policy, finding, processes, step);
             out.decisions.push(Decision {
                 cgroup_id: finding.cgroup_id,
                 cgroup: finding.cgroup.clone(),
@@ -193,10 +180,42 @@ impl Decider {
         out
     }
 
+    /// Continues a ladder a previous agent had started (from its journal).
+    pub fn adopt(&mut self, id: CgroupId, state: LadderState) {
+        self.states.insert((id, state.rule.clone()), state);
+    }
+
     /// Drops the ladders of a cgroup that no longer exists (nothing left to undo).
     pub fn forget(&mut self, id: CgroupId) {
         self.states.retain(|(cg, _), _| *cg != id);
     }
+}
+
+/// The action a step becomes on this cgroup: itself, or `notify` when a protect entry
+/// matches (with the entries and a note saying what was held back).
+fn protection(
+    policy: &PolicySet,
+    finding: &Finding,
+    processes: &[ProcessRef<'_>],
+    step: &Step,
+) -> (Action, Vec<String>, String) {
+    if !step.action.intervenes() {
+        return (step.action, Vec::new(), String::new());
+    }
+    let by: Vec<String> = policy
+        .protected_by(&finding.cgroup, processes)
+        .into_iter()
+        .map(|p| p.name.clone())
+        .collect();
+    if by.is_empty() {
+        return (step.action, by, String::new());
+    }
+    let held = format!(
+        " ({:?} held back: protected by {})",
+        step.action,
+        by.join(", ")
+    );
+    (Action::Notify, by, held)
 }
 
 #[cfg(test)]
@@ -296,6 +315,28 @@ ladder = [
                 (0, vec![Action::Notify], 0),
                 (5, vec![Action::Throttle], 0),
                 (10, vec![Action::Freeze], 0),
+            ]
+        );
+    }
+
+    /// 2 s left until the limit: every 5 s cooldown shrinks to 1 s.
+    #[test]
+    fn a_near_limit_shortens_the_cooldowns() {
+        let pol = policy(LADDER, false);
+        let mut d = Decider::default();
+        let mut f = leak("/app");
+        f.time_to_limit_sec = Some(2.0);
+        let mut log = Vec::new();
+        for s in 0..4 {
+            let o = d.tick(f64::from(s), &pol, &[(f.clone(), vec![])]);
+            log.extend(o.decisions.iter().map(|d| (s, d.action)));
+        }
+        assert_eq!(
+            log,
+            vec![
+                (0, Action::Notify),
+                (1, Action::Throttle),
+                (2, Action::Freeze)
             ]
         );
     }

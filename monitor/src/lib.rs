@@ -5,6 +5,7 @@
 //! [`cgroupfs`] (cgroup v2 files), [`events`] (ring-buffer decoding),
 //! [`collect`] (one `Snapshot` per tick),
 //! [`report`] (table, JSON), [`agent`] (the tokio loop), [`cli`].
+pub mod act;
 pub mod agent;
 pub mod cgroupfs;
 pub mod cli;

@@ -116,6 +116,8 @@ pub struct Judgement {
     pub findings: Vec<crate::explain::Judged>,
     pub decisions: Vec<crate::decide::Decision>,
     pub releases: Vec<crate::decide::Release>,
+    /// What the containment stage did about them.
+    pub actions: Vec<crate::act::Report>,
 }
 
 /// One line per finding and decision, for under the table.
@@ -141,6 +143,20 @@ pub fn findings(j: &Judgement) -> String {
             if d.dry_run { " (dry run)" } else { "" },
             printable(&d.cgroup),
             d.reason
+        );
+    }
+    for a in &j.actions {
+        let _ = writeln!(
+            out,
+            "== {} {}: {}{}",
+            a.action,
+            printable(&a.cgroup),
+            a.done,
+            if a.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" (failed: {})", a.errors.join("; "))
+            }
         );
     }
     out

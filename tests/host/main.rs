@@ -136,8 +136,22 @@ fn agent_shows_busy_cgroup_on_top() {
     let Some(env) = kernel_env() else { return };
     let busy = TestCgroup::new(&env, "top");
     let spinner = busy.spawn(SPIN);
+    let scratch = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
-        .args(["run", "--json", "--ticks", "3", "--interval", "500ms"])
+        .args([
+            "run",
+            "--json",
+            "--ticks",
+            "3",
+            "--interval",
+            "500ms",
+            "--state-dir",
+        ])
+        .arg(scratch.path().join("state"))
+        .arg("--journal-dir")
+        .arg(scratch.path().join("journal"))
+        .arg("--config")
+        .arg(scratch.path().join("cgsentry.toml"))
         .output()
         .expect("running cgsentry");
     stop(spinner);
@@ -341,6 +355,8 @@ fn agent_detects_a_fork_burst_decides_and_explains() {
         .arg(&config)
         .arg("--state-dir")
         .arg(&state_dir)
+        .arg("--journal-dir")
+        .arg(dir.path().join("journal"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -295,6 +295,18 @@ fn build_initramfs(
     install_binary(&root, &release.join("cgsentry"))?;
     install_binary(&root, &release.join("workload"))?;
     std::fs::copy(scenario_file, root.join("scenario.toml"))?;
+    // The shipped policies, for scenarios that ask for them (`shipped_policies`).
+    let shipped = root.join("usr/share/cgsentry/policies");
+    std::fs::create_dir_all(&shipped)?;
+    for entry in std::fs::read_dir(workspace_root().join("policies"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            std::fs::copy(
+                &path,
+                shipped.join(path.file_name().context("policy name")?),
+            )?;
+        }
+    }
     if swap {
         for m in SWAP_MODULES {
             let src = kernel.modules.join(format!("{m}.ko"));

@@ -173,7 +173,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let oom_start = read_kv("/proc/vmstat", "oom_kill").unwrap_or(0);
 
     let mut agent: Option<Running> = None;
+    let mut drops: Vec<&crate::scenario::DropFile> = Vec::new();
     if let Some(spec) = &scenario.agent {
+        install_policies(spec)?;
+        drops = spec.drops.iter().collect();
         make_cgroup(&spec.cgroup)?;
         let mut child = spawn_in(&spec.cgroup, "/bin/cgsentry", &spec.args)?;
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -237,6 +240,17 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let period = Duration::from_millis(scenario.run.sample_ms.max(10));
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
+        drops.retain(|d| {
+            if elapsed.as_secs_f64() < d.at_s {
+                return true;
+            }
+            let path = Path::new(POLICY_DIR).join(&d.name);
+            match std::fs::write(&path, &d.content) {
+                Ok(()) => say(&format!("dropped {} into {POLICY_DIR}", d.name)),
+                Err(e) => say(&format!("cannot write {}: {e}", path.display())),
+            }
+            false
+        });
         let mut i = 0;
         while i < pending.len() {
             let w = pending[i];
@@ -431,6 +445,35 @@ pub fn vm_run(path: &Path) -> Result<()> {
     }
     let result = json!({"metrics": metrics, "series": series});
     println!("RESULT {result}");
+    Ok(())
+}
+
+const POLICY_DIR: &str = "/etc/cgsentry/policies.d";
+const SHIPPED_POLICIES: &str = "/usr/share/cgsentry/policies";
+
+/// The scenario's policy set in /etc/cgsentry/policies.d: the shipped files if asked
+/// for, then the scenario's own.
+fn install_policies(spec: &crate::scenario::Agent) -> Result<()> {
+    std::fs::create_dir_all(POLICY_DIR).with_context(|| format!("creating {POLICY_DIR}"))?;
+    if spec.shipped_policies {
+        for entry in std::fs::read_dir(SHIPPED_POLICIES).with_context(|| {
+            format!("{SHIPPED_POLICIES}: the initramfs lacks the shipped policies")
+        })? {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, Path::new(POLICY_DIR).join(name))
+                    .with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+    }
+    for (name, content) in &spec.policy_files {
+        std::fs::write(Path::new(POLICY_DIR).join(name), content)
+            .with_context(|| format!("writing {POLICY_DIR}/{name}"))?;
+    }
+    let names: Vec<String> = std::fs::read_dir(POLICY_DIR)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    say(&format!("policies in {POLICY_DIR}: {}", names.join(", ")));
     Ok(())
 }
 

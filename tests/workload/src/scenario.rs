@@ -78,9 +78,28 @@ impl Default for Run {
 #[serde(deny_unknown_fields)]
 pub struct Agent {
     pub args: Vec<String>,
+    /// Install the shipped policies (`policies/*.toml`, carried in the initramfs under
+    /// /usr/share/cgsentry/policies) into /etc/cgsentry/policies.d before the agent starts.
+    #[serde(default)]
+    pub shipped_policies: bool,
+    /// More policy files for /etc/cgsentry/policies.d: file name → content.
+    #[serde(default)]
+    pub policy_files: BTreeMap<String, String>,
+    /// Files dropped into /etc/cgsentry/policies.d while the agent runs.
+    #[serde(default, rename = "drop")]
+    pub drops: Vec<DropFile>,
     /// cgroup of the agent itself.
     #[serde(default = "default_agent_cgroup")]
     pub cgroup: String,
+}
+
+/// A policy file written `at_s` seconds after the workloads started.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropFile {
+    pub at_s: f64,
+    pub name: String,
+    pub content: String,
 }
 
 fn default_agent_cgroup() -> String {
