@@ -249,6 +249,7 @@ impl Guard {
             decisions: outcome.decisions.clone(),
             releases: outcome.releases.clone(),
             actions,
+            policy_errors: self.policy_errors.clone(),
         };
         let t = self.t;
         self.decisions.extend(

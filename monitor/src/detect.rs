@@ -182,10 +182,13 @@ impl Default for LeakConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RunawayConfig {
     pub window_sec: u64,
-    /// CPU, percent of one core, the cgroup stays at or above in (nearly) every tick.
+    /// CPU, percent of one core, the cgroup stays at or above in `pinned_fraction` of
+    /// the ticks. Below a full core on purpose: a runaway competing with the tasks it
+    /// delays gets only its share.
     pub cpu_percent: f64,
-    /// Voluntary sleeps per second per busy core at most (a spinner: 0; a busy web
-    /// server: thousands).
+    pub pinned_fraction: f64,
+    /// Voluntary sleeps per second per busy core at most (a spinner: 0, or a few tens
+    /// when a helper thread ticks beside it; a busy web server: thousands).
     pub max_voluntary_per_sec: f64,
     /// Forks plus exits in the window at most: the same tasks stay pinned (a build's
     /// stream of short compilers is not a runaway).
@@ -199,8 +202,9 @@ impl Default for RunawayConfig {
     fn default() -> Self {
         Self {
             window_sec: 30,
-            cpu_percent: 90.0,
-            max_voluntary_per_sec: 5.0,
+            cpu_percent: 60.0,
+            pinned_fraction: 0.8,
+            max_voluntary_per_sec: 50.0,
             max_turnover: 2,
             victim_runq_p99_ms: 4.0,
         }
@@ -511,7 +515,7 @@ pub fn runaway(points: &[Point], cfg: &RunawayConfig) -> Option<RunawayEvidence>
     let mut victims: Vec<f64> = w.iter().filter_map(|p| p.others_runq_p99_us).collect();
     let waiting = victims.iter().filter(|&&us| us >= threshold_us).count() as f64 / n;
     let victims_p99 = median(&mut victims).unwrap_or(0.0) / 1000.0;
-    (pinned >= 0.9
+    (pinned >= cfg.pinned_fraction
         && voluntary <= cfg.max_voluntary_per_sec
         && turnover <= cfg.max_turnover
         && waiting >= 0.5)

@@ -118,6 +118,8 @@ pub struct Judgement {
     pub releases: Vec<crate::decide::Release>,
     /// What the containment stage did about them.
     pub actions: Vec<crate::act::Report>,
+    /// Problems of the last policy reload (the last good set is in force meanwhile).
+    pub policy_errors: Vec<String>,
 }
 
 /// One line per finding and decision, for under the table.

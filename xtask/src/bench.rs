@@ -333,6 +333,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         "## Agent cost\n\n{} cgroups, {} idle processes, 1 s ticks, output to a pipe, {} s window after 5 s warm-up.\n\n| output | CPU (% of one core) | RSS MiB end / max |\n|---|---|---|\n| table (normal operation) | {cpu_pct:.2} | {rss_mib:.1} / {rss_max_mib:.1} |\n| `--json`: whole Snapshot every tick | {json_cpu:.2} | {json_rss:.1} / {json_rss_max:.1} |\n| target | ≤ 0.5 | ≤ 25 |\n",
         args.cgroups, args.processes, args.agent_window
     );
+    if cgroup_root().ends_with("unified") {
+        let _ = writeln!(
+            md,
+            "This host's cgroup v2 is hybrid (`/sys/fs/cgroup/unified`, no memory or pids controller): the cgroups have no `memory.*`/`pids.*` files, so neither reading them nor the per-cgroup memory series is in these numbers. Detection, decisions and the state file are (`cgsentry run` as shipped, no policy files).\n"
+        );
+    }
 
     print!("{md}");
     std::fs::write(workspace_root().join("BENCHMARKS.md"), &md)?;

@@ -577,8 +577,10 @@ const FINDING_KINDS: [&str; 5] = [
 
 /// From every tick since the workloads started: `agent_findings:<kind>:<cgroup>` ticks
 /// with that finding (0 for every cgroup the agent saw, so "never" can be asserted),
-/// `agent_finding_s:<kind>:<cgroup>` seconds from the start to the first one, and
-/// `agent_decision_s:<action>:<cgroup>` likewise for decisions.
+/// `agent_finding_s:<kind>:<cgroup>` seconds from the start to the first one,
+/// `agent_decisions:<action>:<cgroup>` and `agent_decision_s:<action>:<cgroup>` likewise
+/// for decisions, `agent_policy_errors` the most policy errors any tick reported, and
+/// `agent_cpu_percent_tail:<cgroup>` the median CPU % over the last 10 s of ticks.
 fn finding_metrics(
     metrics: &mut serde_json::Map<String, Value>,
     ticks: &[(Duration, Value)],
@@ -592,8 +594,19 @@ fn finding_metrics(
                 for k in FINDING_KINDS {
                     counts.entry(format!("agent_findings:{k}:{p}")).or_default();
                 }
+                for a in ACTIONS {
+                    counts
+                        .entry(format!("agent_decisions:{a}:{p}"))
+                        .or_default();
+                }
             }
         }
+        let errors = tick["policy_errors"].as_array().map_or(0, Vec::len) as u64;
+        let worst = metrics
+            .get("agent_policy_errors")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        metrics.insert("agent_policy_errors".into(), json!(worst.max(errors)));
         for f in tick["findings"].as_array().into_iter().flatten() {
             let f = &f["finding"];
             let (Some(kind), Some(cgroup)) = (f["kind"].as_str(), f["cgroup"].as_str()) else {
@@ -610,6 +623,9 @@ fn finding_metrics(
             let (Some(action), Some(cgroup)) = (d["action"].as_str(), d["cgroup"].as_str()) else {
                 continue;
             };
+            *counts
+                .entry(format!("agent_decisions:{action}:{cgroup}"))
+                .or_default() += 1;
             metrics
                 .entry(format!("agent_decision_s:{action}:{cgroup}"))
                 .or_insert_with(|| json!(secs));
@@ -618,7 +634,27 @@ fn finding_metrics(
     for (k, n) in counts {
         metrics.insert(k, json!(n));
     }
+    let Some(end) = ticks.last().map(|(t, _)| *t) else {
+        return;
+    };
+    let mut tail: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (_, tick) in ticks
+        .iter()
+        .filter(|(t, _)| *t >= since && *t + Duration::from_secs(10) >= end)
+    {
+        for c in tick["cgroups"].as_array().into_iter().flatten() {
+            if let (Some(p), Some(cpu)) = (c["path"].as_str(), c["cpu_percent"].as_f64()) {
+                tail.entry(p.to_owned()).or_default().push(cpu);
+            }
+        }
+    }
+    for (p, v) in tail {
+        metrics.insert(format!("agent_cpu_percent_tail:{p}"), json!(median(v)));
+    }
 }
+
+/// Ladder actions (the agent's `policy::Action` names).
+const ACTIONS: [&str; 5] = ["notify", "throttle", "quarantine", "freeze", "kill"];
 
 #[cfg(test)]
 mod tests {
@@ -654,6 +690,8 @@ mod tests {
         assert_eq!(m["agent_findings:explosion:/pool"], json!(2));
         assert_eq!(m["agent_finding_s:explosion:/pool"], json!(2.0));
         assert_eq!(m["agent_decision_s:freeze:/pool"], json!(2.0));
+        assert_eq!(m["agent_decisions:freeze:/pool"], json!(2));
+        assert_eq!(m["agent_decisions:kill:/pool"], json!(0));
         assert_eq!(
             m["agent_findings:leak:/calm"],
             json!(0),
