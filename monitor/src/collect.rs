@@ -86,12 +86,16 @@ pub struct StatsAccountant {
 
 impl StatsAccountant {
     /// Deltas since the previous call. `totals` are the map's cumulative counters read
-    /// *before* `slices`; `now_ns` is the monotonic clock read after both.
+    /// *before* `slices`; `now_ns` is the monotonic clock read after both; `since_ns`
+    /// the previous call's `now_ns` (or when the agent started): a slice that began
+    /// earlier is shown only from then on — the part before is not this tick's (at start,
+    /// it is from before the agent) and is written off against the map's later charge.
     pub fn tick(
         &mut self,
         totals: &HashMap<CgroupId, CgroupStats>,
         slices: &[RunningSlice],
         now_ns: u64,
+        since_ns: u64,
     ) -> HashMap<CgroupId, CgroupStats> {
         let mut deltas: HashMap<CgroupId, CgroupStats> = totals
             .iter()
@@ -127,8 +131,11 @@ impl StatsAccountant {
             }
             *credit = match slice.cgroup {
                 Some(cgroup) if slice.start_ns != 0 => {
+                    // All of it counts as credited (the map will charge all of it), but
+                    // only the part inside this tick is shown.
                     let credited_ns = now_ns.saturating_sub(slice.start_ns);
-                    deltas.entry(cgroup).or_default().on_cpu_ns += credited_ns;
+                    deltas.entry(cgroup).or_default().on_cpu_ns +=
+                        now_ns.saturating_sub(slice.start_ns.max(since_ns));
                     Some(Credit {
                         start_ns: slice.start_ns,
                         cgroup,
@@ -555,7 +562,7 @@ impl Collector {
                     .and_then(|path| self.index.id_of(&path)),
             })
             .collect();
-        let deltas = self.accountant.tick(&totals, &running, now);
+        let deltas = self.accountant.tick(&totals, &running, now, self.last_ns);
         let interval_ns = now.saturating_sub(self.last_ns).max(1);
         self.last_ns = now;
         let secs = interval_ns as f64 / 1e9;
@@ -1006,9 +1013,9 @@ mod tests {
     #[test]
     fn deltas_between_ticks() {
         let mut acc = StatsAccountant::default();
-        let d = acc.tick(&totals(&[(1, 100, 2)]), &[IDLE], 1_000);
+        let d = acc.tick(&totals(&[(1, 100, 2)]), &[IDLE], 1_000, 0);
         assert_eq!(cpu(&d[&1]), (100, 2));
-        let d = acc.tick(&totals(&[(1, 350, 5), (2, 10, 1)]), &[IDLE], 2_000);
+        let d = acc.tick(&totals(&[(1, 350, 5), (2, 10, 1)]), &[IDLE], 2_000, 0);
         assert_eq!(cpu(&d[&1]), (250, 3));
         assert_eq!(cpu(&d[&2]), (10, 1));
     }
@@ -1035,8 +1042,8 @@ mod tests {
     #[test]
     fn counter_going_backwards_is_a_recreated_entry() {
         let mut acc = StatsAccountant::default();
-        acc.tick(&totals(&[(1, 1_000, 10)]), &[], 1);
-        let d = acc.tick(&totals(&[(1, 30, 1)]), &[], 2);
+        acc.tick(&totals(&[(1, 1_000, 10)]), &[], 1, 0);
+        let d = acc.tick(&totals(&[(1, 30, 1)]), &[], 2, 0);
         assert_eq!(cpu(&d[&1]), (30, 1));
     }
 
@@ -1046,13 +1053,29 @@ mod tests {
     fn running_slice_is_credited_then_repaid() {
         let mut acc = StatsAccountant::default();
         let spinner = 7;
-        let d = acc.tick(&totals(&[]), &[running(500, spinner)], 1_000);
+        let d = acc.tick(&totals(&[]), &[running(500, spinner)], 1_000, 0);
         assert_eq!(d[&spinner].on_cpu_ns, 500);
-        let d = acc.tick(&totals(&[]), &[running(500, spinner)], 2_000);
+        let d = acc.tick(&totals(&[]), &[running(500, spinner)], 2_000, 0);
         assert_eq!(d[&spinner].on_cpu_ns, 1_000);
         // It leaves at 2_500: the map now holds the whole slice (2_000 ns), the CPU idles.
-        let d = acc.tick(&totals(&[(spinner, 2_000, 1)]), &[IDLE], 3_000);
+        let d = acc.tick(&totals(&[(spinner, 2_000, 1)]), &[IDLE], 3_000, 0);
         assert_eq!(cpu(&d[&spinner]), (500, 1));
+    }
+
+    /// The agent starts (at 1 µs) while a spinner's slice runs since 0.4 µs: the
+    /// first tick shows only its own 1 µs, never more than the tick; when the map
+    /// later charges the whole slice, the part before the agent is not shown either.
+    #[test]
+    fn a_slice_older_than_the_tick_shows_only_the_tick() {
+        let mut acc = StatsAccountant::default();
+        let d = acc.tick(&totals(&[]), &[running(400, 7)], 2_000, 1_000);
+        assert_eq!(
+            d[&7].on_cpu_ns, 1_000,
+            "not 1_600: 600 ns were before the agent"
+        );
+        // It leaves at 2_500: the map charges 2_100; shown so far 1_000; 600 written off.
+        let d = acc.tick(&totals(&[(7, 2_100, 1)]), &[IDLE], 3_000, 2_000);
+        assert_eq!(d[&7].on_cpu_ns, 500);
     }
 
     /// The switch lands between reading the map and reading the slices: the map does
@@ -1060,15 +1083,15 @@ mod tests {
     #[test]
     fn debt_waits_for_a_late_map_charge() {
         let mut acc = StatsAccountant::default();
-        acc.tick(&totals(&[]), &[running(1, 3)], 1_001); // credited 1_000
-        let d = acc.tick(&totals(&[]), &[running(1_500, 4)], 2_001);
+        acc.tick(&totals(&[]), &[running(1, 3)], 1_001, 0); // credited 1_000
+        let d = acc.tick(&totals(&[]), &[running(1_500, 4)], 2_001, 0);
         assert_eq!(
             d.get(&3).map_or(0, |d| d.on_cpu_ns),
             0,
             "nothing to repay from yet"
         );
         assert_eq!(d[&4].on_cpu_ns, 501);
-        let d = acc.tick(&totals(&[(3, 1_499, 1)]), &[running(1_500, 4)], 3_001);
+        let d = acc.tick(&totals(&[(3, 1_499, 1)]), &[running(1_500, 4)], 3_001, 0);
         assert_eq!(
             d[&3].on_cpu_ns, 499,
             "1_499 charged minus the 1_000 shown earlier"
@@ -1079,21 +1102,21 @@ mod tests {
     #[test]
     fn stale_debt_expires() {
         let mut acc = StatsAccountant::default();
-        acc.tick(&totals(&[]), &[running(1, 3)], 1_001);
-        acc.tick(&totals(&[]), &[IDLE], 2_000); // debt 1_000 on cgroup 3
-        acc.tick(&totals(&[]), &[IDLE], 3_000);
-        acc.tick(&totals(&[]), &[IDLE], 4_000);
+        acc.tick(&totals(&[]), &[running(1, 3)], 1_001, 0);
+        acc.tick(&totals(&[]), &[IDLE], 2_000, 0); // debt 1_000 on cgroup 3
+        acc.tick(&totals(&[]), &[IDLE], 3_000, 0);
+        acc.tick(&totals(&[]), &[IDLE], 4_000, 0);
         // Three ticks later the task had moved away; cgroup 3's new work is not eaten.
-        let d = acc.tick(&totals(&[(3, 700, 1)]), &[IDLE], 5_000);
+        let d = acc.tick(&totals(&[(3, 700, 1)]), &[IDLE], 5_000, 0);
         assert_eq!(d[&3].on_cpu_ns, 700);
     }
 
     #[test]
     fn forgotten_cgroup_leaves_no_state() {
         let mut acc = StatsAccountant::default();
-        acc.tick(&totals(&[(9, 100, 1)]), &[running(10, 9)], 100);
+        acc.tick(&totals(&[(9, 100, 1)]), &[running(10, 9)], 100, 0);
         acc.forget(9);
-        let d = acc.tick(&totals(&[(9, 40, 1)]), &[IDLE], 200);
+        let d = acc.tick(&totals(&[(9, 40, 1)]), &[IDLE], 200, 0);
         assert_eq!(cpu(&d[&9]), (40, 1));
     }
 
@@ -1104,7 +1127,7 @@ mod tests {
             start_ns: 10,
             cgroup: None,
         };
-        let d = acc.tick(&totals(&[]), &[IDLE, unresolved], 1_000);
+        let d = acc.tick(&totals(&[]), &[IDLE, unresolved], 1_000, 0);
         assert!(d.is_empty());
     }
 
