@@ -211,6 +211,21 @@ impl Writer {
         self.write_verified(rel, "pids.max", &v, &v)
     }
 
+    /// `memory.current` in bytes (`None`: gone or unreadable).
+    #[must_use]
+    pub fn memory_current(&self, rel: &str) -> Option<u64> {
+        self.read(rel, "memory.current").ok()??.parse().ok()
+    }
+
+    /// `memory.swap.max` in MiB (0: the cgroup's pages stay in RAM from now on).
+    ///
+    /// # Errors
+    /// See [`Writer::write_verified`].
+    pub fn set_swap_max(&self, rel: &str, mib: u64) -> Result<(), ActError> {
+        let v = (mib << 20).to_string();
+        self.write_verified(rel, "memory.swap.max", &v, &v)
+    }
+
     /// Freezes or thaws; waits up to a second for `cgroup.events` to agree. Returns
     /// whether it settled (a task in uninterruptible sleep can delay a freeze).
     ///
@@ -380,6 +395,9 @@ pub struct Applied {
     pub frozen: Option<String>,
     /// SIGTERM sent; SIGKILL due at this wall-clock time (ms since the epoch).
     pub kill_due_ms: Option<u128>,
+    /// First release stage done: thawed, memory.high widened; limits still on.
+    #[serde(default)]
+    pub relaxed: bool,
     pub dry_run: bool,
     pub updated_ms: u128,
 }
@@ -432,6 +450,9 @@ pub struct Actuator {
     journal: Journal,
     quarantine_parent: String,
 }
+
+/// Share of the machine's spare memory a relaxed offender may grow into.
+pub const RELAX_SHARE: f64 = 0.5;
 
 /// `cgsentry.slice/quarantine-<name>` for an offender's path.
 #[must_use]
@@ -533,6 +554,7 @@ impl Actuator {
                     moved: Vec::new(),
                     frozen: None,
                     kill_due_ms: None,
+                    relaxed: false,
                     dry_run: d.dry_run,
                     updated_ms: now_ms(),
                 });
@@ -562,13 +584,31 @@ impl Actuator {
         done: &mut Vec<String>,
         errors: &mut Vec<String>,
     ) {
-        if let Some(p) = step.cpu_max_percent {
-            match Self::remember(w, a, target, "cpu.max")
-                .and_then(|()| w.set_cpu_max(target, Some(p)))
-            {
-                Ok(()) => done.push(format!("cpu.max {p} %")),
+        let mut set = |file: &str, what: String, write: &dyn Fn() -> Result<(), ActError>| {
+            match Self::remember(w, a, target, file).and_then(|()| write()) {
+                Ok(()) => done.push(what),
                 Err(e) => errors.push(e.to_string()),
             }
+        };
+        // No more swap first: a memory.high below the usage then reclaims only what can
+        // go without I/O and returns at once, instead of paging the offender out onto a
+        // slow disk (in the writer's own context). Then no more tasks.
+        if let Some(mib) = step.swap_max_mib {
+            set(
+                "memory.swap.max",
+                format!("memory.swap.max {mib} MiB"),
+                &|| w.set_swap_max(target, mib),
+            );
+        }
+        if let Some(n) = step.pids_max {
+            set("pids.max", format!("pids.max {n}"), &|| {
+                w.set_pids_max(target, Some(n))
+            });
+        }
+        if let Some(p) = step.cpu_max_percent {
+            set("cpu.max", format!("cpu.max {p} %"), &|| {
+                w.set_cpu_max(target, Some(p))
+            });
         }
         if let (Some(p), Some(mem)) = (step.memory_high_percent, memory_current) {
             #[expect(
@@ -577,20 +617,11 @@ impl Actuator {
                 reason = "a validated positive percentage of a byte count"
             )]
             let bytes = (mem as f64 * p / 100.0) as u64;
-            match Self::remember(w, a, target, "memory.high")
-                .and_then(|()| w.set_memory_high(target, bytes))
-            {
-                Ok(()) => done.push(format!("memory.high {} MiB", bytes >> 20)),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        if let Some(n) = step.pids_max {
-            match Self::remember(w, a, target, "pids.max")
-                .and_then(|()| w.set_pids_max(target, Some(n)))
-            {
-                Ok(()) => done.push(format!("pids.max {n}")),
-                Err(e) => errors.push(e.to_string()),
-            }
+            set(
+                "memory.high",
+                format!("memory.high {} MiB", bytes >> 20),
+                &|| w.set_memory_high(target, bytes),
+            );
         }
     }
 
@@ -624,6 +655,7 @@ impl Actuator {
         let parent = self.quarantine_parent.clone();
         let entry = self.entry(d);
         entry.steps_taken = entry.steps_taken.max(d.step + 1);
+        entry.relaxed = false; // a step taken again (a relapse) tightens again
         entry.updated_ms = now_ms();
         match d.action {
             Action::Notify => {}
@@ -746,6 +778,86 @@ impl Actuator {
             warn!("{e}");
         }
         Some(report)
+    }
+
+    /// First stage of a release: the behaviour stopped while contained, so the offender
+    /// gets room to finish its work — without being let loose on the machine again.
+    /// Thaws it and widens a `memory.high` we set to its memory now plus
+    /// [`RELAX_SHARE`] of `room` (the machine's available memory above its reserve);
+    /// `cpu.max`, `pids.max` and `memory.swap.max` stay until the full release. A pool
+    /// then runs in batches under the cap instead of queueing everything at once. An
+    /// entry with nothing to relax (no freeze, no `memory.high`) is released whole.
+    pub fn relax(&mut self, r: &Release, room: u64) -> Option<Report> {
+        let i = self
+            .journal
+            .entries
+            .iter()
+            .position(|a| a.cgroup == r.cgroup && a.rule == r.rule)?;
+        let a = &mut self.journal.entries[i];
+        let target = a.target().to_owned();
+        let capped = a.originals.contains_key(&key(&target, "memory.high"));
+        if a.relaxed || (a.frozen.is_none() && !capped) {
+            return self.release(r);
+        }
+        let (mut done, mut errors) = (Vec::new(), Vec::new());
+        let memory_current = self.w.memory_current(&target);
+        if let Some(f) = a.frozen.take() {
+            match self.w.set_frozen(&f, false) {
+                Ok(_) => done.push(format!("thawed {f}")),
+                Err(ActError::Gone { .. }) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let (true, Some(mem)) = (capped, memory_current) {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a share of a byte count"
+            )]
+            let bytes = mem + (room as f64 * RELAX_SHARE) as u64;
+            match self.w.set_memory_high(&target, bytes) {
+                Ok(()) => done.push(format!("memory.high widened to {} MiB", bytes >> 20)),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        done.push("other limits kept until the full release".into());
+        a.relaxed = true;
+        a.updated_ms = now_ms();
+        let report = Report {
+            cgroup: a.cgroup.clone(),
+            rule: a.rule.clone(),
+            action: "relax".into(),
+            dry_run: a.dry_run,
+            done: done.join(", "),
+            errors,
+        };
+        if let Err(e) = self.save() {
+            warn!("{e}");
+        }
+        Some(report)
+    }
+
+    /// Cgroups (the offenders' paths) of relaxed entries whose memory is at 90 % of the
+    /// `memory.high` they were left under or more: their work still runs against the cap.
+    #[must_use]
+    pub fn pressing(&self) -> Vec<String> {
+        self.journal
+            .entries
+            .iter()
+            .filter(|a| a.relaxed)
+            .filter(|a| {
+                let t = a.target();
+                let high = self.w.read(t, "memory.high").ok().flatten();
+                match (
+                    self.w.memory_current(t),
+                    high.and_then(|h| h.parse::<u64>().ok()),
+                ) {
+                    (Some(cur), Some(high)) => cur as f64 >= 0.9 * high as f64,
+                    _ => false,
+                }
+            })
+            .map(|a| a.cgroup.clone())
+            .collect()
     }
 
     /// At start: entries whose cgroups are gone are dropped; the rest are returned for
@@ -883,6 +995,7 @@ mod tests {
             ("cpu.max", "max 100000"),
             ("memory.high", "max"),
             ("pids.max", "max"),
+            ("memory.swap.max", "max"),
             ("cgroup.procs", "101\n102\n"),
             ("cgroup.freeze", "0"),
             ("cgroup.events", "populated 1\nfrozen 1\n"),
@@ -915,6 +1028,7 @@ mod tests {
             cpu_max_percent: None,
             memory_high_percent: None,
             pids_max: None,
+            swap_max_mib: None,
             grace_sec: None,
         }
     }
@@ -950,6 +1064,7 @@ mod tests {
             cgroup_id: 1,
             cgroup: "/app".into(),
             rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
             steps_taken: 2,
             quiet_sec: 120.0,
             dry_run: false,
@@ -972,6 +1087,125 @@ mod tests {
                 .is_empty(),
             "saved"
         );
+    }
+
+    /// Incident D's release: capped (memory, pids, no swap) and frozen; relaxed =
+    /// thawed with room (memory.high widened by half the machine's spare memory), the
+    /// other caps kept; then the full release restores every original.
+    #[test]
+    fn relax_thaws_and_widens_then_release_restores() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let cap = Step {
+            memory_high_percent: Some(100.0),
+            pids_max: Some(64),
+            swap_max_mib: Some(0),
+            ..step(Action::Throttle)
+        };
+        let r = act.apply(&decision(Action::Throttle, 0, cap), Some(100 << 20));
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(
+            w.read("/app", "memory.swap.max").unwrap().as_deref(),
+            Some("0")
+        );
+        let r = act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(
+            w.read("/app", "cgroup.freeze").unwrap().as_deref(),
+            Some("1")
+        );
+
+        let mut release = Release {
+            cgroup_id: 1,
+            cgroup: "/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Relax,
+            steps_taken: 2,
+            quiet_sec: 10.0,
+            dry_run: false,
+        };
+        std::fs::write(
+            w.dir("/app").join("cgroup.events"),
+            "populated 1\nfrozen 0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            w.dir("/app").join("memory.current"),
+            (100u64 << 20).to_string(),
+        )
+        .unwrap();
+        let r = act.relax(&release, 400 << 20).expect("journaled");
+        assert_eq!(r.action, "relax");
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(
+            w.read("/app", "cgroup.freeze").unwrap().as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            w.read("/app", "memory.high").unwrap().as_deref(),
+            Some((300u64 << 20).to_string().as_str()),
+            "100 MiB + half of 400 MiB"
+        );
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("64"));
+        assert_eq!(
+            w.read("/app", "memory.swap.max").unwrap().as_deref(),
+            Some("0")
+        );
+        assert!(act.entries()[0].relaxed && act.entries()[0].frozen.is_none());
+        assert!(act.pressing().is_empty(), "100 MiB under a 300 MiB cap");
+        std::fs::write(
+            w.dir("/app").join("memory.current"),
+            (290u64 << 20).to_string(),
+        )
+        .unwrap();
+        assert_eq!(act.pressing(), vec!["/app".to_owned()]);
+        // Relaxed is journaled: a restarted agent knows the first stage is done.
+        let again = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        assert!(again.entries()[0].relaxed);
+
+        release.stage = crate::decide::ReleaseStage::Full;
+        let r = act.release(&release).expect("journaled");
+        assert!(r.errors.is_empty(), "{r:?}");
+        for (file, original) in [
+            ("memory.high", "max"),
+            ("pids.max", "max"),
+            ("memory.swap.max", "max"),
+        ] {
+            assert_eq!(
+                w.read("/app", file).unwrap().as_deref(),
+                Some(original),
+                "{file}"
+            );
+        }
+        assert!(act.entries().is_empty());
+    }
+
+    /// Nothing to relax (a cpu.max throttle): the first stage releases it whole.
+    #[test]
+    fn relax_without_freeze_or_memory_cap_releases_whole() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let cpu = Step {
+            cpu_max_percent: Some(50.0),
+            ..step(Action::Throttle)
+        };
+        act.apply(&decision(Action::Throttle, 0, cpu), None);
+        let release = Release {
+            cgroup_id: 1,
+            cgroup: "/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Relax,
+            steps_taken: 1,
+            quiet_sec: 10.0,
+            dry_run: false,
+        };
+        let r = act.relax(&release, 0).expect("journaled");
+        assert_eq!(r.action, "release");
+        assert_eq!(
+            w.read("/app", "cpu.max").unwrap().as_deref(),
+            Some("max 100000")
+        );
+        assert!(act.entries().is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{
     cgroupfs::{CgroupIndex, CgroupReader},
     cli::RunArgs,
     collect::{CollectOptions, Collector, Snapshot},
-    decide::Decider,
+    decide::{Decider, ReleaseStage},
     detect::Detector,
     explain::{self, Logged, State},
     policy::{self, PolicySet, ProcessRef},
@@ -59,6 +59,8 @@ pub struct Guard {
     releases: Vec<Logged<crate::decide::Release>>,
     state_write_failed: bool,
     actuator: Actuator,
+    /// What the start-up reconcile did, reported with the first tick.
+    reconciled: Vec<act::Report>,
 }
 
 fn log_report(r: &act::Report) {
@@ -100,6 +102,7 @@ impl Guard {
             releases: Vec::new(),
             state_write_failed: false,
             actuator: Actuator::open(cgroup_root, journal_dir, "cgsentry.slice"),
+            reconciled: Vec::new(),
         };
         g.reload("start");
         g.actuator
@@ -113,9 +116,23 @@ impl Guard {
             let rule = self.policy.rule.iter().find(|r| r.name == a.rule);
             let id = cgroup_id(self.actuator.writer(), &a.cgroup);
             if let (Some(rule), Some(id)) = (rule, id) {
-                info!(cgroup = %a.cgroup, rule = %a.rule, steps = a.steps_taken,
-                      frozen = a.frozen.is_some(),
-                      "reconcile: re-adopted what the previous agent applied");
+                let report = act::Report {
+                    cgroup: a.cgroup.clone(),
+                    rule: a.rule.clone(),
+                    action: "adopt".into(),
+                    dry_run: a.dry_run,
+                    done: format!(
+                        "re-adopted from the journal: {} step(s) taken{}{}; released after {} s quiet",
+                        a.steps_taken,
+                        a.frozen
+                            .as_ref()
+                            .map_or(String::new(), |f| format!(", {f} kept frozen")),
+                        if a.relaxed { ", relaxed" } else { "" },
+                        rule.release_after_quiet_sec
+                    ),
+                    errors: Vec::new(),
+                };
+                self.reconciled.push(report); // logged with the first tick's actions
                 self.decider.adopt(
                     id,
                     crate::decide::LadderState {
@@ -128,6 +145,8 @@ impl Guard {
                         stepped_at: self.t,
                         release_after_quiet_sec: rule.release_after_quiet_sec,
                         dry_run: a.dry_run,
+                        relaxed: a.relaxed,
+                        relapsed: false,
                     },
                 );
                 continue;
@@ -138,14 +157,55 @@ impl Guard {
                 cgroup_id: id.unwrap_or(0),
                 cgroup: a.cgroup.clone(),
                 rule: a.rule.clone(),
+                stage: crate::decide::ReleaseStage::Full,
                 steps_taken: a.steps_taken,
                 quiet_sec: 0.0,
                 dry_run: a.dry_run,
             };
             if let Some(report) = self.actuator.release(&r) {
-                log_report(&report);
+                self.reconciled.push(report); // logged with the first tick's actions
             }
         }
+    }
+
+    /// Available memory the detectors count as none left, percent of RAM.
+    #[must_use]
+    pub fn reserve_percent(&self) -> f64 {
+        self.detector.config().leak.reserve_percent
+    }
+
+    /// Carries out a tick's decisions and releases (and the start-up reconcile's
+    /// report, on the first tick).
+    fn act(&mut self, snap: &Snapshot, outcome: &crate::decide::Outcome) -> Vec<act::Report> {
+        let mut actions = std::mem::take(&mut self.reconciled);
+        for d in &outcome.decisions {
+            let memory = snap
+                .cgroups
+                .iter()
+                .find(|c| c.path.as_deref() == Some(d.cgroup.as_str()))
+                .and_then(|c| c.files.memory_current);
+            actions.push(self.actuator.apply(d, memory));
+        }
+        let m = &snap.machine;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a percentage of a byte count"
+        )]
+        let reserve =
+            (m.mem_total_bytes as f64 * self.detector.config().leak.reserve_percent / 100.0) as u64;
+        let room = m.mem_available_bytes.saturating_sub(reserve);
+        for r in &outcome.releases {
+            actions.extend(match r.stage {
+                ReleaseStage::Relax => self.actuator.relax(r, room),
+                ReleaseStage::Full => self.actuator.release(r),
+            });
+        }
+        actions.extend(self.actuator.tick());
+        for a in &actions {
+            log_report(a);
+        }
+        actions
     }
 
     /// Reloads the policy set; on errors keeps the current one.
@@ -218,6 +278,12 @@ impl Guard {
                 (f, procs)
             })
             .collect();
+        // A relaxed offender still working against its cap is not quiet yet.
+        for cgroup in self.actuator.pressing() {
+            if let Some(id) = cgroup_id(self.actuator.writer(), &cgroup) {
+                self.decider.hold(id, self.t);
+            }
+        }
         let outcome = self.decider.tick(self.t, &self.policy, &with_procs);
         for d in &outcome.decisions {
             info!(cgroup = %d.cgroup, rule = %d.rule, action = ?d.action, dry_run = d.dry_run,
@@ -225,24 +291,9 @@ impl Guard {
         }
         for r in &outcome.releases {
             info!(cgroup = %r.cgroup, rule = %r.rule, steps = r.steps_taken, dry_run = r.dry_run,
-                  "release: quiet for {:.0} s", r.quiet_sec);
+                  stage = ?r.stage, "release: quiet for {:.0} s", r.quiet_sec);
         }
-        let mut actions = Vec::new();
-        for d in &outcome.decisions {
-            let memory = snap
-                .cgroups
-                .iter()
-                .find(|c| c.path.as_deref() == Some(d.cgroup.as_str()))
-                .and_then(|c| c.files.memory_current);
-            actions.push(self.actuator.apply(d, memory));
-        }
-        for r in &outcome.releases {
-            actions.extend(self.actuator.release(r));
-        }
-        actions.extend(self.actuator.tick());
-        for a in &actions {
-            log_report(a);
-        }
+        let actions = self.act(snap, &outcome);
         let judged = explain::judge_all(&with_procs, &self.policy, &self.decider);
         let judgement = report::Judgement {
             findings: judged.clone(),
@@ -326,14 +377,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate: skip it so tick 1 spans an interval
 
+    // Early ticks on a memory burst (see `watch`).
+    let mut watch = Watch::new(args.watch_every);
     let mut done = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            () = watch.next() => {
+                if !watch.burst(guard.reserve_percent()) {
+                    continue;
+                }
+                ticker.reset();
+            }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sighup.recv() => { guard.reload("SIGHUP"); continue }
         }
+        watch.ticked();
         guard.reload_if_changed();
         let snap = match collector.collect() {
             Ok(s) => s,
@@ -367,6 +427,91 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(collector);
     info!("eBPF programs detached");
     Ok(())
+}
+
+/// Early ticks: `MemAvailable` read every `--watch-every`, judged by
+/// [`crate::watch::MemWatch`].
+struct Watch {
+    every: std::time::Duration,
+    timer: Option<tokio::time::Interval>,
+    mem: crate::watch::MemWatch,
+    started: tokio::time::Instant,
+    last_tick: tokio::time::Instant,
+    alarmed: bool,
+}
+
+impl Watch {
+    fn new(every: std::time::Duration) -> Self {
+        let timer = (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            t
+        });
+        let now = tokio::time::Instant::now();
+        Self {
+            every,
+            timer,
+            mem: crate::watch::MemWatch::default(),
+            started: now,
+            last_tick: now,
+            alarmed: false,
+        }
+    }
+
+    /// The next sample is due; never, when the watch is off.
+    async fn next(&mut self) {
+        match &mut self.timer {
+            Some(t) => {
+                t.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A tick ran.
+    fn ticked(&mut self) {
+        self.last_tick = tokio::time::Instant::now();
+    }
+
+    /// Samples; true when a tick is due now (memory falling fast, and the last tick a
+    /// watch period ago or more).
+    fn burst(&mut self, reserve_percent: f64) -> bool {
+        let Some((available, total)) = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| crate::watch::parse_meminfo(&t))
+        else {
+            return false;
+        };
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a percentage of a byte count"
+        )]
+        let reserve = (total as f64 * reserve_percent / 100.0) as u64;
+        let now = tokio::time::Instant::now();
+        let alarm = self.mem.observe(
+            (now - self.started).as_secs_f64(),
+            available,
+            total,
+            reserve,
+        );
+        match alarm {
+            Some(a) if !self.alarmed => {
+                info!(
+                    falling_mib_per_s = a.falling_bytes_per_s / f64::from(1u32 << 20),
+                    seconds_to_reserve = a.seconds_to_reserve,
+                    "available memory falling fast: ticking early"
+                );
+                self.alarmed = true;
+            }
+            None if self.alarmed => {
+                info!("available memory steady again: regular ticks");
+                self.alarmed = false;
+            }
+            _ => {}
+        }
+        alarm.is_some() && now - self.last_tick >= self.every
+    }
 }
 
 /// Drains aya-log records of the eBPF side (rare conditions only) into our log.

@@ -119,6 +119,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 300,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub proc_scan_every: u32,
+
+    /// Between ticks, read the available memory this often; when it falls fast enough to reach
+    /// the reserve within 30 s, tick at once (and every period while it falls), so a
+    /// burst like incident D's is contained within a second. `0` turns it off.
+    #[arg(long, default_value = "100ms", value_parser = parse_watch)]
+    pub watch_every: Duration,
+}
+
+/// `0` (off) or an interval as for `--interval`.
+fn parse_watch(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_interval(s)
 }
 
 /// `1s`, `250ms`, `1m`, or a bare number of seconds (`2`, `0.5`).
@@ -149,6 +163,9 @@ mod tests {
         assert!(parse_interval("-1").is_err());
         assert!(parse_interval("soon").is_err());
         assert!(parse_interval("NaN").is_err());
+        assert_eq!(parse_watch("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_watch("100ms"), Ok(Duration::from_millis(100)));
+        assert!(parse_watch("1ms").is_err());
     }
 
     #[test]

@@ -323,16 +323,20 @@ pub struct Machine {
     pub io_pressure: Option<Pressure>,
 }
 
+/// One `Key: N kB` value of /proc/meminfo's text, in bytes.
+#[must_use]
+pub fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|v| v * 1024)
+}
+
 impl Machine {
     fn read(proc_root: &std::path::Path) -> Self {
         let meminfo = std::fs::read_to_string(proc_root.join("meminfo")).unwrap_or_default();
-        let kib = |key: &str| {
-            meminfo
-                .lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .map_or(0, |v| v * 1024)
-        };
+        let kib = |key: &str| meminfo_bytes(&meminfo, key).unwrap_or(0);
         let psi = CgroupReader::new(proc_root.join("pressure"));
         let pressure = |f: &str| psi.read_pressure("/", f).ok().flatten();
         Self {

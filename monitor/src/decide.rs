@@ -5,8 +5,11 @@
 //! step `after_sec` after the previous one while the finding persists (the cooldown) —
 //! or sooner when the finding says the limit is nearer: never more than half the time
 //! left until the limit.
-//! When the finding has been absent for the rule's `release_after_quiet_sec`, a
-//! [`Release`] undoes the ladder. Protected cgroups get `notify` decisions only, saying
+//! When the finding has been absent for the rule's `release_after_quiet_sec`, the ladder
+//! is released in two stages: [`ReleaseStage::Relax`] (thaw, give room, keep the caps)
+//! and, after as long again without the finding and without the cgroup pressing on its
+//! cap ([`Decider::hold`]), [`ReleaseStage::Full`], which undoes everything. A finding
+//! that comes back while relaxed re-takes the last step at once. Protected cgroups get `notify` decisions only, saying
 //! what was held back and why. The act stage (containment) carries decisions out.
 use std::collections::HashMap;
 
@@ -39,12 +42,25 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// Undo everything a rule did to a cgroup.
+/// How far a release goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseStage {
+    /// Thaw and give room (a wider `memory.high`); other limits stay.
+    Relax,
+    /// Undo everything.
+    #[default]
+    Full,
+}
+
+/// Undo (part of) what a rule did to a cgroup.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Release {
     pub cgroup_id: CgroupId,
     pub cgroup: String,
     pub rule: String,
+    #[serde(default)]
+    pub stage: ReleaseStage,
     /// Steps that had been taken (the highest last).
     pub steps_taken: usize,
     pub quiet_sec: f64,
@@ -65,6 +81,12 @@ pub struct LadderState {
     pub stepped_at: f64,
     pub release_after_quiet_sec: u64,
     pub dry_run: bool,
+    /// Relaxed (first release stage done); quiet again → full release.
+    #[serde(default)]
+    pub relaxed: bool,
+    /// The finding came back while relaxed: the next step is due at once.
+    #[serde(default)]
+    pub relapsed: bool,
 }
 
 /// Everything decided in one tick.
@@ -115,7 +137,15 @@ impl Decider {
                     stepped_at: t,
                     release_after_quiet_sec: rule.release_after_quiet_sec,
                     dry_run,
+                    relaxed: false,
+                    relapsed: false,
                 });
+            if state.relaxed {
+                // Back while on probation: re-take the last step now.
+                state.relaxed = false;
+                state.relapsed = true;
+                state.steps_taken = state.steps_taken.saturating_sub(1);
+            }
             state.last_seen = t;
             state.release_after_quiet_sec = rule.release_after_quiet_sec;
             state.dry_run = dry_run;
@@ -129,11 +159,15 @@ impl Decider {
             };
             // Never wait past half the time the finding says is left: a step due after
             // the limit is reached would come too late to matter.
-            let wait = finding
-                .time_to_limit_sec
-                .map_or(step.after_sec as f64, |ttl| {
-                    (step.after_sec as f64).min(ttl / 2.0)
-                });
+            let wait = if state.relapsed {
+                0.0
+            } else {
+                finding
+                    .time_to_limit_sec
+                    .map_or(step.after_sec as f64, |ttl| {
+                        (step.after_sec as f64).min(ttl / 2.0)
+                    })
+            };
             if t - since < wait {
                 continue;
             }
@@ -159,25 +193,55 @@ impl Decider {
             });
             state.steps_taken += 1;
             state.stepped_at = t;
+            state.relapsed = false;
         }
+        out.releases = self.releases(t);
+        out
+    }
+
+    /// Ladders quiet for their rule's time: relaxed (first stage) or released.
+    fn releases(&mut self, t: f64) -> Vec<Release> {
+        let mut out = Vec::new();
         self.states.retain(|(id, _), s| {
             let quiet = t - s.last_seen;
             if quiet < s.release_after_quiet_sec as f64 || quiet <= 0.0 {
                 return true;
             }
-            if s.steps_taken > 0 {
-                out.releases.push(Release {
-                    cgroup_id: *id,
-                    cgroup: s.cgroup.clone(),
-                    rule: s.rule.clone(),
-                    steps_taken: s.steps_taken,
-                    quiet_sec: quiet,
-                    dry_run: s.dry_run,
-                });
+            if s.steps_taken == 0 {
+                return false;
+            }
+            let stage = if s.relaxed {
+                ReleaseStage::Full
+            } else {
+                ReleaseStage::Relax
+            };
+            out.push(Release {
+                cgroup_id: *id,
+                cgroup: s.cgroup.clone(),
+                rule: s.rule.clone(),
+                stage,
+                steps_taken: s.steps_taken,
+                quiet_sec: quiet,
+                dry_run: s.dry_run,
+            });
+            if stage == ReleaseStage::Relax {
+                s.relaxed = true;
+                s.last_seen = t; // the probation's quiet starts now
+                return true;
             }
             false
         });
         out
+    }
+
+    /// The relaxed ladders of cgroup `id` are not quiet at `t`: it still presses on the
+    /// cap it was left under (its work is running in batches), so the full release waits.
+    pub fn hold(&mut self, id: CgroupId, t: f64) {
+        for ((cg, _), s) in &mut self.states {
+            if *cg == id && s.relaxed {
+                s.last_seen = t;
+            }
+        }
     }
 
     /// Continues a ladder a previous agent had started (from its journal).
@@ -284,7 +348,7 @@ ladder = [
         comms: &[&str],
         live: impl Fn(u32) -> bool,
         secs: u32,
-    ) -> Vec<(u32, Vec<Action>, usize)> {
+    ) -> Vec<(u32, Vec<Action>, Vec<ReleaseStage>)> {
         let mut d = Decider::default();
         let mut log = Vec::new();
         for s in 0..secs {
@@ -299,7 +363,7 @@ ladder = [
                 log.push((
                     s,
                     o.decisions.iter().map(|d| d.action).collect(),
-                    o.releases.len(),
+                    o.releases.iter().map(|r| r.stage).collect(),
                 ));
             }
         }
@@ -312,9 +376,9 @@ ladder = [
         assert_eq!(
             log,
             vec![
-                (0, vec![Action::Notify], 0),
-                (5, vec![Action::Throttle], 0),
-                (10, vec![Action::Freeze], 0),
+                (0, vec![Action::Notify], vec![]),
+                (5, vec![Action::Throttle], vec![]),
+                (10, vec![Action::Freeze], vec![]),
             ]
         );
     }
@@ -342,23 +406,72 @@ ladder = [
     }
 
     #[test]
-    fn release_after_quiet_then_a_new_finding_starts_over() {
-        // Live for 0..=6 (notify at 0, throttle at 5), quiet from 7; released at 16
-        // (quiet 10 s); live again at 20: the ladder starts over at notify.
+    fn release_in_two_stages_then_a_new_finding_starts_over() {
+        // Live for 0..=6 (notify at 0, throttle at 5), quiet from 7; relaxed at 16
+        // (quiet 10 s), fully released at 26 (quiet 10 s more); live again at 30: the
+        // ladder starts over at notify.
         let log = run(
             &policy(LADDER, false),
             &["python"],
-            |s| s <= 6 || s >= 20,
-            22,
+            |s| s <= 6 || s >= 30,
+            32,
         );
         assert_eq!(
             log,
             vec![
-                (0, vec![Action::Notify], 0),
-                (5, vec![Action::Throttle], 0),
-                (16, vec![], 1),
-                (20, vec![Action::Notify], 0),
+                (0, vec![Action::Notify], vec![]),
+                (5, vec![Action::Throttle], vec![]),
+                (16, vec![], vec![ReleaseStage::Relax]),
+                (26, vec![], vec![ReleaseStage::Full]),
+                (30, vec![Action::Notify], vec![]),
             ]
+        );
+    }
+
+    /// Back while relaxed: the last step is taken again at once (no cooldown), and the
+    /// climb goes on from there.
+    #[test]
+    fn a_relapse_while_relaxed_retakes_the_last_step_at_once() {
+        let log = run(
+            &policy(LADDER, false),
+            &["python"],
+            |s| s <= 6 || s >= 20,
+            27,
+        );
+        assert_eq!(
+            log,
+            vec![
+                (0, vec![Action::Notify], vec![]),
+                (5, vec![Action::Throttle], vec![]),
+                (16, vec![], vec![ReleaseStage::Relax]),
+                (20, vec![Action::Throttle], vec![]),
+                (25, vec![Action::Freeze], vec![]),
+            ]
+        );
+    }
+
+    /// A relaxed cgroup that still presses on its cap is not quiet: the full release
+    /// waits until it stops.
+    #[test]
+    fn hold_defers_the_full_release() {
+        let pol = policy(LADDER, false);
+        let mut d = Decider::default();
+        let mut stages = Vec::new();
+        for s in 0..40 {
+            let findings = if s <= 6 {
+                vec![(leak("/app"), vec![p("python")])]
+            } else {
+                vec![]
+            };
+            if s < 30 {
+                d.hold(7, f64::from(s)); // only relaxed ladders are held
+            }
+            let o = d.tick(f64::from(s), &pol, &findings);
+            stages.extend(o.releases.iter().map(|r| (s, r.stage)));
+        }
+        assert_eq!(
+            stages,
+            vec![(16, ReleaseStage::Relax), (40 - 1, ReleaseStage::Full)]
         );
     }
 
@@ -373,9 +486,9 @@ ladder = [
         assert_eq!(
             log,
             vec![
-                (0, vec![Action::Notify], 0),
-                (5, vec![Action::Throttle], 0),
-                (10, vec![Action::Freeze], 0)
+                (0, vec![Action::Notify], vec![]),
+                (5, vec![Action::Throttle], vec![]),
+                (10, vec![Action::Freeze], vec![])
             ]
         );
     }

@@ -233,7 +233,7 @@ impl Default for ExplosionConfig {
             window_sec: 10,
             new_tasks_per_cpu: 64.0,
             horizon_sec: 30,
-            min_growth_percent: 10.0,
+            min_growth_percent: 5.0,
             max_exit_ratio: 0.5,
         }
     }
@@ -501,19 +501,23 @@ pub fn runaway(points: &[Point], cfg: &RunawayConfig) -> Option<RunawayEvidence>
     if w.len() < 3 || window < 0.9 * cfg.window_sec as f64 {
         return None;
     }
-    let n = w.len() as f64;
-    let pinned = w
-        .iter()
-        .filter(|p| p.cpu_percent >= cfg.cpu_percent)
-        .count() as f64
-        / n;
-    let mean_cpu = w.iter().map(|p| p.cpu_percent).sum::<f64>() / n;
+    // Weighted by each tick's length: early ticks (a memory alarm) are short.
+    let total: f64 = w.iter().map(|p| p.interval_s).sum::<f64>().max(1e-9);
+    let share = |hit: &dyn Fn(&Point) -> bool| {
+        w.iter()
+            .filter(|p| hit(p))
+            .map(|p| p.interval_s)
+            .sum::<f64>()
+            / total
+    };
+    let pinned = share(&|p| p.cpu_percent >= cfg.cpu_percent);
+    let mean_cpu = w.iter().map(|p| p.cpu_percent * p.interval_s).sum::<f64>() / total;
     let cores = (mean_cpu / 100.0).max(0.01);
     let voluntary = w.iter().map(|p| p.voluntary).sum::<u64>() as f64 / window / cores;
     let turnover: u64 = w.iter().map(|p| p.forks + p.exits).sum();
     let threshold_us = cfg.victim_runq_p99_ms * 1000.0;
+    let waiting = share(&|p| p.others_runq_p99_us.is_some_and(|us| us >= threshold_us));
     let mut victims: Vec<f64> = w.iter().filter_map(|p| p.others_runq_p99_us).collect();
-    let waiting = victims.iter().filter(|&&us| us >= threshold_us).count() as f64 / n;
     let victims_p99 = median(&mut victims).unwrap_or(0.0) / 1000.0;
     (pinned >= cfg.pinned_fraction
         && voluntary <= cfg.max_voluntary_per_sec

@@ -219,8 +219,12 @@ pub fn render(state: &State, cgroup: Option<&str>, now_ms: u128) -> String {
     {
         let _ = writeln!(
             out,
-            "  {:>6.0} s ago  release  {}  — rule {:?}, quiet for {:.0} s",
+            "  {:>6.0} s ago  {}  {}  — rule {:?}, quiet for {:.0} s",
             state.t - r.at,
+            match r.item.stage {
+                crate::decide::ReleaseStage::Relax => "relax (thawed, room given, caps kept)",
+                crate::decide::ReleaseStage::Full => "release",
+            },
             r.item.cgroup,
             r.item.rule,
             r.item.quiet_sec
@@ -305,7 +309,7 @@ fn render_one(out: &mut String, state: &State, j: &Judged) {
         None if j.rule.is_some() => {
             let _ = writeln!(
                 out,
-                "  next: nothing (top of the ladder; released after quiet)"
+                "  next: nothing (top of the ladder; relaxed, then released, after quiet)"
             );
         }
         _ => {}

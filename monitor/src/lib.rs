@@ -4,7 +4,8 @@
 //! Stages: [`preflight`] (is the kernel usable), [`probes`] (eBPF load/attach/maps),
 //! [`cgroupfs`] (cgroup v2 files), [`events`] (ring-buffer decoding),
 //! [`collect`] (one `Snapshot` per tick),
-//! [`report`] (table, JSON), [`agent`] (the tokio loop), [`cli`].
+//! [`report`] (table, JSON), [`watch`] (early ticks on a memory burst), [`agent`] (the
+//! tokio loop), [`cli`].
 pub mod act;
 pub mod agent;
 pub mod cgroupfs;
@@ -18,3 +19,4 @@ pub mod policy;
 pub mod preflight;
 pub mod probes;
 pub mod report;
+pub mod watch;

@@ -185,6 +185,7 @@ struct RawStep {
     cpu_max_percent: Option<Spanned<f64>>,
     memory_high_percent: Option<Spanned<f64>>,
     pids_max: Option<u64>,
+    swap_max_mib: Option<u64>,
     grace_sec: Option<u64>,
 }
 
@@ -290,6 +291,10 @@ pub struct Step {
     pub memory_high_percent: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
+    /// `memory.swap.max` in MiB (0: no more swap — a capped burst then cannot spill its
+    /// pages onto a slow disk, which would stall everyone else's I/O).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_max_mib: Option<u64>,
     /// Kill: seconds between SIGTERM and SIGKILL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_sec: Option<u64>,
@@ -440,10 +445,15 @@ fn validate_ladder(
         }
         let cpu = percent(ctx, step.cpu_max_percent, "cpu_max_percent");
         let mem = percent(ctx, step.memory_high_percent, "memory_high_percent");
-        if action == Action::Throttle && cpu.is_none() && mem.is_none() && step.pids_max.is_none() {
+        if action == Action::Throttle
+            && cpu.is_none()
+            && mem.is_none()
+            && step.pids_max.is_none()
+            && step.swap_max_mib.is_none()
+        {
             ctx.error(
                 action_span.clone(),
-                "a throttle step needs at least one of cpu_max_percent, memory_high_percent, pids_max",
+                "a throttle step needs at least one of cpu_max_percent, memory_high_percent, pids_max, swap_max_mib",
             );
         }
         if action == Action::Kill && finding == Some(FindingKind::SingleThreadSaturation) {
@@ -461,6 +471,7 @@ fn validate_ladder(
             cpu_max_percent: cpu,
             memory_high_percent: mem,
             pids_max: step.pids_max,
+            swap_max_mib: step.swap_max_mib,
             grace_sec: (action == Action::Kill)
                 .then(|| step.grace_sec.unwrap_or(DEFAULT_GRACE_SEC)),
         });

@@ -136,18 +136,25 @@ pub fn spike(to_mib: usize, rise_s: f64, hold_s: f64) -> Result<()> {
     Ok(())
 }
 
-/// Every `period_ms`: map `mib` of fresh memory, touch it, unmap it — what a new request
-/// or command does — and record the largest time between two beats. A machine that
-/// thrashes or freezes shows here; a heartbeat that only sleeps would not notice.
+/// Every `period_ms` (a fixed rate: the beat's own work does not stretch the period):
+/// map `mib` of fresh memory, touch it, unmap it — what a new request or command does —
+/// and record the largest time between two beats. A machine that thrashes or freezes
+/// shows here; a heartbeat that only sleeps would not notice.
 pub fn heartbeat(period_ms: u64, mib: usize) -> Result<()> {
     let period = Duration::from_millis(period_ms);
     let start = Instant::now();
     let mut last = Instant::now();
+    let mut next = last + period;
     let mut max_gap = Duration::ZERO;
     let mut beats = 0u64;
     let mut last_status = Instant::now();
     while !stopping() {
-        std::thread::sleep(period);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // Late (the machine stalled): the next beat is a period from now, not a burst
+        // of catch-up beats.
+        next = (next + period).max(Instant::now());
         drop(Mapping::touched(mib * MIB).context("heartbeat: mmap")?);
         let now = Instant::now();
         max_gap = max_gap.max(now - last);

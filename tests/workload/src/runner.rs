@@ -154,6 +154,42 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// Starts `cgsentry` as the scenario says; its JSON ticks go to `lines`.
+fn start_agent(
+    spec: &crate::scenario::Agent,
+    lines: &Lines,
+    t0: Instant,
+) -> Result<(Child, Vec<std::thread::JoinHandle<()>>)> {
+    let mut child = spawn_in(&spec.cgroup, "/bin/cgsentry", &spec.args)?;
+    let pumps = vec![
+        pump(
+            "agent".into(),
+            child.stdout.take().expect("piped"),
+            Some(lines.clone()),
+            t0,
+        ),
+        pump(
+            "agent-log".into(),
+            child.stderr.take().expect("piped"),
+            None,
+            t0,
+        ),
+    ];
+    Ok((child, pumps))
+}
+
+fn is_frozen(rel: &str) -> bool {
+    std::fs::read_to_string(cgroup_dir(rel).join("cgroup.events"))
+        .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
+}
+
+/// Where a scenario's agent restart stands.
+enum Restart {
+    Waiting,
+    Killed(Duration),
+    Done,
+}
+
 /// Runs the scenario and prints `RESULT {json}`.
 ///
 /// # Errors
@@ -178,22 +214,8 @@ pub fn vm_run(path: &Path) -> Result<()> {
         install_policies(spec)?;
         drops = spec.drops.iter().collect();
         make_cgroup(&spec.cgroup)?;
-        let mut child = spawn_in(&spec.cgroup, "/bin/cgsentry", &spec.args)?;
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let pumps = vec![
-            pump(
-                "agent".into(),
-                child.stdout.take().expect("piped"),
-                Some(lines.clone()),
-                t0,
-            ),
-            pump(
-                "agent-log".into(),
-                child.stderr.take().expect("piped"),
-                None,
-                t0,
-            ),
-        ];
+        let (mut child, pumps) = start_agent(spec, &lines, t0)?;
         // Wait for the first tick: the programs are loaded and attached.
         let deadline = Instant::now() + Duration::from_secs(90);
         while lines.lock().unwrap().is_empty() && Instant::now() < deadline {
@@ -238,6 +260,8 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut mem_peak: BTreeMap<String, u64> = BTreeMap::new();
     let mut cpu_prev: BTreeMap<String, (u64, Duration)> = BTreeMap::new();
     let period = Duration::from_millis(scenario.run.sample_ms.max(10));
+    let mut restart = Restart::Waiting;
+    let mut restart_metrics = serde_json::Map::new();
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
         drops.retain(|d| {
@@ -302,6 +326,42 @@ pub fn vm_run(path: &Path) -> Result<()> {
                     elapsed.as_secs_f64()
                 ));
                 r.exit = Some((elapsed, st));
+            }
+        }
+        if let (Some(spec), Some(a)) = (&scenario.agent, agent.as_mut())
+            && let Some(r) = &spec.restart
+        {
+            match restart {
+                Restart::Waiting if is_frozen(&r.when_frozen) => {
+                    let _ = a.child.kill(); // SIGKILL: no chance to clean up
+                    let st = a.child.wait().ok();
+                    say(&format!(
+                        "{} is frozen: killed the agent (SIGKILL, {}) at {:.1} s",
+                        r.when_frozen,
+                        st.map_or_else(|| "?".into(), describe),
+                        elapsed.as_secs_f64()
+                    ));
+                    restart_metrics.insert("agent_killed_s".into(), json!(elapsed.as_secs_f64()));
+                    restart = Restart::Killed(elapsed);
+                }
+                Restart::Killed(at) if elapsed.saturating_sub(at).as_secs_f64() >= r.after_s => {
+                    let (child, pumps) = start_agent(spec, &a.lines, t0)?;
+                    a.child = child;
+                    a.pumps.extend(pumps);
+                    say(&format!(
+                        "agent started again at {:.1} s; {} frozen: {}",
+                        elapsed.as_secs_f64(),
+                        r.when_frozen,
+                        is_frozen(&r.when_frozen)
+                    ));
+                    restart_metrics.insert(
+                        format!("frozen_at_restart:{}", r.when_frozen),
+                        json!(is_frozen(&r.when_frozen)),
+                    );
+                    restart_metrics.insert("agent_restarts".into(), json!(1));
+                    restart = Restart::Done;
+                }
+                _ => {}
             }
         }
         // Sample the machine.
@@ -383,6 +443,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
             )
         })
         .collect();
+    let frozen_at_end: BTreeMap<String, bool> = running
+        .iter()
+        .map(|r| (r.cgroup.clone(), is_frozen(&r.cgroup)))
+        .collect();
     let oom_kills = read_kv("/proc/vmstat", "oom_kill")
         .unwrap_or(0)
         .saturating_sub(oom_start);
@@ -422,6 +486,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
             json!(cgroup_ooms[&r.cgroup]),
         );
         metrics.insert(
+            format!("frozen_at_end:{}", r.cgroup),
+            json!(frozen_at_end[&r.cgroup]),
+        );
+        metrics.insert(
             format!("memory_peak_mib:{}", r.cgroup),
             json!(mem_peak.get(&r.cgroup).copied().unwrap_or(0)),
         );
@@ -436,6 +504,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
     if let Some(gap) = heartbeat_gap {
         metrics.insert("heartbeat_max_gap_ms".into(), json!(gap));
     }
+    metrics.extend(restart_metrics);
     if let Some(agent) = &agent {
         agent_metrics(
             &mut metrics,
@@ -579,7 +648,9 @@ const FINDING_KINDS: [&str; 5] = [
 /// with that finding (0 for every cgroup the agent saw, so "never" can be asserted),
 /// `agent_finding_s:<kind>:<cgroup>` seconds from the start to the first one,
 /// `agent_decisions:<action>:<cgroup>` and `agent_decision_s:<action>:<cgroup>` likewise
-/// for decisions, `agent_policy_errors` the most policy errors any tick reported, and
+/// for decisions, `agent_contained_s:<cgroup>` to the first decision beyond notify,
+/// `agent_actions:<action>:<cgroup>` and `agent_action_s:…` for what the containment stage
+/// reported (adopt, relax, release and the steps), `agent_policy_errors` the most policy errors any tick reported, and
 /// `agent_cpu_percent_tail:<cgroup>` the median CPU % over the last 10 s of ticks.
 fn finding_metrics(
     metrics: &mut serde_json::Map<String, Value>,
@@ -629,6 +700,23 @@ fn finding_metrics(
             metrics
                 .entry(format!("agent_decision_s:{action}:{cgroup}"))
                 .or_insert_with(|| json!(secs));
+            if action != "notify" {
+                metrics
+                    .entry(format!("agent_contained_s:{cgroup}"))
+                    .or_insert_with(|| json!(secs));
+            }
+        }
+        // What the containment stage did (adopt, relax, release, and each step).
+        for a in tick["actions"].as_array().into_iter().flatten() {
+            let (Some(action), Some(cgroup)) = (a["action"].as_str(), a["cgroup"].as_str()) else {
+                continue;
+            };
+            *counts
+                .entry(format!("agent_actions:{action}:{cgroup}"))
+                .or_default() += 1;
+            metrics
+                .entry(format!("agent_action_s:{action}:{cgroup}"))
+                .or_insert_with(|| json!(secs));
         }
     }
     for (k, n) in counts {
@@ -674,7 +762,8 @@ mod tests {
         let with = |kind: &str, cgroup: &str| {
             json!({"cgroups": [{"path": cgroup}, {"path": "/calm"}],
                    "findings": [{"finding": {"kind": kind, "cgroup": cgroup}}],
-                   "decisions": [{"action": "freeze", "cgroup": cgroup}]})
+                   "decisions": [{"action": "freeze", "cgroup": cgroup}],
+                   "actions": [{"action": "relax", "cgroup": cgroup}]})
         };
         let ticks = vec![
             (s(1), with("leak", "/early")), // before the start: ignored
@@ -692,6 +781,9 @@ mod tests {
         assert_eq!(m["agent_decision_s:freeze:/pool"], json!(2.0));
         assert_eq!(m["agent_decisions:freeze:/pool"], json!(2));
         assert_eq!(m["agent_decisions:kill:/pool"], json!(0));
+        assert_eq!(m["agent_contained_s:/pool"], json!(2.0));
+        assert_eq!(m["agent_actions:relax:/pool"], json!(2));
+        assert_eq!(m["agent_action_s:relax:/pool"], json!(2.0));
         assert_eq!(
             m["agent_findings:leak:/calm"],
             json!(0),

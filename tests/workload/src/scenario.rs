@@ -91,6 +91,22 @@ pub struct Agent {
     /// cgroup of the agent itself.
     #[serde(default = "default_agent_cgroup")]
     pub cgroup: String,
+    /// Kill the agent with SIGKILL mid-containment and start it again.
+    pub restart: Option<Restart>,
+}
+
+/// `kill -9` of the agent as soon as `when_frozen` is frozen, and a new agent (same
+/// arguments, same journal) `after_s` later: it must reconcile what the first applied.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    pub when_frozen: String,
+    #[serde(default = "default_restart_after")]
+    pub after_s: f64,
+}
+
+fn default_restart_after() -> f64 {
+    1.0
 }
 
 /// A policy file written `at_s` seconds after the workloads started.
