@@ -96,6 +96,8 @@ struct Running {
     exit: Option<(Duration, ExitStatus)>,
     lines: Lines,
     pumps: Vec<std::thread::JoinHandle<()>>,
+    /// When it was started, since the run started.
+    started: Duration,
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -240,6 +242,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
             exit: None,
             lines,
             pumps,
+            started: Duration::ZERO,
         });
     }
 
@@ -309,6 +312,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
                     exit: None,
                     lines,
                     pumps,
+                    started: run_start.elapsed(),
                 });
                 pending.remove(i);
             } else {
@@ -511,6 +515,23 @@ pub fn vm_run(path: &Path) -> Result<()> {
             &agent.lines.lock().unwrap(),
             run_start.duration_since(t0),
         );
+    }
+    // Time to containment from the moment the offender was really started (the runner
+    // starts workloads on its sampling period, so up to `sample_ms` after start_after_s).
+    for r in &running {
+        metrics.insert(
+            format!("started_s:{}", r.name),
+            json!(r.started.as_secs_f64()),
+        );
+        if let Some(at) = metrics
+            .get(&format!("agent_contained_s:{}", r.cgroup))
+            .and_then(Value::as_f64)
+        {
+            metrics.insert(
+                format!("agent_contained_after_start_s:{}", r.cgroup),
+                json!(at - r.started.as_secs_f64()),
+            );
+        }
     }
     let result = json!({"metrics": metrics, "series": series});
     println!("RESULT {result}");
