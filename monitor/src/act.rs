@@ -165,6 +165,15 @@ impl Writer {
         self.write_verified(rel, "cpu.max", &value, &value)
     }
 
+    /// `cpu.weight`.
+    ///
+    /// # Errors
+    /// See [`Writer::write_verified`].
+    pub fn set_cpu_weight(&self, rel: &str, weight: u64) -> Result<(), ActError> {
+        let v = weight.to_string();
+        self.write_verified(rel, "cpu.weight", &v, &v)
+    }
+
     /// Restores a file to the exact content it had (as read before we changed it).
     ///
     /// # Errors
@@ -610,6 +619,11 @@ impl Actuator {
                 w.set_cpu_max(target, Some(p))
             });
         }
+        if let Some(weight) = step.cpu_weight {
+            set("cpu.weight", format!("cpu.weight {weight}"), &|| {
+                w.set_cpu_weight(target, weight)
+            });
+        }
         if let (Some(p), Some(mem)) = (step.memory_high_percent, memory_current) {
             #[expect(
                 clippy::cast_possible_truncation,
@@ -784,7 +798,8 @@ impl Actuator {
     /// gets room to finish its work — without being let loose on the machine again.
     /// Thaws it and widens a `memory.high` we set to its memory now plus
     /// [`RELAX_SHARE`] of `room` (the machine's available memory above its reserve);
-    /// `cpu.max`, `pids.max` and `memory.swap.max` stay until the full release. A pool
+    /// `cpu.max`, `cpu.weight`, `pids.max` and `memory.swap.max` stay until the full
+    /// release. A pool
     /// then runs in batches under the cap instead of queueing everything at once. An
     /// entry with nothing to relax (no freeze, no `memory.high`) is released whole.
     pub fn relax(&mut self, r: &Release, room: u64) -> Option<Report> {
@@ -996,6 +1011,7 @@ mod tests {
             ("memory.high", "max"),
             ("pids.max", "max"),
             ("memory.swap.max", "max"),
+            ("cpu.weight", "100"),
             ("cgroup.procs", "101\n102\n"),
             ("cgroup.freeze", "0"),
             ("cgroup.events", "populated 1\nfrozen 1\n"),
@@ -1029,6 +1045,7 @@ mod tests {
             memory_high_percent: None,
             pids_max: None,
             swap_max_mib: None,
+            cpu_weight: None,
             grace_sec: None,
         }
     }
@@ -1091,7 +1108,7 @@ mod tests {
 
     /// Incident D's release: capped (memory, pids, no swap) and frozen; relaxed =
     /// thawed with room (memory.high widened by half the machine's spare memory), the
-    /// other caps kept; then the full release restores every original.
+    /// other caps (pids, swap, CPU weight) kept; then the full release restores every original.
     #[test]
     fn relax_thaws_and_widens_then_release_restores() {
         let (dir, w) = tree();
@@ -1100,6 +1117,7 @@ mod tests {
             memory_high_percent: Some(100.0),
             pids_max: Some(64),
             swap_max_mib: Some(0),
+            cpu_weight: Some(10),
             ..step(Action::Throttle)
         };
         let r = act.apply(&decision(Action::Throttle, 0, cap), Some(100 << 20));

@@ -186,6 +186,7 @@ struct RawStep {
     memory_high_percent: Option<Spanned<f64>>,
     pids_max: Option<u64>,
     swap_max_mib: Option<u64>,
+    cpu_weight: Option<Spanned<u64>>,
     grace_sec: Option<u64>,
 }
 
@@ -295,6 +296,10 @@ pub struct Step {
     /// pages onto a slow disk, which would stall everyone else's I/O).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap_max_mib: Option<u64>,
+    /// `cpu.weight` (1–10000, the default is 100): under contention the rest of the
+    /// machine comes first; on an idle machine the offender still uses every CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
     /// Kill: seconds between SIGTERM and SIGKILL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_sec: Option<u64>,
@@ -445,15 +450,23 @@ fn validate_ladder(
         }
         let cpu = percent(ctx, step.cpu_max_percent, "cpu_max_percent");
         let mem = percent(ctx, step.memory_high_percent, "memory_high_percent");
+        let weight = step.cpu_weight.map(|w| {
+            let (span, value) = (w.span(), *w.get_ref());
+            if !(1..=10_000).contains(&value) {
+                ctx.error(span, format!("cpu_weight must be 1 to 10000 (got {value})"));
+            }
+            value
+        });
         if action == Action::Throttle
             && cpu.is_none()
             && mem.is_none()
             && step.pids_max.is_none()
             && step.swap_max_mib.is_none()
+            && weight.is_none()
         {
             ctx.error(
                 action_span.clone(),
-                "a throttle step needs at least one of cpu_max_percent, memory_high_percent, pids_max, swap_max_mib",
+                "a throttle step needs at least one of cpu_max_percent, cpu_weight, memory_high_percent, pids_max, swap_max_mib",
             );
         }
         if action == Action::Kill && finding == Some(FindingKind::SingleThreadSaturation) {
@@ -472,6 +485,7 @@ fn validate_ladder(
             memory_high_percent: mem,
             pids_max: step.pids_max,
             swap_max_mib: step.swap_max_mib,
+            cpu_weight: weight,
             grace_sec: (action == Action::Kill)
                 .then(|| step.grace_sec.unwrap_or(DEFAULT_GRACE_SEC)),
         });
@@ -1011,6 +1025,11 @@ after_sec = 5
                 "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\", cpu_max_percent = 0.0}]\n",
                 "p.toml:4:51: cpu_max_percent must be a percentage above 0",
                 "zero percent",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\", cpu_weight = 0}]\n",
+                "p.toml:4:46: cpu_weight must be 1 to 10000",
+                "zero weight",
             ),
         ];
         for (text, expected, what) in cases {
