@@ -61,6 +61,8 @@ pub struct Guard {
     actuator: Actuator,
     /// What the start-up reconcile did, reported with the first tick.
     reconciled: Vec<act::Report>,
+    /// A policy set (files, or the built-in fallback) has been in force.
+    loaded_once: bool,
 }
 
 fn log_report(r: &act::Report) {
@@ -103,6 +105,7 @@ impl Guard {
             state_write_failed: false,
             actuator: Actuator::open(cgroup_root, journal_dir, "cgsentry.slice"),
             reconciled: Vec::new(),
+            loaded_once: false,
         };
         g.reload("start");
         g.actuator
@@ -226,16 +229,34 @@ impl Guard {
                 self.fingerprint = fingerprint(&self.config, &set.policies_dir);
                 self.policy = set;
                 self.policy_errors.clear();
+                self.loaded_once = true;
             }
             Err(diags) => {
                 for d in &diags {
                     error!("{d}");
                 }
-                error!(
-                    why,
-                    errors = diags.len(),
-                    "policy rejected: the last good set stays in force (check with `cgsentry check`)"
-                );
+                if self.loaded_once {
+                    error!(
+                        why,
+                        errors = diags.len(),
+                        "policy rejected: the last good set stays in force (check with `cgsentry check`)"
+                    );
+                } else {
+                    // No last good set yet: the built-in defaults rather than no rules.
+                    let set = policy::builtin(&self.config);
+                    error!(
+                        why,
+                        errors = diags.len(),
+                        rules = set.rule.len(),
+                        "policy rejected at start: running the built-in defaults until the files are fixed (check with `cgsentry check`)"
+                    );
+                    self.detector.set_config(set.detect.clone());
+                    self.actuator.set_quarantine_parent(&set.quarantine_parent);
+                    // Watch the directory the main file names, for the fix.
+                    self.fingerprint = fingerprint(&self.config, &set.policies_dir);
+                    self.policy = set;
+                    self.loaded_once = true;
+                }
                 self.policy_errors = explain::diagnostics_text(&diags);
             }
         }
@@ -597,6 +618,41 @@ mod tests {
         let before = g.fingerprint.clone();
         g.reload_if_changed();
         assert_eq!(g.fingerprint, before);
+    }
+
+    /// Broken at start (no last good set): the built-in defaults, errors reported; a
+    /// later broken edit keeps the set in force.
+    #[test]
+    fn broken_at_start_runs_the_builtin_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("cgsentry.toml");
+        std::fs::create_dir(dir.path().join("policies.d")).unwrap();
+        std::fs::write(
+            dir.path().join("policies.d/10-a.toml"),
+            "[[rule]]\nname = 1\n",
+        )
+        .unwrap();
+        let g = Guard::new(
+            main,
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
+        assert!(
+            g.policy.rule.iter().any(|r| r.name == "leak"),
+            "{:?}",
+            g.policy.rule
+        );
+        assert_eq!(g.policy_errors.len(), 1, "{:?}", g.policy_errors);
+        // Nothing changed: no reload every tick.
+        let mut g = g;
+        let before = g.fingerprint.clone();
+        g.reload_if_changed();
+        assert_eq!(g.fingerprint, before);
+        // The fix replaces the built-in set.
+        std::fs::write(dir.path().join("policies.d/10-a.toml"), RULE).unwrap();
+        g.reload_if_changed();
+        assert_eq!((g.policy.rule.len(), g.policy_errors.len()), (1, 0));
     }
 
     /// Without any configuration the agent runs with no rules rather than not at all.

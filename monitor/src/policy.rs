@@ -725,6 +725,34 @@ pub fn merge(main: MainConfig, parsed: Vec<(PathBuf, Vec<Protect>, Vec<Rule>)>) 
     set
 }
 
+/// The shipped `00-defaults.toml`, compiled in.
+pub const BUILTIN_DEFAULTS: &str = include_str!("../../policies/00-defaults.toml");
+
+/// What the agent runs with when the policy set is broken at start (there is no last
+/// good set yet): the built-in defaults — protect init, the agent, sshd and systemd's
+/// services; contain leaks and explosions — over the main file's settings if that file
+/// itself is fine. Better than running with no rules until someone notices.
+#[must_use]
+pub fn builtin(main_path: &Path) -> PolicySet {
+    let main = std::fs::read_to_string(main_path)
+        .ok()
+        .and_then(|text| parse_main(main_path, &text).ok())
+        .unwrap_or_else(|| MainConfig {
+            policies_dir: main_path.parent().map_or_else(
+                || PathBuf::from(DEFAULT_POLICIES_DIR),
+                |p| p.join("policies.d"),
+            ),
+            ..MainConfig::default()
+        });
+    let name = PathBuf::from("<built-in 00-defaults.toml>");
+    match parse_policy_file(&name, BUILTIN_DEFAULTS) {
+        Ok((protect, rules)) => merge(main, vec![(name, protect, rules)]),
+        // Unreachable in a tested build (a unit test parses it); no rules rather than
+        // no agent.
+        Err(_) => merge(main, Vec::new()),
+    }
+}
+
 /// Loads the main file (absent: defaults) and every policy file of its directory.
 ///
 /// # Errors
@@ -1175,6 +1203,26 @@ after_sec = 5
             back["rule"][0]["ladder"][1]["action"].as_str(),
             Some("freeze")
         );
+    }
+
+    /// The fallback for a broken set at start parses (the shipped file is valid) and
+    /// keeps the main file's directory, so that the fix is picked up.
+    #[test]
+    fn builtin_defaults_parse_and_keep_the_policy_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("cgsentry.toml");
+        let set = builtin(&main);
+        assert!(
+            set.rule.iter().any(|r| r.name == "explosion"),
+            "{:?}",
+            set.rule
+        );
+        assert!(set.protect.iter().any(|p| p.name == "init"));
+        assert_eq!(set.policies_dir, dir.path().join("policies.d"));
+        std::fs::write(&main, "policies_dir = \"/elsewhere\"\ndry_run = true\n").unwrap();
+        let set = builtin(&main);
+        assert_eq!(set.policies_dir, Path::new("/elsewhere"));
+        assert!(set.dry_run);
     }
 
     #[test]
