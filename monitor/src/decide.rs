@@ -405,49 +405,47 @@ ladder = [
         );
     }
 
+    /// Release in two stages, relapse, and starting over, as timelines: (finding live
+    /// at second s, seconds run, expected log).
     #[test]
-    fn release_in_two_stages_then_a_new_finding_starts_over() {
-        // Live for 0..=6 (notify at 0, throttle at 5), quiet from 7; relaxed at 16
-        // (quiet 10 s), fully released at 26 (quiet 10 s more); live again at 30: the
-        // ladder starts over at notify.
-        let log = run(
-            &policy(LADDER, false),
-            &["python"],
-            |s| s <= 6 || s >= 30,
-            32,
-        );
-        assert_eq!(
-            log,
-            vec![
-                (0, vec![Action::Notify], vec![]),
-                (5, vec![Action::Throttle], vec![]),
-                (16, vec![], vec![ReleaseStage::Relax]),
-                (26, vec![], vec![ReleaseStage::Full]),
-                (30, vec![Action::Notify], vec![]),
-            ]
-        );
-    }
-
-    /// Back while relaxed: the last step is taken again at once (no cooldown), and the
-    /// climb goes on from there.
-    #[test]
-    fn a_relapse_while_relaxed_retakes_the_last_step_at_once() {
-        let log = run(
-            &policy(LADDER, false),
-            &["python"],
-            |s| s <= 6 || s >= 20,
-            27,
-        );
-        assert_eq!(
-            log,
-            vec![
-                (0, vec![Action::Notify], vec![]),
-                (5, vec![Action::Throttle], vec![]),
-                (16, vec![], vec![ReleaseStage::Relax]),
-                (20, vec![Action::Throttle], vec![]),
-                (25, vec![Action::Freeze], vec![]),
-            ]
-        );
+    fn release_timelines() {
+        type Log = Vec<(u32, Vec<Action>, Vec<ReleaseStage>)>;
+        type Case = (&'static str, fn(u32) -> bool, u32, Log);
+        let (n, t) = (Action::Notify, Action::Throttle);
+        let (relax, full) = (ReleaseStage::Relax, ReleaseStage::Full);
+        let cases: [Case; 2] = [
+            (
+                // Live for 0..=6, quiet from 7: relaxed at 16 (quiet 10 s), fully
+                // released at 26 (10 s more); live again at 30: the ladder starts over.
+                "two stages, then over",
+                |s| s <= 6 || s >= 30,
+                32,
+                vec![
+                    (0, vec![n], vec![]),
+                    (5, vec![t], vec![]),
+                    (16, vec![], vec![relax]),
+                    (26, vec![], vec![full]),
+                    (30, vec![n], vec![]),
+                ],
+            ),
+            (
+                // Back at 20 while relaxed: the last step again at once, then onwards.
+                "relapse",
+                |s| s <= 6 || s >= 20,
+                27,
+                vec![
+                    (0, vec![n], vec![]),
+                    (5, vec![t], vec![]),
+                    (16, vec![], vec![relax]),
+                    (20, vec![t], vec![]),
+                    (25, vec![Action::Freeze], vec![]),
+                ],
+            ),
+        ];
+        for (what, live, secs, want) in cases {
+            let log = run(&policy(LADDER, false), &["python"], live, secs);
+            assert_eq!(log, want, "{what}");
+        }
     }
 
     /// A relaxed cgroup that still presses on its cap is not quiet: the full release
