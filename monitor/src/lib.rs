@@ -15,6 +15,7 @@ pub mod decide;
 pub mod detect;
 pub mod events;
 pub mod explain;
+pub mod gpu;
 pub mod policy;
 pub mod preflight;
 pub mod probes;
