@@ -18,6 +18,7 @@ use crate::{
     decide::{Decider, ReleaseStage},
     detect::Detector,
     explain::{self, Logged, State},
+    gpu::GpuCollector,
     policy::{self, PolicySet, ProcessRef},
     preflight,
     probes::{LoadOptions, Probes},
@@ -383,6 +384,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         proc_scan_every: args.proc_scan_every,
     };
     let mut collector = Collector::new(probes, index, "/proc", collect_options);
+    let mut gpu = match args.nvml_lib.as_deref() {
+        Some(p) if p.as_os_str() == "off" => GpuCollector::off(),
+        lib => GpuCollector::open(lib, std::path::Path::new("/proc")),
+    };
     let mut guard = Guard::new(
         args.config.clone(),
         args.state_dir.clone(),
@@ -416,13 +421,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         watch.ticked();
         guard.reload_if_changed();
-        let snap = match collector.collect() {
+        let mut snap = match collector.collect() {
             Ok(s) => s,
             Err(e) => {
                 warn!("tick skipped: {e}");
                 continue;
             }
         };
+        snap.gpu = gpu.sample(&snap.processes);
         let judgement = guard.on_snapshot(&snap, interval_ms);
         let text = if args.json {
             report::json(&snap, &judgement)? + "\n"

@@ -125,6 +125,12 @@ pub struct RunArgs {
     /// burst like incident D's is contained within a second. `0` turns it off.
     #[arg(long, default_value = "100ms", value_parser = parse_watch)]
     pub watch_every: Duration,
+
+    /// NVML, for GPU memory and utilisation per device, process and cgroup: a path to
+    /// `libnvidia-ml.so.1`, or `off`. Default: the loader's search path. Without it
+    /// (no NVIDIA driver, no GPU) the agent says so once and runs without GPU data.
+    #[arg(long, value_name = "PATH|off")]
+    pub nvml_lib: Option<std::path::PathBuf>,
 }
 
 /// `0` (off) or an interval as for `--interval`.

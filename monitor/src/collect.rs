@@ -454,6 +454,9 @@ pub struct Snapshot {
     pub vanished_cgroups: usize,
     /// What the eBPF side could not record, and kernel OOM kills (cumulative).
     pub ebpf: EbpfStats,
+    /// GPUs and their processes (NVML); `None` without NVML. Filled in by the agent
+    /// ([`crate::gpu::GpuCollector`]), not by [`Collector`].
+    pub gpu: Option<Arc<crate::gpu::GpuSnapshot>>,
 }
 
 /// Monotonic clock, nanoseconds: the clock of `bpf_ktime_get_ns()`.
@@ -617,6 +620,7 @@ impl Collector {
             tracked_cgroups: totals.len() - vanished,
             vanished_cgroups: vanished,
             ebpf,
+            gpu: None,
         })
     }
 

@@ -332,6 +332,7 @@ ladder = [
             window_sec: 30.0,
             time_to_limit_sec: Some(100.0),
             evidence: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cgroupfs::CgroupId,
     collect::{CgroupSample, Machine, Snapshot},
+    gpu::{GpuProcess, GpuSnapshot, ProcState},
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -38,17 +39,38 @@ pub enum FindingKind {
     /// One process pinned at one core while the machine has idle cores: a hint, never
     /// an action (incidents A and B).
     SingleThreadSaturation,
+    /// GPU memory of a cgroup (or one process of it) grows steadily and will fill the
+    /// device within the horizon.
+    GpuLeak,
+    /// GPU memory held by a process that exited (gone, or a zombie not reaped): nothing
+    /// to contain, the operator must know (a hint at the parent or the driver).
+    GpuOrphan,
+    /// Incident A: a process saturates one core while the GPU its cgroup uses is
+    /// under-used: the GPU waits for that thread. A hint, never an action.
+    GpuStarved,
 }
 
 impl FindingKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FindingKind; 5] = [
+    pub const ALL: [FindingKind; 8] = [
         FindingKind::Leak,
         FindingKind::Runaway,
         FindingKind::Explosion,
         FindingKind::Pressure,
         FindingKind::SingleThreadSaturation,
+        FindingKind::GpuLeak,
+        FindingKind::GpuOrphan,
+        FindingKind::GpuStarved,
     ];
+
+    /// Hints and reports only: a ladder for these can only notify.
+    #[must_use]
+    pub fn notify_only(self) -> bool {
+        matches!(
+            self,
+            FindingKind::SingleThreadSaturation | FindingKind::GpuOrphan | FindingKind::GpuStarved
+        )
+    }
 
     /// The name used in policies and output.
     #[must_use]
@@ -59,6 +81,9 @@ impl FindingKind {
             FindingKind::Explosion => "explosion",
             FindingKind::Pressure => "pressure",
             FindingKind::SingleThreadSaturation => "single_thread_saturation",
+            FindingKind::GpuLeak => "gpu_leak",
+            FindingKind::GpuOrphan => "gpu_orphan",
+            FindingKind::GpuStarved => "gpu_starved",
         }
     }
 }
@@ -113,6 +138,22 @@ pub struct Finding {
     /// Projected seconds until the limit (leak, explosion).
     pub time_to_limit_sec: Option<f64>,
     pub evidence: Vec<Evidence>,
+    /// Every GPU with what the cgroup (and its descendants) hold on it, when NVML is
+    /// available: what policy GPU conditions are judged on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuUse>,
+}
+
+/// One GPU as a finding's cgroup sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuUse {
+    pub device: u32,
+    pub uuid: String,
+    /// Device memory used, percent of the device's.
+    pub memory_percent: Option<f64>,
+    pub util_percent: Option<f64>,
+    /// GPU memory held by the cgroup's processes and its descendants', bytes.
+    pub cgroup_bytes: u64,
 }
 
 /// The detectors' settings (`[detect]` in cgsentry.toml). Defaults suit a 2-core 2 GiB
@@ -127,6 +168,7 @@ pub struct DetectConfig {
     pub explosion: ExplosionConfig,
     pub pressure: PressureConfig,
     pub saturation: SaturationConfig,
+    pub gpu: GpuConfig,
 }
 
 impl Default for DetectConfig {
@@ -138,6 +180,29 @@ impl Default for DetectConfig {
             explosion: ExplosionConfig::default(),
             pressure: PressureConfig::default(),
             saturation: SaturationConfig::default(),
+            gpu: GpuConfig::default(),
+        }
+    }
+}
+
+/// GPU detectors. A GPU leak uses `[detect.leak]`'s window, plateau and noise tests,
+/// with the device's free memory as the headroom.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// A saturated process's GPU below this utilisation, percent, is waiting for it
+    /// (incident A: 61 %).
+    pub starved_util_percent: f64,
+    /// A process that exited must have held GPU memory this long before it is reported
+    /// (the driver frees memory a moment after the exit).
+    pub orphan_grace_sec: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            starved_util_percent: 80.0,
+            orphan_grace_sec: 10,
         }
     }
 }
@@ -771,6 +836,21 @@ pub struct Detector {
     /// RSS windows of processes, with their start time (a reused pid starts over).
     rss: HashMap<u32, (u64, History)>,
     saturated: HashMap<u32, ProcessStreak>,
+    gpu: GpuHistory,
+}
+
+/// GPU memory windows: per (cgroup, device) and per (pid, device), and since when
+/// exited processes hold memory.
+#[derive(Debug, Default)]
+struct GpuHistory {
+    /// The last GPU sample taken in (a tick without a new sample adds nothing).
+    seq: u64,
+    cgroups: HashMap<(String, u32), History>,
+    processes: HashMap<(u32, u32), History>,
+    orphans: HashMap<(u32, u32), f64>,
+    /// What the last sample showed: a tick that reuses it shows the same (a finding
+    /// must not blink between samples, or its ladder would see quiet spells).
+    last: Vec<Finding>,
 }
 
 impl Detector {
@@ -782,6 +862,7 @@ impl Detector {
             history: HashMap::new(),
             rss: HashMap::new(),
             saturated: HashMap::new(),
+            gpu: GpuHistory::default(),
         }
     }
 
@@ -868,7 +949,9 @@ impl Detector {
         let process_leaks = self.process_leaks(snap, t, window, &headroom);
         merge_process_leaks(&mut findings, process_leaks);
         findings.extend(self.saturation(snap, t));
+        findings.extend(self.gpu_findings(snap, t, window));
         suppress_ancestors(&mut findings);
+        attach_gpus(&mut findings, snap);
         findings
     }
 
@@ -940,6 +1023,7 @@ impl Detector {
                     ev("time_to_limit", e.time_to_limit_s, "s"),
                     ev("rise_over_noise", e.rise_over_noise, "sigma"),
                 ],
+                gpus: Vec::new(),
             });
         }
         // Forget processes that exited or have not run for a window.
@@ -1002,6 +1086,7 @@ fn cgroup_findings(
             window_sec,
             time_to_limit_sec: ttl,
             evidence,
+            gpus: Vec::new(),
         }
     };
     let mut out = Vec::new();
@@ -1173,7 +1258,7 @@ impl Detector {
                 .iter()
                 .find(|c| c.path.as_deref() == Some(cgroup.as_str()))
                 .map_or(0, |c| c.id);
-            out.push(Finding {
+            let mut f = Finding {
                 kind: FindingKind::SingleThreadSaturation,
                 severity: Severity::Hint,
                 cgroup_id,
@@ -1192,10 +1277,323 @@ impl Detector {
                     ev("threads", p.threads.unwrap_or(0) as f64, "threads"),
                     ev("idle_cores", idle_cores, "cores"),
                 ],
-            });
+                gpus: Vec::new(),
+            };
+            if let Some(gpu) = &snap.gpu {
+                starved(&mut f, gpu, self.config.gpu.starved_util_percent);
+            }
+            out.push(f);
         }
         self.saturated.retain(|pid, _| alive.contains(pid));
         out
+    }
+}
+
+/// Incident A: a saturation finding whose cgroup holds memory on a GPU that is
+/// under-used becomes a `gpu_starved` hint naming that GPU.
+fn starved(f: &mut Finding, gpu: &GpuSnapshot, below_percent: f64) {
+    let held = gpu.subtree_memory(&f.cgroup);
+    let Some((d, bytes)) = held
+        .iter()
+        .filter(|(_, b)| **b > 0)
+        .filter_map(|(i, b)| Some((gpu.device(*i)?, *b)))
+        .filter(|(d, _)| !d.lost)
+        .filter_map(|(d, b)| Some((d, f64::from(d.util_percent?), b)))
+        .filter(|(_, util, _)| *util < below_percent)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(d, _, b)| (d, b))
+    else {
+        return;
+    };
+    let util = f64::from(d.util_percent.unwrap_or(0));
+    f.kind = FindingKind::GpuStarved;
+    f.summary = format!(
+        "{}; GPU {} ({}) runs at {util:.0} % holding {:.0} MiB for this cgroup: the GPU waits \
+         for this thread — more workers would feed it",
+        f.summary,
+        d.index,
+        d.name,
+        bytes as f64 / MIB
+    );
+    f.evidence
+        .push(ev("gpu_device", f64::from(d.index), "index"));
+    f.evidence.push(ev("gpu_util", util, "%"));
+    f.evidence.push(ev("gpu_memory", bytes as f64 / MIB, "MiB"));
+}
+
+/// Fills every finding's [`Finding::gpus`]: each device with what the cgroup holds.
+fn attach_gpus(findings: &mut [Finding], snap: &Snapshot) {
+    let Some(gpu) = &snap.gpu else {
+        return;
+    };
+    for f in findings {
+        let held = gpu.subtree_memory(&f.cgroup);
+        f.gpus = gpu
+            .devices
+            .iter()
+            .filter(|d| !d.lost)
+            .map(|d| GpuUse {
+                device: d.index,
+                uuid: d.uuid.clone(),
+                memory_percent: d.memory_percent(),
+                util_percent: d.util_percent.map(f64::from),
+                cgroup_bytes: held.get(&d.index).copied().unwrap_or(0),
+            })
+            .collect();
+    }
+}
+
+impl Detector {
+    /// GPU leaks per cgroup and device (a process's own leak named on it, or a finding
+    /// of its own when its cgroup as a whole does not leak) and GPU memory of exited
+    /// processes. Runs on new GPU samples only.
+    fn gpu_findings(&mut self, snap: &Snapshot, t: f64, window: f64) -> Vec<Finding> {
+        let Some(gpu) = snap.gpu.as_deref() else {
+            self.gpu = GpuHistory::default();
+            return Vec::new();
+        };
+        if gpu.seq == self.gpu.seq {
+            return self.gpu.last.clone();
+        }
+        self.gpu.seq = gpu.seq;
+        let cfg = self.config.leak.clone();
+        let interval_s = snap.interval_ns as f64 / 1e9;
+        let point = |memory: u64, device: u32| gpu_point(gpu, t, interval_s, memory, device);
+        let id_of = |path: &str| {
+            snap.cgroups
+                .iter()
+                .find(|c| c.path.as_deref() == Some(path))
+                .map_or(0, |c| c.id)
+        };
+        let process_leaks = self.gpu_process_leaks(gpu, &point, window);
+
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (cgroup, devices) in gpu.by_cgroup() {
+            for (device, use_) in devices {
+                let key = (cgroup.to_owned(), device);
+                let h = self.gpu.cgroups.entry(key.clone()).or_default();
+                h.push(point(use_.memory_bytes, device), 0.0, window);
+                seen.insert(key);
+                if let Some(e) = h.leak(&cfg) {
+                    let ours =
+                        |p: &GpuProcess| p.device == device && p.cgroup.as_deref() == Some(cgroup);
+                    // The process growing fastest, else the largest, is the lead.
+                    let lead = process_leaks
+                        .iter()
+                        .filter(|(p, _)| ours(p))
+                        .max_by(|a, b| a.1.slope_bytes_per_s.total_cmp(&b.1.slope_bytes_per_s));
+                    let largest = gpu
+                        .processes
+                        .iter()
+                        .filter(|p| ours(p))
+                        .max_by_key(|p| p.used_bytes);
+                    let mut f = gpu_leak_finding(
+                        &cfg,
+                        gpu,
+                        device,
+                        cgroup,
+                        id_of(cgroup),
+                        &e,
+                        lead.map_or(largest, |l| Some(l.0)),
+                    );
+                    if let Some((p, pe)) = lead {
+                        f.evidence.push(ev(
+                            "process_gpu_slope",
+                            pe.slope_bytes_per_s / MIB,
+                            "MiB/s",
+                        ));
+                        f.evidence
+                            .push(ev("process_gpu_memory", pe.memory / MIB, "MiB"));
+                        f.evidence.push(ev("process_pid", f64::from(p.pid), "pid"));
+                    }
+                    out.push(f);
+                }
+            }
+        }
+        self.gpu.cgroups.retain(|k, _| seen.contains(k));
+        // A process leaking while its cgroup as a whole does not (others free memory).
+        let reported: HashSet<(String, u32)> = out
+            .iter()
+            .filter_map(|f| {
+                Some((
+                    f.cgroup.clone(),
+                    f.pid
+                        .and_then(|pid| gpu.processes.iter().find(|p| p.pid == pid))?
+                        .device,
+                ))
+            })
+            .collect();
+        for (p, e) in &process_leaks {
+            let cgroup = p.cgroup.as_deref().unwrap_or("/");
+            if !reported.contains(&(cgroup.to_owned(), p.device)) {
+                out.push(gpu_leak_finding(
+                    &cfg,
+                    gpu,
+                    p.device,
+                    cgroup,
+                    id_of(cgroup),
+                    e,
+                    Some(p),
+                ));
+            }
+        }
+        out.extend(self.gpu_orphans(gpu, t, &id_of));
+        self.gpu.last.clone_from(&out);
+        out
+    }
+
+    /// Leaks of single processes' GPU memory, per device.
+    fn gpu_process_leaks<'a>(
+        &mut self,
+        gpu: &'a GpuSnapshot,
+        point: &dyn Fn(u64, u32) -> Point,
+        window: f64,
+    ) -> Vec<(&'a GpuProcess, LeakEvidence)> {
+        let mut leaks = Vec::new();
+        let mut alive = HashSet::new();
+        for p in &gpu.processes {
+            let (Some(used), ProcState::Running) = (p.used_bytes, p.state) else {
+                continue;
+            };
+            alive.insert((p.pid, p.device));
+            let h = self.gpu.processes.entry((p.pid, p.device)).or_default();
+            h.push(point(used, p.device), 0.0, window);
+            if let Some(e) = h.leak(&self.config.leak) {
+                leaks.push((p, e));
+            }
+        }
+        self.gpu.processes.retain(|k, _| alive.contains(k));
+        leaks
+    }
+
+    fn gpu_orphans(
+        &mut self,
+        gpu: &GpuSnapshot,
+        t: f64,
+        id_of: &dyn Fn(&str) -> CgroupId,
+    ) -> Vec<Finding> {
+        let grace = self.config.gpu.orphan_grace_sec as f64;
+        let mut out = Vec::new();
+        let mut held = HashSet::new();
+        for p in &gpu.processes {
+            if p.state == ProcState::Running {
+                continue;
+            }
+            let key = (p.pid, p.device);
+            held.insert(key);
+            let since = *self.gpu.orphans.entry(key).or_insert(t);
+            if t - since < grace {
+                continue;
+            }
+            let d = gpu.device(p.device);
+            let bytes = p.used_bytes.unwrap_or(0) as f64;
+            let (what, cgroup) = match p.state {
+                ProcState::Zombie => (
+                    "exited but was not reaped by its parent (a zombie): the memory is freed when the parent waits for it or exits",
+                    p.cgroup.clone().unwrap_or_else(|| "/".into()),
+                ),
+                _ => (
+                    "no longer exists here: the driver still holds its memory (a stuck context) or it runs in another PID namespace; `nvidia-smi` shows it",
+                    "/".to_owned(),
+                ),
+            };
+            out.push(Finding {
+                kind: FindingKind::GpuOrphan,
+                severity: Severity::Warning,
+                cgroup_id: id_of(&cgroup),
+                cgroup,
+                pid: Some(p.pid),
+                comm: p.comm.clone(),
+                summary: format!(
+                    "pid {} holds {:.0} MiB on GPU {} ({}) for {:.0} s and {what}",
+                    p.pid,
+                    bytes / MIB,
+                    p.device,
+                    d.map_or("?", |d| d.name.as_str()),
+                    t - since
+                ),
+                window_sec: t - since,
+                time_to_limit_sec: None,
+                evidence: vec![
+                    ev("gpu_device", f64::from(p.device), "index"),
+                    ev("gpu_memory", bytes / MIB, "MiB"),
+                    ev("held_for", t - since, "s"),
+                ],
+                gpus: Vec::new(),
+            });
+        }
+        self.gpu.orphans.retain(|k, _| held.contains(k));
+        out
+    }
+}
+
+/// One GPU memory reading of a series: the device's free memory is the headroom.
+fn gpu_point(gpu: &GpuSnapshot, t: f64, interval_s: f64, memory: u64, device: u32) -> Point {
+    Point {
+        t,
+        interval_s,
+        memory: Some(memory as f64),
+        headroom: gpu
+            .device(device)
+            .and_then(crate::gpu::GpuDevice::memory_free_bytes)
+            .map(|f| f as f64),
+        ..Point::default()
+    }
+}
+
+fn gpu_leak_finding(
+    cfg: &LeakConfig,
+    gpu: &GpuSnapshot,
+    device: u32,
+    cgroup: &str,
+    cgroup_id: CgroupId,
+    e: &LeakEvidence,
+    lead: Option<&GpuProcess>,
+) -> Finding {
+    let critical = e.time_to_limit_s <= cfg.critical_fraction * cfg.horizon_sec as f64;
+    let name = gpu.device(device).map_or("?", |d| d.name.as_str());
+    let who = lead.map_or_else(
+        || cgroup.to_owned(),
+        |p| {
+            format!(
+                "{} (pid {}) in {cgroup}",
+                p.comm.as_deref().unwrap_or("?"),
+                p.pid
+            )
+        },
+    );
+    Finding {
+        kind: FindingKind::GpuLeak,
+        severity: if critical {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        },
+        cgroup_id,
+        cgroup: cgroup.to_owned(),
+        pid: lead.map(|p| p.pid),
+        comm: lead.and_then(|p| p.comm.clone()),
+        summary: format!(
+            "GPU {device} ({name}) memory of {who} grows {:.2} MiB/s for {:.0} s ({:.0} MiB now); \
+             {:.0} MiB free on the device: full in {:.0} s",
+            e.slope_bytes_per_s / MIB,
+            e.window_s,
+            e.memory / MIB,
+            e.headroom / MIB,
+            e.time_to_limit_s
+        ),
+        window_sec: e.window_s,
+        time_to_limit_sec: Some(e.time_to_limit_s),
+        evidence: vec![
+            ev("gpu_device", f64::from(device), "index"),
+            ev("gpu_slope", e.slope_bytes_per_s / MIB, "MiB/s"),
+            ev("gpu_memory", e.memory / MIB, "MiB"),
+            ev("gpu_free", e.headroom / MIB, "MiB"),
+            ev("time_to_limit", e.time_to_limit_s, "s"),
+            ev("rise_over_noise", e.rise_over_noise, "sigma"),
+        ],
+        gpus: Vec::new(),
     }
 }
 
@@ -1571,6 +1969,7 @@ mod tests {
             tracked_cgroups: 0,
             vanished_cgroups: 0,
             ebpf: EbpfStats::default(),
+            gpu: None,
         }
     }
 
@@ -1727,6 +2126,208 @@ mod tests {
             assert_eq!(first_hint.is_some(), expect, "cpus {cpus}: {first_hint:?}");
             if expect {
                 assert_eq!(first_hint, Some(30), "held for the whole 30 s window first");
+            }
+        }
+    }
+
+    fn gpu_proc(pid: u32, cgroup: &str, mib: u64, state: ProcState) -> GpuProcess {
+        GpuProcess {
+            pid,
+            device: 0,
+            used_bytes: Some(mib << 20),
+            graphics: false,
+            sm_util_percent: Some(30),
+            mem_util_percent: None,
+            cgroup: Some(cgroup.into()),
+            comm: Some(format!("p{pid}")),
+            state,
+        }
+    }
+
+    fn gpu_snap(seq: u64, util: u32, processes: Vec<GpuProcess>) -> Arc<GpuSnapshot> {
+        let used: u64 = processes.iter().filter_map(|p| p.used_bytes).sum();
+        Arc::new(GpuSnapshot {
+            seq,
+            driver: None,
+            devices: vec![crate::gpu::GpuDevice {
+                index: 0,
+                uuid: "GPU-aaaa".into(),
+                name: "NVIDIA H100".into(),
+                lost: false,
+                memory_total_bytes: Some(80 << 30),
+                memory_used_bytes: Some(used),
+                util_percent: Some(util),
+                memory_util_percent: None,
+                temperature_c: None,
+                power_watts: None,
+            }],
+            processes,
+        })
+    }
+
+    /// GPU memory series of one cgroup (two processes: `grow` MiB/s and flat) over
+    /// 120 s: which GPU findings show up, and when.
+    fn gpu_run(grow: impl Fn(u64) -> u64) -> Vec<(u64, Finding)> {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut out = Vec::new();
+        for tick in 1..=120 {
+            let mut snap = snapshot(tick, 4, vec![cgroup(20, "/ml", 300, 5.0)], vec![]);
+            snap.gpu = Some(gpu_snap(
+                tick,
+                90,
+                vec![
+                    gpu_proc(10, "/ml", 1000 + grow(tick), ProcState::Running),
+                    gpu_proc(11, "/ml", 2000, ProcState::Running),
+                ],
+            ));
+            out.extend(
+                d.observe(&snap)
+                    .into_iter()
+                    .filter(|f| f.kind == FindingKind::GpuLeak)
+                    .map(|f| (tick, f)),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn a_gpu_leak_is_found_named_and_timed_and_a_plateau_is_not() {
+        // 400 MiB/s with 77 GiB free at the start: at t s the device is full in
+        // 197 - t s, trusted once that is within 3× the history (max_extrapolation): t = 50.
+        let found = gpu_run(|t| t * 400);
+        let (tick, f) = found.first().expect("a GPU leak");
+        assert_eq!(*tick, 50);
+        assert_eq!(
+            (f.cgroup.as_str(), f.cgroup_id, f.pid),
+            ("/ml", 20, Some(10))
+        );
+        let get = |n: &str| f.evidence.iter().find(|e| e.name == n).unwrap().value;
+        assert!((get("gpu_slope") - 400.0).abs() < 1.0, "{:?}", f.evidence);
+        assert!((get("process_gpu_slope") - 400.0).abs() < 1.0);
+        assert!(get("gpu_device").abs() < f64::EPSILON, "device 0");
+        let ttl = f.time_to_limit_sec.unwrap();
+        let free_mib = (80 * 1024 - 3000 - tick * 400) as f64;
+        assert!((ttl - free_mib / 400.0).abs() < 2.0, "{ttl} vs {free_mib}");
+        assert!(
+            f.summary
+                .contains("GPU 0 (NVIDIA H100) memory of p10 (pid 10) in /ml grows 400.00 MiB/s"),
+            "{}",
+            f.summary
+        );
+        assert_eq!(f.gpus.len(), 1, "GPU context for policy conditions");
+        assert_eq!(f.gpus[0].cgroup_bytes, (3000 + tick * 400) << 20);
+
+        // A model load: rises for 40 s, then flat: never a leak.
+        assert!(gpu_run(|t| t.min(40) * 400).is_empty());
+        // Slow growth that would need hours to fill the device: not within the horizon.
+        assert!(gpu_run(|t| t / 10).is_empty());
+    }
+
+    #[test]
+    fn gpu_samples_reused_by_ticks_add_no_points_and_keep_their_findings() {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut leaking = Vec::new();
+        for tick in 1..=200 {
+            let mut snap = snapshot(tick, 4, vec![cgroup(20, "/ml", 300, 5.0)], vec![]);
+            // One GPU sample per 10 ticks, rising 2 GiB per sample.
+            let seq = tick.div_ceil(10);
+            snap.gpu = Some(gpu_snap(
+                seq,
+                90,
+                vec![gpu_proc(10, "/ml", seq * 2048, ProcState::Running)],
+            ));
+            if d.observe(&snap)
+                .iter()
+                .any(|f| f.kind == FindingKind::GpuLeak)
+            {
+                leaking.push(tick);
+            }
+        }
+        let h = &d.gpu.cgroups[&("/ml".to_owned(), 0)];
+        assert_eq!(h.memory.len(), 20);
+        let first = leaking[0];
+        assert_eq!(first % 10, 1, "found on a tick with a new sample: {first}");
+        assert_eq!(leaking, (first..=200).collect::<Vec<_>>(), "never blinks");
+    }
+
+    #[test]
+    fn gpu_memory_of_exited_processes_is_reported_after_a_grace() {
+        let mut d = Detector::new(DetectConfig::default());
+        let mut seen = Vec::new();
+        for tick in 1..=15 {
+            let mut snap = snapshot(tick, 4, vec![cgroup(20, "/ml", 300, 5.0)], vec![]);
+            snap.gpu = Some(gpu_snap(
+                tick,
+                90,
+                vec![
+                    gpu_proc(10, "/ml", 500, ProcState::Zombie),
+                    gpu_proc(
+                        11,
+                        "/ml",
+                        700,
+                        if tick < 4 {
+                            ProcState::Running
+                        } else {
+                            ProcState::Gone
+                        },
+                    ),
+                ],
+            ));
+            for f in d
+                .observe(&snap)
+                .into_iter()
+                .filter(|f| f.kind == FindingKind::GpuOrphan)
+            {
+                seen.push((tick, f.pid, f.cgroup.clone(), f.severity));
+            }
+        }
+        let first = |pid| seen.iter().find(|s| s.1 == Some(pid)).map(|s| s.0);
+        assert_eq!(first(10), Some(11), "a zombie, after 10 s");
+        assert_eq!(first(11), Some(14), "gone at tick 4, reported 10 s later");
+        let gone = seen.iter().find(|s| s.1 == Some(11)).unwrap();
+        assert_eq!(gone.2, "/", "a gone process has no cgroup left");
+        let zombie = seen.iter().find(|s| s.1 == Some(10)).unwrap();
+        assert_eq!((zombie.2.as_str(), zombie.3), ("/ml", Severity::Warning));
+    }
+
+    #[test]
+    fn a_saturated_feeder_of_an_underused_gpu_is_a_gpu_starved_hint() {
+        for (util, expect) in [
+            (61, FindingKind::GpuStarved),
+            (95, FindingKind::SingleThreadSaturation),
+        ] {
+            let mut d = Detector::new(DetectConfig::default());
+            let mut last = Vec::new();
+            for tick in 1..=31 {
+                let mut snap = snapshot(
+                    tick,
+                    4,
+                    vec![cgroup(20, "/omnimind", 300, 99.0)],
+                    vec![process(700, "/omnimind", 99.0, tick)],
+                );
+                snap.gpu = Some(gpu_snap(
+                    tick,
+                    util,
+                    vec![gpu_proc(701, "/omnimind", 12_000, ProcState::Running)],
+                ));
+                last = d.observe(&snap);
+            }
+            let f = last
+                .iter()
+                .find(|f| f.pid == Some(700))
+                .unwrap_or_else(|| panic!("util {util}: {last:?}"));
+            assert_eq!(
+                (f.kind, f.severity),
+                (expect, Severity::Hint),
+                "util {util}"
+            );
+            if expect == FindingKind::GpuStarved {
+                assert!(
+                    f.summary
+                        .contains("GPU 0 (NVIDIA H100) runs at 61 % holding 12000 MiB"),
+                    "{}",
+                    f.summary
+                );
             }
         }
     }

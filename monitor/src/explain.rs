@@ -32,6 +32,10 @@ pub struct Judged {
     pub ladder: Option<LadderState>,
     /// The next step and the earliest second it can be taken (agent clock).
     pub next: Option<(Action, f64)>,
+    /// Rules for this finding and cgroup passed over because their GPU conditions do
+    /// not hold (later rules win, so these would otherwise have applied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_unmet: Vec<String>,
 }
 
 /// A decision with the agent-clock second it was taken.
@@ -95,9 +99,20 @@ pub fn judge_all(
                 });
                 Some((step.action, since + step.after_sec as f64))
             });
+            let gpu_unmet = policy
+                .rule
+                .iter()
+                .rev()
+                .take_while(|r| rule.is_none_or(|chosen| !std::ptr::eq(*r, chosen)))
+                .filter(|r| {
+                    r.finding == f.kind && r.matcher.matches(&f.cgroup, procs) && !r.gpu.holds(f)
+                })
+                .map(|r| r.name.clone())
+                .collect();
             Judged {
                 finding: f.clone(),
                 rule: verdict.rule,
+                gpu_unmet,
                 rule_source: rule.map(|r| r.source.clone()),
                 ladder_len: rule.map_or(0, |r| r.ladder.len()),
                 protected_by: verdict.protected_by,
@@ -233,6 +248,31 @@ pub fn render(state: &State, cgroup: Option<&str>, now_ms: u128) -> String {
     out
 }
 
+/// The GPUs a finding's cgroup uses (what GPU conditions are judged on).
+fn render_gpus(out: &mut String, f: &Finding) {
+    if f.gpus.is_empty() {
+        return;
+    }
+    {
+        let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} %"));
+        let gpus: Vec<String> = f
+            .gpus
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {} mem {} util {}, this cgroup {:.0} MiB",
+                    g.device,
+                    g.uuid,
+                    pct(g.memory_percent),
+                    pct(g.util_percent),
+                    g.cgroup_bytes as f64 / f64::from(1 << 20)
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  GPUs: {}", gpus.join(" · "));
+    }
+}
+
 fn render_one(out: &mut String, state: &State, j: &Judged) {
     let f = &j.finding;
     let _ = writeln!(
@@ -252,6 +292,13 @@ fn render_one(out: &mut String, state: &State, j: &Judged) {
             out,
             "  lead process: {pid} ({})",
             f.comm.as_deref().unwrap_or("?")
+        );
+    }
+    render_gpus(out, f);
+    for r in &j.gpu_unmet {
+        let _ = writeln!(
+            out,
+            "  rule {r:?} passed over: its GPU conditions do not hold"
         );
     }
     match (&j.rule, &j.rule_source) {
@@ -413,6 +460,7 @@ mod tests {
                 value: 6.0,
                 unit: Cow::Borrowed("MiB/s"),
             }],
+            gpus: Vec::new(),
         }
     }
 
@@ -474,6 +522,40 @@ mod tests {
         let other = render(&state, Some("/db"), 10_500);
         assert!(other.contains("no findings for /db"), "{other}");
         assert!(!other.contains("/app/worker"), "{other}");
+    }
+
+    #[test]
+    fn explains_gpu_use_and_rules_passed_over_for_their_gpu_conditions() {
+        let text = "[[rule]]\nname = \"any gpu leak\"\nfinding = \"gpu_leak\"\nladder = [{action = \"notify\"}]\n\
+                    [[rule]]\nname = \"nearly full\"\nfinding = \"gpu_leak\"\ngpu_memory_percent = 90\nladder = [{action = \"freeze\"}]\n";
+        let (p, r) = parse_policy_file(Path::new("50-gpu.toml"), text).unwrap();
+        let policy = merge(MainConfig::default(), vec![("50-gpu.toml".into(), p, r)]);
+        let mut f = finding("/ml");
+        f.kind = FindingKind::GpuLeak;
+        f.gpus = vec![crate::detect::GpuUse {
+            device: 0,
+            uuid: "GPU-aaaa".into(),
+            memory_percent: Some(70.0),
+            util_percent: Some(61.0),
+            cgroup_bytes: 4000 << 20,
+        }];
+        let judged = judge_all(&[(f, vec![])], &policy, &Decider::default());
+        assert_eq!(judged[0].rule.as_deref(), Some("any gpu leak"));
+        assert_eq!(judged[0].gpu_unmet, ["nearly full"]);
+        let state = State {
+            t: 1.0,
+            timestamp_ms: 1000,
+            findings: judged,
+            ..State::default()
+        };
+        let out = render(&state, None, 1000);
+        for want in [
+            "GPUs: 0 GPU-aaaa mem 70 % util 61 %, this cgroup 4000 MiB",
+            "rule \"nearly full\" passed over: its GPU conditions do not hold",
+            "rule: \"any gpu leak\"",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
     }
 
     #[test]

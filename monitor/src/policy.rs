@@ -26,7 +26,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::detect::{DetectConfig, Finding, FindingKind, Severity};
+use crate::detect::{DetectConfig, Finding, FindingKind, GpuUse, Severity};
 
 /// Where the main file lives unless told otherwise.
 pub const DEFAULT_MAIN: &str = "/etc/cgsentry/cgsentry.toml";
@@ -174,7 +174,17 @@ struct RawRule {
     min_severity: Option<Spanned<String>>,
     cooldown_sec: Option<u64>,
     release_after_quiet_sec: Option<u64>,
+    gpu_device: Option<Spanned<RawDevice>>,
+    gpu_memory_percent: Option<Spanned<f64>>,
+    gpu_util_percent: Option<Spanned<f64>>,
     ladder: Spanned<Vec<RawStep>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDevice {
+    Index(u32),
+    Name(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,7 +328,67 @@ pub struct Rule {
     /// Undo everything once the finding has been absent this long.
     pub release_after_quiet_sec: u64,
     pub ladder: Vec<Step>,
+    /// GPU conditions: the rule applies only while they hold.
+    #[serde(skip_serializing_if = "GpuCondition::is_empty")]
+    pub gpu: GpuCondition,
     pub source: PathBuf,
+}
+
+/// Which GPU a rule's GPU conditions look at.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuDevice {
+    /// Any GPU on which the finding's cgroup (or a descendant) holds memory.
+    #[default]
+    Any,
+    /// This NVML index, whether the cgroup uses it or not.
+    Index(u32),
+    /// This UUID (`GPU-…` or `MIG-…`).
+    Uuid(String),
+}
+
+/// `gpu_memory_percent` / `gpu_util_percent` of a rule: every given threshold must be
+/// reached on one device in scope ([`GpuDevice`]). Without GPU data (no NVML) a rule
+/// with conditions never applies.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GpuCondition {
+    pub device: GpuDevice,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub util_percent: Option<f64>,
+}
+
+impl GpuCondition {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.memory_percent.is_none() && self.util_percent.is_none()
+    }
+
+    /// Whether the conditions hold for a finding (always, without conditions).
+    #[must_use]
+    pub fn holds(&self, finding: &Finding) -> bool {
+        self.is_empty() || self.device_meeting(finding).is_some()
+    }
+
+    /// The first device in scope that meets every threshold.
+    #[must_use]
+    pub fn device_meeting<'a>(&self, finding: &'a Finding) -> Option<&'a GpuUse> {
+        finding.gpus.iter().find(|g| {
+            let in_scope = match &self.device {
+                GpuDevice::Any => g.cgroup_bytes > 0,
+                GpuDevice::Index(i) => g.device == *i,
+                GpuDevice::Uuid(u) => &g.uuid == u,
+            };
+            in_scope
+                && self
+                    .memory_percent
+                    .is_none_or(|t| g.memory_percent.is_some_and(|m| m >= t))
+                && self
+                    .util_percent
+                    .is_none_or(|t| g.util_percent.is_some_and(|u| u >= t))
+        })
+    }
 }
 
 /// The merged, validated policy the agent runs with.
@@ -412,12 +482,7 @@ fn percent(ctx: &mut FileCtx<'_>, v: Option<Spanned<f64>>, what: &str) -> Option
     Some(value)
 }
 
-fn validate_ladder(
-    ctx: &mut FileCtx<'_>,
-    raw: Spanned<Vec<RawStep>>,
-    finding: Option<FindingKind>,
-    cooldown: u64,
-) -> Vec<Step> {
+fn validate_ladder(ctx: &mut FileCtx<'_>, raw: Spanned<Vec<RawStep>>, cooldown: u64) -> Vec<Step> {
     let ladder_span = raw.span();
     let raw_ladder = raw.into_inner();
     if raw_ladder.is_empty() {
@@ -469,12 +534,6 @@ fn validate_ladder(
                 "a throttle step needs at least one of cpu_max_percent, cpu_weight, memory_high_percent, pids_max, swap_max_mib",
             );
         }
-        if action == Action::Kill && finding == Some(FindingKind::SingleThreadSaturation) {
-            ctx.error(
-                action_span.clone(),
-                "single_thread_saturation is a hint: it is never acted on",
-            );
-        }
         if step.grace_sec.is_some() && action != Action::Kill {
             ctx.error(action_span, "grace_sec only applies to a kill step");
         }
@@ -521,15 +580,21 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
     };
     let matcher = compile_matcher(ctx, raw.cgroup, raw.comm, raw.exe, raw.user, raw.uid);
     let cooldown = raw.cooldown_sec.unwrap_or(DEFAULT_COOLDOWN_SEC);
-    let ladder = validate_ladder(ctx, raw.ladder, finding, cooldown);
-    if finding == Some(FindingKind::SingleThreadSaturation)
+    let ladder = validate_ladder(ctx, raw.ladder, cooldown);
+    if let Some(kind) = finding.filter(|k| k.notify_only())
         && ladder.iter().any(|s| s.action.intervenes())
     {
         ctx.error(
             finding_span,
-            "single_thread_saturation is a hint: its ladder can only notify",
+            format!("{kind} is reported, never contained: its ladder can only notify"),
         );
     }
+    let gpu = validate_gpu(
+        ctx,
+        raw.gpu_device,
+        raw.gpu_memory_percent,
+        raw.gpu_util_percent,
+    );
     Some(Rule {
         name: raw.name.into_inner(),
         finding: finding?,
@@ -539,8 +604,54 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
         cooldown_sec: cooldown,
         release_after_quiet_sec: raw.release_after_quiet_sec.unwrap_or(DEFAULT_RELEASE_SEC),
         ladder,
+        gpu,
         source: ctx.path.to_owned(),
     })
+}
+
+fn validate_gpu(
+    ctx: &mut FileCtx<'_>,
+    device: Option<Spanned<RawDevice>>,
+    memory: Option<Spanned<f64>>,
+    util: Option<Spanned<f64>>,
+) -> GpuCondition {
+    let device = match device {
+        None => GpuDevice::Any,
+        Some(d) => {
+            let span = d.span();
+            match d.into_inner() {
+                RawDevice::Index(i) => GpuDevice::Index(i),
+                RawDevice::Name(n) if n == "any" => GpuDevice::Any,
+                RawDevice::Name(n) if n.starts_with("GPU-") || n.starts_with("MIG-") => {
+                    GpuDevice::Uuid(n)
+                }
+                RawDevice::Name(n) => {
+                    ctx.error(
+                        span,
+                        format!(
+                            "gpu_device {n:?}: expected an NVML index (0), a UUID (\"GPU-…\", as `nvidia-smi -L` prints) or \"any\""
+                        ),
+                    );
+                    GpuDevice::Any
+                }
+            }
+        }
+    };
+    let mut at_most_100 = |v: Option<Spanned<f64>>, what: &str| {
+        let span = v.as_ref().map(Spanned::span);
+        let value = percent(ctx, v, what);
+        if let (Some(x), Some(span)) = (value, span)
+            && x > 100.0
+        {
+            ctx.error(span, format!("{what} is at most 100 (got {x})"));
+        }
+        value
+    };
+    GpuCondition {
+        device,
+        memory_percent: at_most_100(memory, "gpu_memory_percent"),
+        util_percent: at_most_100(util, "gpu_util_percent"),
+    }
 }
 
 /// Parses and validates one policy file.
@@ -891,10 +1002,11 @@ impl PolicySet {
     /// The rule for a finding: the last rule for its kind that matches its cgroup.
     #[must_use]
     pub fn rule_for(&self, finding: &Finding, processes: &[ProcessRef<'_>]) -> Option<&Rule> {
-        self.rule
-            .iter()
-            .rev()
-            .find(|r| r.finding == finding.kind && r.matcher.matches(&finding.cgroup, processes))
+        self.rule.iter().rev().find(|r| {
+            r.finding == finding.kind
+                && r.matcher.matches(&finding.cgroup, processes)
+                && r.gpu.holds(finding)
+        })
     }
 
     /// Rule, protection and dry-run for one finding.
@@ -978,6 +1090,7 @@ after_sec = 5
             window_sec: 1.0,
             time_to_limit_sec: None,
             evidence: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 
@@ -1046,8 +1159,23 @@ after_sec = 5
             ),
             (
                 "[[rule]]\nname = \"x\"\nfinding = \"single_thread_saturation\"\nladder = [{action = \"notify\"}, {action = \"freeze\"}]\n",
-                "p.toml:3:11: single_thread_saturation is a hint",
+                "p.toml:3:11: single_thread_saturation is reported, never contained",
                 "acting on a hint",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"gpu_orphan\"\nladder = [{action = \"kill\"}]\n",
+                "p.toml:3:11: gpu_orphan is reported, never contained",
+                "killing for an orphan",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"gpu_leak\"\ngpu_memory_percent = 120\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:22: gpu_memory_percent is at most 100",
+                "GPU percent above 100",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"gpu_leak\"\ngpu_device = \"first\"\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:14: gpu_device \"first\": expected an NVML index",
+                "bad device",
             ),
             (
                 "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\", cpu_max_percent = 0.0}]\n",
@@ -1067,6 +1195,77 @@ after_sec = 5
                 "{what}: expected {expected:?} in {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn gpu_conditions_gate_a_rule_per_device_or_on_any_device_the_cgroup_uses() {
+        let (_, rules) = parse(
+            "[[rule]]\nname = \"plain\"\nfinding = \"gpu_leak\"\nladder = [{action = \"notify\"}]\n\
+             [[rule]]\nname = \"full\"\nfinding = \"gpu_leak\"\ngpu_memory_percent = 90\nladder = [{action = \"freeze\"}]\n\
+             [[rule]]\nname = \"busy gpu1\"\nfinding = \"leak\"\ngpu_device = 1\ngpu_util_percent = 50\nladder = [{action = \"notify\"}]\n\
+             [[rule]]\nname = \"by uuid\"\nfinding = \"pressure\"\ngpu_device = \"GPU-bbbb\"\ngpu_memory_percent = 10\ngpu_util_percent = 10\nladder = [{action = \"notify\"}]\n",
+        )
+        .unwrap();
+        let set = PolicySet {
+            rule: rules,
+            ..PolicySet::empty()
+        };
+        let gpu = |device, uuid: &str, mem, util, bytes| GpuUse {
+            device,
+            uuid: uuid.into(),
+            memory_percent: Some(mem),
+            util_percent: Some(util),
+            cgroup_bytes: bytes,
+        };
+        let with = |kind, gpus: Vec<GpuUse>| Finding {
+            gpus,
+            ..finding(kind, "/ml", Severity::Warning)
+        };
+        let rule = |f: &Finding| set.rule_for(f, &[]).map(|r| r.name.as_str());
+        // Device 0 is 95 % full and /ml holds memory there: "full" applies.
+        let f = with(
+            FindingKind::GpuLeak,
+            vec![
+                gpu(0, "GPU-aaaa", 95.0, 10.0, 1),
+                gpu(1, "GPU-bbbb", 20.0, 80.0, 0),
+            ],
+        );
+        assert_eq!(rule(&f), Some("full"));
+        // Full, but /ml holds nothing there: "any" means a device the cgroup uses.
+        let f = with(
+            FindingKind::GpuLeak,
+            vec![
+                gpu(0, "GPU-aaaa", 50.0, 10.0, 1),
+                gpu(1, "GPU-bbbb", 95.0, 80.0, 0),
+            ],
+        );
+        assert_eq!(rule(&f), Some("plain"));
+        // Without GPU data, a rule with GPU conditions never applies.
+        assert_eq!(rule(&with(FindingKind::GpuLeak, Vec::new())), Some("plain"));
+        // A named device counts whether the cgroup uses it or not.
+        let f = with(
+            FindingKind::Leak,
+            vec![
+                gpu(0, "GPU-aaaa", 50.0, 10.0, 1),
+                gpu(1, "GPU-bbbb", 20.0, 80.0, 0),
+            ],
+        );
+        assert_eq!(rule(&f), Some("busy gpu1"));
+        let f = with(FindingKind::Leak, vec![gpu(1, "GPU-bbbb", 20.0, 49.0, 0)]);
+        assert_eq!(rule(&f), None);
+        // Every threshold on the same device.
+        let f = with(
+            FindingKind::Pressure,
+            vec![gpu(1, "GPU-bbbb", 20.0, 5.0, 0)],
+        );
+        assert_eq!(rule(&f), None);
+        let f = with(
+            FindingKind::Pressure,
+            vec![gpu(1, "GPU-bbbb", 20.0, 15.0, 0)],
+        );
+        assert_eq!(rule(&f), Some("by uuid"));
+        let printed = set.to_toml().unwrap();
+        assert!(printed.contains("memory_percent = 90.0"), "{printed}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub fn table(snap: &Snapshot, top: usize) -> String {
     for c in snap.cgroups.iter().take(top) {
         row(&mut out, c, secs);
     }
+    if let Some(gpu) = &snap.gpu {
+        gpu_table(&mut out, gpu, snap);
+    }
     for v in &snap.events.oom_victims {
         let _ = writeln!(
             out,
@@ -74,6 +77,67 @@ fn row(out: &mut String, c: &CgroupSample, secs: f64) {
         opt(c.files.memory_pressure.map(|p| p.some.avg10), 1),
         printable(path),
     );
+}
+
+/// One line per GPU, then its processes with their CPU next to their GPU use (incident
+/// A's columns: CPU per process, GPU utilisation, GPU memory).
+fn gpu_table(out: &mut String, gpu: &crate::gpu::GpuSnapshot, snap: &Snapshot) {
+    let o = |v: Option<u32>| v.map_or_else(|| "-".into(), |v| v.to_string());
+    for d in &gpu.devices {
+        if d.lost {
+            let _ = writeln!(
+                out,
+                "GPU {} {} ({}): LOST (fell off the bus)",
+                d.index, d.name, d.uuid
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "GPU {} {}: util {} % · mem {} / {} MiB ({} %) · mem util {} % · {} °C · {} W",
+            d.index,
+            printable(&d.name),
+            o(d.util_percent),
+            opt(d.memory_used_bytes.map(mib), 0),
+            opt(d.memory_total_bytes.map(mib), 0),
+            opt(d.memory_percent(), 0),
+            o(d.memory_util_percent),
+            o(d.temperature_c),
+            opt(d.power_watts, 0),
+        );
+    }
+    if gpu.processes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:>4} {:>8} {:>6} {:>8} {:>4} {:>4}  {:<15} CGROUP",
+        "GPU", "PID", "CPU%", "GPUMiB", "SM%", "MEM%", "COMM"
+    );
+    for p in &gpu.processes {
+        let cpu = snap
+            .processes
+            .binary_search_by_key(&p.pid, |q| q.pid)
+            .ok()
+            .and_then(|i| snap.processes[i].cpu_percent);
+        let state = match p.state {
+            crate::gpu::ProcState::Running => "",
+            crate::gpu::ProcState::Zombie => " (zombie)",
+            crate::gpu::ProcState::Gone => " (gone)",
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} {:>8} {:>6} {:>8} {:>4} {:>4}  {:<15} {}{state}",
+            p.device,
+            p.pid,
+            opt(cpu, 1),
+            opt(p.used_bytes.map(mib), 0),
+            o(p.sm_util_percent),
+            o(p.mem_util_percent),
+            printable(p.comm.as_deref().unwrap_or("?")),
+            printable(p.cgroup.as_deref().unwrap_or("-")),
+        );
+    }
 }
 
 /// cgroup names may hold any byte but '/' and NUL: escape control characters so a
@@ -227,6 +291,7 @@ mod tests {
                 oom_victims: 1,
                 ..EbpfStats::default()
             },
+            gpu: None,
         }
     }
 
@@ -261,6 +326,59 @@ mod tests {
         let t = table(&snap(), 10);
         assert!(!t.contains('\x1b'), "{t:?}");
         assert!(t.contains(r"/evil\u{1b}[2J"), "{t}");
+    }
+
+    #[test]
+    fn gpu_devices_and_processes_are_listed_with_their_cpu() {
+        use crate::gpu::{GpuDevice, GpuProcess, GpuSnapshot, ProcState};
+        let mut s = snap();
+        let dev = |index, lost| GpuDevice {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "NVIDIA H100".into(),
+            lost,
+            memory_total_bytes: Some(80 << 30),
+            memory_used_bytes: Some(20 << 30),
+            util_percent: Some(61),
+            memory_util_percent: Some(30),
+            temperature_c: Some(55),
+            power_watts: Some(312.4),
+        };
+        s.gpu = Some(std::sync::Arc::new(GpuSnapshot {
+            seq: 1,
+            driver: None,
+            devices: vec![dev(0, false), dev(1, true)],
+            processes: vec![GpuProcess {
+                pid: 77,
+                device: 0,
+                used_bytes: Some(4000 << 20),
+                graphics: false,
+                sm_util_percent: Some(40),
+                mem_util_percent: None,
+                cgroup: Some("/ml".into()),
+                comm: Some("python3".into()),
+                state: ProcState::Zombie,
+            }],
+        }));
+        let t = table(&s, 1);
+        assert!(
+            t.contains("GPU 0 NVIDIA H100: util 61 % · mem 20480 / 81920 MiB (25 %) · mem util 30 % · 55 °C · 312 W"),
+            "{t}"
+        );
+        assert!(t.contains("GPU 1 NVIDIA H100 (GPU-1): LOST"), "{t}");
+        let row = t.lines().find(|l| l.contains("python3")).expect(&t);
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "0", "77", "-", "4000", "40", "-", "python3", "/ml", "(zombie)"
+            ],
+            "{t}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&json(&s, &Judgement::default()).unwrap()).unwrap();
+        assert_eq!(j["gpu"]["processes"][0]["cgroup"], "/ml");
+        assert_eq!(j["gpu"]["devices"][1]["lost"], true);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! why it skipped; under CI (`CI` set) a missing capability fails the test. Run serially
 //! (`--test-threads=1`): they share the machine's cgroup tree and scheduler.
 use std::{
+    fmt::Write as _,
     os::{unix::fs::MetadataExt as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -392,16 +393,8 @@ fn agent_detects_a_fork_burst_decides_and_explains() {
     );
     assert!(stderr.contains("decision"), "{stderr}");
 
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
-    let actions: Vec<&str> = state["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["cgroup"] == burst.rel.as_str())
-        .map(|d| d["action"].as_str().unwrap())
-        .collect();
-    assert_eq!(actions, ["notify", "freeze"], "{state}");
+    let state = agent_state(&state_dir);
+    assert_eq!(decided(&state, &burst.rel), ["notify", "freeze"], "{state}");
     assert!(
         state["decisions"][0]["dry_run"].as_bool().unwrap(),
         "{state}"
@@ -535,5 +528,192 @@ fn counters_survive_the_cgroup_being_deleted() {
     assert!(
         snap.cgroups.iter().all(|c| c.id != id),
         "reported once, then forgotten"
+    );
+}
+
+/// The agent with a scripted NVML (tests/fake-nvml, loaded through `--nvml-lib`):
+/// GPU memory of a real process is attributed to its cgroup in the JSON and the
+/// table's GPU section, its rising series is a `gpu_leak` that drives the rule's ladder
+/// (with a GPU condition), and the memory of a process that does not exist is reported.
+#[test]
+fn agent_attributes_gpu_memory_and_acts_on_a_gpu_leak() {
+    let Some(env) = kernel_env() else { return };
+    let cg = TestCgroup::new(&env, "gpu");
+    let holder = cg.spawn("exec sleep 120");
+    let pid = holder.id();
+    // 100 MiB more per GPU sample on an 8 GiB device, and a process that does not exist.
+    let mut script = String::from("device 0 uuid=GPU-test name=\"Fake H100\" total_mib=8192\n");
+    for k in 0..80 {
+        let _ = write!(
+            script,
+            "frame\ngpu 0 used_mib={} util=35 temp=50 power_mw=200000\nproc 0 pid={pid} used_mib={} sm=35 mem=10\nproc 0 pid=4194303 used_mib=300\n",
+            1300 + 100 * k,
+            1000 + 100 * k
+        );
+    }
+    let fake = fake_nvml::FakeNvml::new(&script).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let lib = fake.lib_path();
+    let out = gpu_agent(dir.path(), &["--nvml-lib", lib.to_str().unwrap()], "56");
+    stop(holder);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("GPU: NVML ready: 1 device(s), driver 550.54.15"),
+        "{stderr}"
+    );
+    let ticks: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let last = ticks.last().expect("ticks");
+    let procs = last["gpu"]["processes"].as_array().expect("gpu processes");
+    let mine = procs.iter().find(|p| p["pid"] == pid).expect("our process");
+    assert_eq!(mine["cgroup"], cg.rel.as_str(), "{mine}");
+    assert_eq!(mine["comm"], "sleep");
+    assert_eq!(mine["state"], "running");
+    let gone = procs
+        .iter()
+        .find(|p| p["pid"] == 4_194_303)
+        .expect("the gone one");
+    assert_eq!(gone["state"], "gone");
+    assert_eq!(last["gpu"]["devices"][0]["name"], "Fake H100");
+    // GPU samples are taken at most every 0.9 s: about one per two ticks.
+    let seq = last["gpu"]["seq"].as_u64().unwrap();
+    assert!(
+        (20..=40).contains(&seq),
+        "{seq} samples in 56 ticks of 0.5 s"
+    );
+
+    let findings: Vec<&serde_json::Value> = ticks
+        .iter()
+        .flat_map(|t| t["findings"].as_array().unwrap())
+        .map(|j| &j["finding"])
+        .collect();
+    let leak = findings
+        .iter()
+        .find(|f| f["kind"] == "gpu_leak")
+        .unwrap_or_else(|| panic!("no gpu_leak in {findings:?}\n{stderr}"));
+    assert_eq!(leak["cgroup"], cg.rel.as_str());
+    assert_eq!(leak["pid"], pid);
+    assert!(
+        leak["summary"]
+            .as_str()
+            .unwrap()
+            .contains("GPU 0 (Fake H100)"),
+        "{leak}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["kind"] == "gpu_orphan" && f["pid"] == 4_194_303)
+    );
+
+    let state = agent_state(&state_dir);
+    assert_eq!(decided(&state, &cg.rel), ["notify", "freeze"], "{state}");
+
+    // explain shows the GPU the leaker uses.
+    let explain = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args(["explain", &cg.rel, "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(text.contains("GPUs: 0 GPU-test"), "{text}");
+    // Once found, the leak is in every tick, sampled or not (no quiet spells).
+    let leaking: Vec<bool> = ticks.iter().map(|t| has_finding(t, "gpu_leak")).collect();
+    let first = leaking.iter().position(|l| *l).unwrap();
+    assert!(
+        leaking[first..].iter().all(|l| *l),
+        "the GPU leak blinks: {leaking:?}"
+    );
+}
+
+/// The agent's state file.
+fn agent_state(state_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap()
+}
+
+/// The actions decided for one cgroup, in order.
+fn decided<'a>(state: &'a serde_json::Value, cgroup: &str) -> Vec<&'a str> {
+    state["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["cgroup"] == cgroup)
+        .map(|d| d["action"].as_str().unwrap())
+        .collect()
+}
+
+fn has_finding(tick: &serde_json::Value, kind: &str) -> bool {
+    tick["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["finding"]["kind"] == kind)
+}
+
+/// The agent with a dry-run GPU policy in `dir`, its JSON ticks captured.
+fn gpu_agent(dir: &std::path::Path, extra: &[&str], ticks: &str) -> std::process::Output {
+    let config = dir.join("cgsentry.toml");
+    std::fs::write(&config, "dry_run = true\npolicies_dir = \"policies.d\"\n").unwrap();
+    let _ = std::fs::create_dir(dir.join("policies.d"));
+    std::fs::write(
+        dir.join("policies.d/10-test.toml"),
+        "[[rule]]\nname = \"test gpu leak\"\nfinding = \"gpu_leak\"\ncgroup = \"/cgsentry-test-*\"\ngpu_memory_percent = 10\n\
+         ladder = [{action = \"notify\"}, {action = \"freeze\", after_sec = 1}]\n\
+         [[rule]]\nname = \"test orphan\"\nfinding = \"gpu_orphan\"\nladder = [{action = \"notify\"}]\n",
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args([
+            "run",
+            "--json",
+            "--interval",
+            "500ms",
+            "--ticks",
+            ticks,
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--journal-dir")
+        .arg(dir.join("journal"))
+        .args(extra)
+        .output()
+        .expect("running cgsentry")
+}
+
+/// No NVML: said once, and the agent runs without GPU data.
+#[test]
+fn agent_without_nvml_says_so_once_and_runs() {
+    if kernel_env().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = gpu_agent(
+        dir.path(),
+        &["--nvml-lib", "/nonexistent/libnvidia-ml.so.1"],
+        "3",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("GPU: NVML not available").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("/nonexistent/libnvidia-ml.so.1 cannot be loaded"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 3);
+    assert!(
+        stdout.lines().all(|l| l.contains("\"gpu\":null")),
+        "{stdout}"
     );
 }

@@ -42,8 +42,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// README's test command: fmt, clippy (agent and eBPF), unit tests, then the host
-    /// integration tests as root.
+    /// README's test command: fmt, clippy (agent and eBPF), unit tests (with the fake
+    /// NVML), the real-NVML test (skipped, saying so, without a GPU), the host
+    /// integration tests as root, then the VM scenarios.
     Test {
         /// Skip the host integration tests (they need root and an eBPF-capable kernel).
         #[arg(long)]
@@ -113,6 +114,16 @@ fn test(no_host: bool, no_vm: bool) -> Result<()> {
         "monitor-ebpf",
         "--lib",
         "--bins",
+    ]))?;
+    // The real-NVML test: runs where a GPU is, and prints why it skipped where none is.
+    run(cargo().args([
+        "test",
+        "--package",
+        "monitor",
+        "--test",
+        "gpu",
+        "--",
+        "--nocapture",
     ]))?;
     if no_host {
         eprintln!("xtask: host integration tests skipped (--no-host)");
