@@ -4,7 +4,7 @@
 //! Stages: [`preflight`] (is the kernel usable), [`probes`] (eBPF load/attach/maps),
 //! [`cgroupfs`] (cgroup v2 files), [`events`] (ring-buffer decoding),
 //! [`collect`] (one `Snapshot` per tick),
-//! [`report`] (table, JSON), [`watch`] (early ticks on a memory burst), [`agent`] (the
+//! [`gpu`] (NVML), [`report`] (table, JSON), [`watch`] (early ticks on a memory burst), [`agent`] (the
 //! tokio loop), [`cli`].
 pub mod act;
 pub mod agent;
