@@ -183,11 +183,7 @@ impl Guard {
     fn act(&mut self, snap: &Snapshot, outcome: &crate::decide::Outcome) -> Vec<act::Report> {
         let mut actions = std::mem::take(&mut self.reconciled);
         for d in &outcome.decisions {
-            let memory = snap
-                .cgroups
-                .iter()
-                .find(|c| c.path.as_deref() == Some(d.cgroup.as_str()))
-                .and_then(|c| c.files.memory_current);
+            let memory = snap.cgroup(&d.cgroup).and_then(|c| c.files.memory_current);
             actions.push(self.actuator.apply(d, memory));
         }
         let m = &snap.machine;

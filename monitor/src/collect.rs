@@ -459,6 +459,16 @@ pub struct Snapshot {
     pub gpu: Option<Arc<crate::gpu::GpuSnapshot>>,
 }
 
+impl Snapshot {
+    /// The cgroup at `path` in this tick, if it was seen.
+    #[must_use]
+    pub fn cgroup(&self, path: &str) -> Option<&CgroupSample> {
+        self.cgroups
+            .iter()
+            .find(|c| c.path.as_deref() == Some(path))
+    }
+}
+
 /// Monotonic clock, nanoseconds: the clock of `bpf_ktime_get_ns()`.
 ///
 /// # Panics

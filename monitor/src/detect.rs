@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cgroupfs::CgroupId,
     collect::{CgroupSample, Machine, Snapshot},
-    gpu::{GpuProcess, GpuSnapshot, ProcState},
+    gpu::{GpuProcess, GpuSnapshot, ProcState, in_subtree},
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -997,11 +997,7 @@ impl Detector {
             out.push(Finding {
                 kind: FindingKind::Leak,
                 severity: if critical { Severity::Critical } else { Severity::Warning },
-                cgroup_id: snap
-                    .cgroups
-                    .iter()
-                    .find(|c| c.path.as_deref() == Some(cgroup))
-                    .map_or(0, |c| c.id),
+                cgroup_id: snap.cgroup(cgroup).map_or(0, |c| c.id),
                 cgroup: cgroup.to_owned(),
                 pid: Some(p.pid),
                 comm: Some(p.comm.clone()),
@@ -1253,11 +1249,7 @@ impl Detector {
                 continue;
             }
             let cgroup = p.cgroup.clone().unwrap_or_default();
-            let cgroup_id = snap
-                .cgroups
-                .iter()
-                .find(|c| c.path.as_deref() == Some(cgroup.as_str()))
-                .map_or(0, |c| c.id);
+            let cgroup_id = snap.cgroup(&cgroup).map_or(0, |c| c.id);
             let mut f = Finding {
                 kind: FindingKind::SingleThreadSaturation,
                 severity: Severity::Hint,
@@ -1359,12 +1351,7 @@ impl Detector {
         let cfg = self.config.leak.clone();
         let interval_s = snap.interval_ns as f64 / 1e9;
         let point = |memory: u64, device: u32| gpu_point(gpu, t, interval_s, memory, device);
-        let id_of = |path: &str| {
-            snap.cgroups
-                .iter()
-                .find(|c| c.path.as_deref() == Some(path))
-                .map_or(0, |c| c.id)
-        };
+        let id_of = |path: &str| snap.cgroup(path).map_or(0, |c| c.id);
         let process_leaks = self.gpu_process_leaks(gpu, &point, window);
 
         let mut out = Vec::new();
@@ -1610,13 +1597,6 @@ fn largest_process<'a>(snap: &'a Snapshot, path: &str) -> Option<(u32, &'a str)>
         .map(|p| (p.pid, p.comm.as_str()))
 }
 
-fn is_ancestor(ancestor: &str, path: &str) -> bool {
-    ancestor == "/"
-        || path
-            .strip_prefix(ancestor)
-            .is_some_and(|rest| rest.starts_with('/'))
-}
-
 /// Drops memory findings (leak, explosion, pressure) of cgroups one of whose
 /// descendants has the same finding: memory is hierarchical, the child is the offender.
 fn suppress_ancestors(findings: &mut Vec<Finding>) {
@@ -1634,7 +1614,7 @@ fn suppress_ancestors(findings: &mut Vec<Finding>) {
         !hierarchical(f.kind)
             || !keyed
                 .iter()
-                .any(|(k, p)| *k == f.kind && p != &f.cgroup && is_ancestor(&f.cgroup, p))
+                .any(|(k, p)| *k == f.kind && p != &f.cgroup && in_subtree(&f.cgroup, p))
     });
     findings.sort_by(|a, b| {
         b.severity
