@@ -172,6 +172,56 @@ impl Guard {
         }
     }
 
+    /// `cgsentry release <cgroup>`: undoes at once everything applied to `cgroup` (or
+    /// to a cgroup whose quarantine it is), whichever rule applied it, and forgets the
+    /// ladders. A finding still present starts its ladder again from the first step,
+    /// with that step's own delay.
+    ///
+    /// # Errors
+    /// Nothing of ours is applied there.
+    pub fn release_manual(&mut self, cgroup: &str) -> Result<Vec<act::Report>, String> {
+        let cgroup = self.actuator.origin_of(cgroup).unwrap_or(cgroup).to_owned();
+        let applied: Vec<(String, usize, bool)> = self
+            .actuator
+            .entries()
+            .iter()
+            .filter(|a| a.cgroup == cgroup)
+            .map(|a| (a.rule.clone(), a.steps_taken, a.dry_run))
+            .collect();
+        let id = cgroup_id(self.actuator.writer(), &cgroup);
+        let ladders = self.decider.states().filter(|s| s.cgroup == cgroup).count();
+        if applied.is_empty() && ladders == 0 {
+            return Err(format!(
+                "nothing is applied to {cgroup} and no ladder is running there (see `cgsentry status`)"
+            ));
+        }
+        let mut reports = Vec::new();
+        for (rule, steps_taken, dry_run) in applied {
+            let r = crate::decide::Release {
+                cgroup_id: id.unwrap_or(0),
+                cgroup: cgroup.clone(),
+                rule,
+                stage: ReleaseStage::Full,
+                steps_taken,
+                quiet_sec: 0.0,
+                dry_run,
+            };
+            if let Some(mut report) = self.actuator.release(&r) {
+                report.action = "release (manual)".into();
+                log_report(&report);
+                reports.push(report);
+            }
+        }
+        if let Some(id) = id {
+            self.decider.forget(id);
+        } else {
+            // The cgroup is gone: forget its ladders by path.
+            self.decider.forget_path(&cgroup);
+        }
+        info!(cgroup = %cgroup, "released by the operator");
+        Ok(reports)
+    }
+
     /// Available memory the detectors count as none left, percent of RAM.
     #[must_use]
     pub fn reserve_percent(&self) -> f64 {

@@ -253,6 +253,11 @@ impl Decider {
     pub fn forget(&mut self, id: CgroupId) {
         self.states.retain(|(cg, _), _| *cg != id);
     }
+
+    /// Forgets every ladder on the cgroup at `path` (whatever its id).
+    pub fn forget_path(&mut self, path: &str) {
+        self.states.retain(|_, s| s.cgroup != path);
+    }
 }
 
 /// The action a step becomes on this cgroup: itself, or `notify` when a protect entry

@@ -36,6 +36,9 @@ pub struct Judged {
     /// not hold (later rules win, so these would otherwise have applied).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_unmet: Vec<String>,
+    /// Container and pod of the finding's cgroup, read from its path.
+    #[serde(default, skip_serializing_if = "crate::identity::Identity::is_empty")]
+    pub identity: crate::identity::Identity,
 }
 
 /// A decision with the agent-clock second it was taken.
@@ -110,6 +113,7 @@ pub fn judge_all(
                 .map(|r| r.name.clone())
                 .collect();
             Judged {
+                identity: crate::identity::of(&f.cgroup),
                 finding: f.clone(),
                 rule: verdict.rule,
                 gpu_unmet,

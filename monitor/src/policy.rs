@@ -158,6 +158,10 @@ struct RawProtect {
     exe: Option<Spanned<String>>,
     user: Option<String>,
     uid: Option<u32>,
+    runtime: Option<Spanned<String>>,
+    container_id: Option<Spanned<String>>,
+    pod_uid: Option<Spanned<String>>,
+    qos_class: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +174,10 @@ struct RawRule {
     exe: Option<Spanned<String>>,
     user: Option<String>,
     uid: Option<u32>,
+    runtime: Option<Spanned<String>>,
+    container_id: Option<Spanned<String>>,
+    pod_uid: Option<Spanned<String>>,
+    qos_class: Option<Spanned<String>>,
     dry_run: Option<bool>,
     min_severity: Option<Spanned<String>>,
     cooldown_sec: Option<u64>,
@@ -177,6 +185,7 @@ struct RawRule {
     gpu_device: Option<Spanned<RawDevice>>,
     gpu_memory_percent: Option<Spanned<f64>>,
     gpu_util_percent: Option<Spanned<f64>>,
+    exec: Option<Spanned<Vec<String>>>,
     ladder: Spanned<Vec<RawStep>>,
 }
 
@@ -207,6 +216,7 @@ struct RawMain {
     policies_dir: Option<String>,
     quarantine_parent: Option<Spanned<String>>,
     detect: Option<DetectConfig>,
+    notify: Option<Spanned<crate::notify::NotifyConfig>>,
 }
 
 // ---- validated, effective policy ----
@@ -228,6 +238,12 @@ pub struct Matcher {
     pub user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Container and pod identity read from the cgroup path ([`crate::identity`]):
+    /// `runtime`, `container_id` (a prefix of at least 12 hex digits, as `docker ps`
+    /// prints it), `pod_uid`, `qos_class`. They hold for the container's cgroup and
+    /// every cgroup below it.
+    #[serde(flatten)]
+    pub identity: crate::identity::Identity,
     #[serde(skip)]
     compiled: Compiled,
 }
@@ -267,6 +283,23 @@ impl Matcher {
             && self.uid.is_none_or(|u| p.uid == Some(u))
     }
 
+    fn identity_matches(&self, path: &str) -> bool {
+        let want = &self.identity;
+        if want.is_empty() {
+            return true;
+        }
+        let have = crate::identity::of(path);
+        let same = |w: &Option<String>, h: &Option<String>| w.is_none() || w == h;
+        same(&want.runtime, &have.runtime)
+            && same(&want.pod_uid, &have.pod_uid)
+            && same(&want.qos_class, &have.qos_class)
+            && want.container_id.as_deref().is_none_or(|w| {
+                have.container_id
+                    .as_deref()
+                    .is_some_and(|h| h.starts_with(w))
+            })
+    }
+
     /// Whether the cgroup at `path`, holding `processes`, matches.
     #[must_use]
     pub fn matches(&self, path: &str, processes: &[ProcessRef<'_>]) -> bool {
@@ -274,6 +307,7 @@ impl Matcher {
             .cgroup
             .as_ref()
             .is_none_or(|g| g.is_match(path))
+            && self.identity_matches(path)
             && (!self.has_process_criteria() || processes.iter().any(|p| self.process_matches(p)))
     }
 }
@@ -331,6 +365,11 @@ pub struct Rule {
     /// GPU conditions: the rule applies only while they hold.
     #[serde(skip_serializing_if = "GpuCondition::is_empty")]
     pub gpu: GpuCondition,
+    /// A program run (argv, no shell) for each of this rule's decisions and releases,
+    /// with the event as JSON on stdin and in `CGSENTRY_*` variables; rate-limited with
+    /// the other notifications, killed after 10 s.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
     pub source: PathBuf,
 }
 
@@ -396,6 +435,8 @@ impl GpuCondition {
 pub struct PolicySet {
     /// Log what would be done, do nothing (every rule; a rule can also set its own).
     pub dry_run: bool,
+    /// Webhook, desktop notifications, rate limits (`[notify]` of the main file).
+    pub notify: crate::notify::NotifyConfig,
     pub policies_dir: PathBuf,
     pub quarantine_parent: String,
     pub detect: DetectConfig,
@@ -409,17 +450,84 @@ const DEFAULT_COOLDOWN_SEC: u64 = 30;
 const DEFAULT_RELEASE_SEC: u64 = 120;
 const DEFAULT_GRACE_SEC: u64 = 10;
 
-fn compile_matcher(
-    ctx: &mut FileCtx<'_>,
+/// The matcher fields of a `[[protect]]` or `[[rule]]` entry, as read.
+struct RawWho {
     cgroup: Option<Spanned<String>>,
     comm: Option<Spanned<String>>,
     exe: Option<Spanned<String>>,
     user: Option<String>,
     uid: Option<u32>,
-) -> Matcher {
+    runtime: Option<Spanned<String>>,
+    container_id: Option<Spanned<String>>,
+    pod_uid: Option<Spanned<String>>,
+    qos_class: Option<Spanned<String>>,
+}
+
+/// Validates an identity criterion against what [`crate::identity`] can produce.
+fn identity_value(
+    ctx: &mut FileCtx<'_>,
+    v: Option<Spanned<String>>,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+    expected: &str,
+) -> Option<String> {
+    let v = v?;
+    let span = v.span();
+    let value = v.into_inner();
+    if !ok(&value) {
+        ctx.error(span, format!("{what} {value:?}: expected {expected}"));
+    }
+    Some(value)
+}
+
+fn compile_matcher(ctx: &mut FileCtx<'_>, who: RawWho) -> Matcher {
+    let RawWho {
+        cgroup,
+        comm,
+        exe,
+        user,
+        uid,
+        runtime,
+        container_id,
+        pod_uid,
+        qos_class,
+    } = who;
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    let identity = crate::identity::Identity {
+        runtime: identity_value(
+            ctx,
+            runtime,
+            "runtime",
+            |s| ["docker", "containerd", "cri-o", "podman", "kubernetes"].contains(&s),
+            "docker, containerd, cri-o, podman or kubernetes",
+        ),
+        container_id: identity_value(
+            ctx,
+            container_id,
+            "container_id",
+            |s| (12..=64).contains(&s.len()) && hex(s),
+            "12 to 64 hex digits (an id or its prefix, lower case)",
+        )
+        .map(|s| s.to_ascii_lowercase()),
+        pod_uid: identity_value(
+            ctx,
+            pod_uid,
+            "pod_uid",
+            |s| s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+            "a pod UID like 7c1a5f2e-3b4d-4c5e-9f6a-1b2c3d4e5f60",
+        ),
+        qos_class: identity_value(
+            ctx,
+            qos_class,
+            "qos_class",
+            |s| ["guaranteed", "burstable", "besteffort"].contains(&s),
+            "guaranteed, burstable or besteffort",
+        ),
+    };
     let mut m = Matcher {
         user,
         uid,
+        identity,
         ..Matcher::default()
     };
     if let Some(g) = cgroup {
@@ -578,7 +686,20 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
             Severity::Warning
         }),
     };
-    let matcher = compile_matcher(ctx, raw.cgroup, raw.comm, raw.exe, raw.user, raw.uid);
+    let matcher = compile_matcher(
+        ctx,
+        RawWho {
+            cgroup: raw.cgroup,
+            comm: raw.comm,
+            exe: raw.exe,
+            user: raw.user,
+            uid: raw.uid,
+            runtime: raw.runtime,
+            container_id: raw.container_id,
+            pod_uid: raw.pod_uid,
+            qos_class: raw.qos_class,
+        },
+    );
     let cooldown = raw.cooldown_sec.unwrap_or(DEFAULT_COOLDOWN_SEC);
     let ladder = validate_ladder(ctx, raw.ladder, cooldown);
     if let Some(kind) = finding.filter(|k| k.notify_only())
@@ -595,9 +716,31 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
         raw.gpu_memory_percent,
         raw.gpu_util_percent,
     );
+    let exec = match raw.exec {
+        None => Vec::new(),
+        Some(e) => {
+            let span = e.span();
+            let argv = e.into_inner();
+            match argv.first() {
+                None => ctx.error(
+                    span,
+                    "exec must name a program: [\"/path/to/hook\", \"arg\", …]",
+                ),
+                Some(p) if !p.starts_with('/') => ctx.error(
+                    span,
+                    format!(
+                        "exec program {p:?} must be an absolute path (the agent has no useful PATH)"
+                    ),
+                ),
+                Some(_) => {}
+            }
+            argv
+        }
+    };
     Some(Rule {
         name: raw.name.into_inner(),
         finding: finding?,
+        exec,
         matcher,
         dry_run: raw.dry_run.unwrap_or(false),
         min_severity,
@@ -680,7 +823,20 @@ pub fn parse_policy_file(
         .into_iter()
         .map(|p| Protect {
             name: p.name.get_ref().clone(),
-            matcher: compile_matcher(&mut ctx, p.cgroup, p.comm, p.exe, p.user, p.uid),
+            matcher: compile_matcher(
+                &mut ctx,
+                RawWho {
+                    cgroup: p.cgroup,
+                    comm: p.comm,
+                    exe: p.exe,
+                    user: p.user,
+                    uid: p.uid,
+                    runtime: p.runtime,
+                    container_id: p.container_id,
+                    pod_uid: p.pod_uid,
+                    qos_class: p.qos_class,
+                },
+            ),
             source: path.to_owned(),
         })
         .collect();
@@ -715,6 +871,7 @@ pub struct MainConfig {
     pub policies_dir: PathBuf,
     pub quarantine_parent: String,
     pub detect: DetectConfig,
+    pub notify: crate::notify::NotifyConfig,
 }
 
 impl Default for MainConfig {
@@ -724,6 +881,7 @@ impl Default for MainConfig {
             policies_dir: PathBuf::from(DEFAULT_POLICIES_DIR),
             quarantine_parent: "cgsentry.slice".into(),
             detect: DetectConfig::default(),
+            notify: crate::notify::NotifyConfig::default(),
         }
     }
 }
@@ -765,12 +923,24 @@ pub fn parse_main(path: &Path, text: &str) -> Result<MainConfig, Vec<Diagnostic>
             path.parent().unwrap_or(Path::new("/")).join(d)
         },
     );
+    let notify = match raw.notify {
+        None => crate::notify::NotifyConfig::default(),
+        Some(n) => {
+            let span = n.span();
+            let n = n.into_inner();
+            for p in n.problems() {
+                ctx.error(span.clone(), format!("[notify]: {p}"));
+            }
+            n
+        }
+    };
     if ctx.diags.is_empty() {
         Ok(MainConfig {
             dry_run: raw.dry_run.unwrap_or(false),
             policies_dir,
             quarantine_parent,
             detect: raw.detect.unwrap_or_default(),
+            notify,
         })
     } else {
         Err(ctx.diags)
@@ -815,6 +985,7 @@ impl PolicySet {
 pub fn merge(main: MainConfig, parsed: Vec<(PathBuf, Vec<Protect>, Vec<Rule>)>) -> PolicySet {
     let mut set = PolicySet {
         dry_run: main.dry_run,
+        notify: main.notify,
         policies_dir: main.policies_dir,
         quarantine_parent: main.quarantine_parent,
         detect: main.detect,
@@ -1075,6 +1246,7 @@ after_sec = 5
             policies_dir: PathBuf::from("/nonexistent"),
             quarantine_parent: "cgsentry.slice".into(),
             detect: DetectConfig::default(),
+            notify: crate::notify::NotifyConfig::default(),
         }
     }
 
@@ -1176,6 +1348,21 @@ after_sec = 5
                 "[[rule]]\nname = \"x\"\nfinding = \"gpu_leak\"\ngpu_device = \"first\"\nladder = [{action = \"notify\"}]\n",
                 "p.toml:4:14: gpu_device \"first\": expected an NVML index",
                 "bad device",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nruntime = \"lxc\"\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:11: runtime \"lxc\": expected docker, containerd",
+                "unknown runtime",
+            ),
+            (
+                "[[protect]]\nname = \"x\"\ncontainer_id = \"abc\"\n",
+                "p.toml:3:16: container_id \"abc\": expected 12 to 64 hex digits",
+                "short container id",
+            ),
+            (
+                "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nexec = [\"page-me\"]\nladder = [{action = \"notify\"}]\n",
+                "p.toml:4:8: exec program \"page-me\" must be an absolute path",
+                "relative hook",
             ),
             (
                 "[[rule]]\nname = \"x\"\nfinding = \"leak\"\nladder = [{action = \"throttle\", cpu_max_percent = 0.0}]\n",
@@ -1354,6 +1541,50 @@ after_sec = 5
                 .any(|e| e.file.ends_with("70-broken.toml") && e.line == 1),
             "{errs:?}"
         );
+    }
+
+    /// Identity criteria match the container's cgroup and what is below it, on the
+    /// path alone; a container id matches by prefix.
+    #[test]
+    fn rules_match_container_and_pod_identity() {
+        let cid = "3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e";
+        let pod = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod7c1a5f2e_3b4d_4c5e_9f6a_1b2c3d4e5f60.slice";
+        let (protect, rules) = parse(&format!(
+            "[[protect]]\nname = \"db\"\ncontainer_id = \"{}\"\n\
+             [[rule]]\nname = \"be\"\nfinding = \"leak\"\nqos_class = \"besteffort\"\nruntime = \"containerd\"\n\
+             exec = [\"/usr/local/bin/hook\", \"--page\"]\nladder = [{{action = \"freeze\"}}]\n\
+             [[rule]]\nname = \"pod\"\nfinding = \"leak\"\npod_uid = \"7c1a5f2e-3b4d-4c5e-9f6a-1b2c3d4e5f60\"\nladder = [{{action = \"notify\"}}]\n",
+            &cid[..12]
+        ))
+        .unwrap();
+        let be = &rules[0].matcher;
+        assert!(be.matches(&format!("{pod}/cri-containerd-{cid}.scope"), &[]));
+        assert!(be.matches(&format!("{pod}/cri-containerd-{cid}.scope/init.scope"), &[]));
+        assert!(
+            !be.matches(&format!("{pod}/crio-{cid}.scope"), &[]),
+            "another runtime"
+        );
+        assert!(
+            !be.matches(&format!("/system.slice/docker-{cid}.scope"), &[]),
+            "not a pod"
+        );
+        assert!(rules[1].matcher.matches(pod, &[]));
+        assert!(!rules[1].matcher.matches("/kubepods.slice", &[]));
+        let db = &protect[0].matcher;
+        assert!(db.matches(&format!("/system.slice/docker-{cid}.scope"), &[]));
+        assert!(!db.matches(
+            &format!("/system.slice/docker-{}.scope", "0".repeat(64)),
+            &[]
+        ));
+        assert_eq!(rules[0].exec, ["/usr/local/bin/hook", "--page"]);
+        // Printed with the effective policy and read back.
+        let set = merge(
+            main_defaults(),
+            vec![(PathBuf::from("p.toml"), protect, rules)],
+        );
+        let text = set.to_toml().unwrap();
+        assert!(text.contains("qos_class = \"besteffort\""), "{text}");
+        assert!(text.contains("container_id = \"3f2e1d0c9b8a\""), "{text}");
     }
 
     #[test]

@@ -54,7 +54,14 @@ struct Outcome {
     wall: Duration,
     boot_s: Option<f64>,
     log: PathBuf,
+    /// The guest went silent (see [`SILENT`]) and was stopped.
+    hung: bool,
 }
+
+/// A scenario's guest prints every tick (agent) and every second (workloads); this long
+/// without a console line means the guest (or QEMU's TCG) has wedged: every CPU stopped
+/// running, the kernel's own lockup watchdog silent too.
+const SILENT: Duration = Duration::from_secs(60);
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     for (tool, why) in [
@@ -75,6 +82,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     let kernel = ensure_kernel(&vm_dir.join("kernel"))?;
 
     let mut table: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
+    let mut hangs = 0u32;
     let suite = Instant::now();
     for (name, path) in &scenarios {
         let mut scenario = Scenario::load(path)?;
@@ -87,7 +95,19 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
                 args.repeat.max(1),
                 scenario.description
             );
-            let outcome = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt)?;
+            let mut outcome = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt)?;
+            if outcome.hung {
+                // A wedged emulator is not a verdict on the scenario: run it once more,
+                // and say so (the table counts it). Twice wedged fails.
+                eprintln!(
+                    "vm-test: {name}: the VM went silent for {} s ({}): running it once more",
+                    SILENT.as_secs(),
+                    outcome.log.display()
+                );
+                hangs += 1;
+                let retry = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt + 1000)?;
+                outcome = retry;
+            }
             if outcome.failures.is_empty() {
                 eprintln!(
                     "vm-test: {name}: PASS in {:.1} s (boot {:.1} s)",
@@ -137,6 +157,9 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     let total: usize = table.values().map(Vec::len).sum();
     // The plain closing line CI reads in any language.
     println!("vm-test: {} passed, {failed} failed", total - failed);
+    if hangs > 0 {
+        println!("vm-test: {hangs} run(s) re-run after the VM went silent (wedged emulator)");
+    }
     eprintln!("vm-test: suite took {:.1} s", suite.elapsed().as_secs_f64());
     if failed > 0 {
         bail!("{failed} VM scenario run(s) failed");
@@ -331,6 +354,8 @@ struct Console {
     lines: Vec<String>,
     wall: Duration,
     timed_out: bool,
+    /// Seconds into the run at which the console went silent for [`SILENT`].
+    silent_at: Option<f64>,
 }
 
 fn run_scenario(
@@ -400,6 +425,7 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
     let start = Instant::now();
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let last_line = Arc::new(Mutex::new(Instant::now()));
     let streams: [Box<dyn std::io::Read + Send>; 2] = [
         Box::new(child.stdout.take().expect("piped")),
         Box::new(child.stderr.take().expect("piped")),
@@ -408,6 +434,7 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
         .into_iter()
         .map(|stream| {
             let lines = lines.clone();
+            let last_line = last_line.clone();
             std::thread::spawn(move || {
                 // Lossy: firmware writes escape codes and the odd invalid byte.
                 let mut reader = BufReader::new(stream);
@@ -424,15 +451,22 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
                         eprintln!("  | {}", &line[start..]);
                     }
                     lines.lock().unwrap().push(line);
+                    *last_line.lock().unwrap() = Instant::now();
                 }
             })
         })
         .collect();
     let limit = Duration::from_secs(scenario.vm.timeout_s);
     let mut timed_out = false;
+    let mut silent_at = None;
     while child.try_wait()?.is_none() {
-        if start.elapsed() > limit {
-            timed_out = true;
+        let silent = last_line.lock().unwrap().elapsed();
+        if start.elapsed() > limit || silent > SILENT {
+            if silent > SILENT {
+                silent_at = Some((start.elapsed() - silent).as_secs_f64());
+            } else {
+                timed_out = true;
+            }
             let _ = child.kill();
             let _ = child.wait();
             break;
@@ -447,6 +481,7 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
         lines,
         wall: start.elapsed(),
         timed_out,
+        silent_at,
     })
 }
 
@@ -457,8 +492,15 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         lines,
         wall,
         timed_out,
+        silent_at,
     } = console;
     let mut failures = Vec::new();
+    if let Some(at) = silent_at {
+        failures.push(format!(
+            "the VM went silent at {at:.1} s: no console line for {} s",
+            SILENT.as_secs()
+        ));
+    }
     if timed_out {
         failures.push(format!(
             "the VM timed out after {} s",
@@ -521,6 +563,7 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         wall,
         boot_s,
         log,
+        hung: silent_at.is_some(),
     }
 }
 
@@ -540,7 +583,31 @@ mod tests {
             lines: lines.iter().map(|l| (*l).to_owned()).collect(),
             wall: Duration::from_secs(1),
             timed_out: false,
+            silent_at: None,
         }
+    }
+
+    /// A guest that went silent fails and is marked hung (the suite runs it once more).
+    #[test]
+    fn a_silent_vm_is_hung_and_fails() {
+        let mut c = console(&["vm-run: booted in 2.0 s; scenario: t"]);
+        c.silent_at = Some(27.3);
+        let o = judge("t", &scenario("oom_kills = { min = 1 }"), c, PathBuf::new());
+        assert!(o.hung);
+        assert!(
+            o.failures
+                .iter()
+                .any(|f| f.contains("went silent at 27.3 s")),
+            "{:?}",
+            o.failures
+        );
+        let o = judge(
+            "t",
+            &scenario("oom_kills = { min = 1 }"),
+            console(&[]),
+            PathBuf::new(),
+        );
+        assert!(!o.hung);
     }
 
     /// Judges `lines` (optionally timed out) and asserts a failure mentioning `needle`.

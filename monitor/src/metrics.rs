@@ -1,0 +1,532 @@
+//! Prometheus metrics: the exposition text is rebuilt from each tick's snapshot and
+//! judgement (prometheus-client, OpenMetrics text format) and served on
+//! `--metrics-listen` (default `127.0.0.1:9464`).
+//!
+//! Rebuilt rather than updated in place: cgroups come and go every tick, and a family
+//! kept across ticks would keep reporting the last value of a cgroup long deleted.
+//! Counters that must survive that (actions, findings, decisions) are kept here and
+//! re-emitted. Per-cgroup series carry the cgroup path and, for containers and pods,
+//! the identity labels of [`crate::identity`].
+//!
+//! The HTTP side is a few lines over tokio's `TcpListener` instead of a web framework:
+//! one path, `GET` only, a bounded request read with a timeout, `Connection: close` —
+//! a server this small is easier to audit than a dependency tree, and the agent must not
+//! grow a second runtime or thread pool for it.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tracing::{debug, warn};
+
+use crate::{collect::Snapshot, report::Judgement};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The agent's own figures for one tick.
+#[derive(Clone, Debug, Default)]
+pub struct SelfStats {
+    pub tick_seconds: f64,
+    pub rss_bytes: u64,
+    pub event_log_lines: u64,
+    pub event_log_failures: u64,
+    pub notifications_sent: u64,
+    pub notifications_failed: u64,
+    pub notifications_suppressed: u64,
+    pub policy_rules: usize,
+    pub policy_errors: usize,
+    pub gpu_available: bool,
+}
+
+/// Resident set size of this process, bytes (`/proc/self/statm`).
+#[must_use]
+pub fn self_rss_bytes() -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096);
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
+}
+
+/// Counters kept across ticks.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    actions: BTreeMap<Labels, u64>,
+    findings: BTreeMap<Labels, u64>,
+    decisions: BTreeMap<Labels, u64>,
+    ticks: u64,
+    reclaim_seconds: BTreeMap<String, f64>,
+}
+
+fn cgroup_labels(path: &str) -> Labels {
+    let mut l = vec![("cgroup".to_owned(), path.to_owned())];
+    l.extend(
+        crate::identity::of(path)
+            .labels()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
+    l
+}
+
+fn gauge_family(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+) -> Family<Labels, GaugeF> {
+    let f = Family::<Labels, GaugeF>::default();
+    match unit {
+        Some(u) => reg.register_with_unit(name, help, u, f.clone()),
+        None => reg.register(name, help, f.clone()),
+    }
+    f
+}
+
+fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+fn plain_gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
+    let g = GaugeF::default();
+    g.set(v);
+    match unit {
+        Some(u) => reg.register_with_unit(name, help, u, g),
+        None => reg.register(name, help, g),
+    }
+}
+
+impl Metrics {
+    /// Counts the tick's events and renders the whole exposition.
+    #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one metric family after the other")]
+    pub fn update(&mut self, snap: &Snapshot, j: &Judgement, me: &SelfStats) -> String {
+        self.ticks += 1;
+        for a in &j.actions {
+            let mut l = cgroup_labels(&a.cgroup);
+            l.push(("rule".into(), a.rule.clone()));
+            l.push(("action".into(), a.action.clone()));
+            l.push(("dry_run".into(), a.dry_run.to_string()));
+            *self.actions.entry(l).or_default() += 1;
+        }
+        for d in &j.decisions {
+            let mut l = cgroup_labels(&d.cgroup);
+            l.push(("rule".into(), d.rule.clone()));
+            l.push(("action".into(), format!("{:?}", d.action).to_lowercase()));
+            *self.decisions.entry(l).or_default() += 1;
+        }
+        let interval_s = snap.interval_ns as f64 / 1e9;
+        for f in &j.findings {
+            let mut l = vec![("kind".to_owned(), f.finding.kind.to_string())];
+            l.push((
+                "severity".into(),
+                format!("{:?}", f.finding.severity).to_lowercase(),
+            ));
+            *self.findings.entry(l).or_default() += 1;
+        }
+        let mut reg = <Registry>::with_prefix("cgsentry");
+
+        // Per cgroup.
+        let cpu = gauge_family(
+            &mut reg,
+            "cgroup_cpu",
+            "CPU used in the last tick, in CPUs (1.0 = one CPU busy)",
+            None,
+        );
+        let mem = gauge_family(
+            &mut reg,
+            "cgroup_memory",
+            "memory.current",
+            Some(Unit::Bytes),
+        );
+        let trend = gauge_family(
+            &mut reg,
+            "cgroup_memory_trend_bytes_per_second",
+            "Slope of memory.current over the recent samples",
+            None,
+        );
+        let reclaim = counter_family_f(
+            &mut reg,
+            "cgroup_reclaim_stall_seconds",
+            "Time tasks of the cgroup stalled in direct or memcg reclaim (eBPF), since the agent started",
+        );
+        let psi = gauge_family(
+            &mut reg,
+            "cgroup_pressure_some_avg10_ratio",
+            "PSI some avg10 of the cgroup, per resource (0-1)",
+            None,
+        );
+        let pids = gauge_family(&mut reg, "cgroup_pids", "pids.current", None);
+        let forks = gauge_family(
+            &mut reg,
+            "cgroup_forks_per_second",
+            "Tasks created per second in the last tick (eBPF)",
+            None,
+        );
+        for c in &snap.cgroups {
+            let Some(path) = c.path.as_deref() else {
+                continue;
+            };
+            let l = cgroup_labels(path);
+            cpu.get_or_create(&l).set(c.cpu_percent / 100.0);
+            if let Some(m) = c.files.memory_current {
+                mem.get_or_create(&l).set(m as f64);
+            }
+            if let Some(t) = c.memory_trend_mib_per_s {
+                trend.get_or_create(&l).set(t * f64::from(1u32 << 20));
+            }
+            let total = self.reclaim_seconds.entry(path.to_owned()).or_default();
+            *total += c.reclaim_stall_ms / 1000.0;
+            if *total > 0.0 {
+                reclaim.get_or_create(&l).inc_by(*total);
+            }
+            for (res, p) in [
+                ("cpu", &c.files.cpu_pressure),
+                ("memory", &c.files.memory_pressure),
+                ("io", &c.files.io_pressure),
+            ] {
+                if let Some(p) = p {
+                    let mut l = l.clone();
+                    l.push(("resource".into(), res.into()));
+                    psi.get_or_create(&l).set(p.some.avg10 / 100.0);
+                }
+            }
+            if let Some(n) = c.files.pids_current {
+                pids.get_or_create(&l).set(n as f64);
+            }
+            if c.forks > 0 {
+                forks.get_or_create(&l).set(c.forks_per_s);
+            }
+        }
+        // Cgroups deleted since: their reclaim totals are dropped with them.
+        let alive: std::collections::HashSet<&str> = snap
+            .cgroups
+            .iter()
+            .filter_map(|c| c.path.as_deref())
+            .collect();
+        self.reclaim_seconds
+            .retain(|p, _| alive.contains(p.as_str()));
+
+        // Findings active in this tick, and counts.
+        let active = gauge_family(
+            &mut reg,
+            "finding_active",
+            "1 while a finding is present on the cgroup (kind, severity, rule that applies)",
+            None,
+        );
+        for f in &j.findings {
+            let mut l = cgroup_labels(&f.finding.cgroup);
+            l.push(("kind".into(), f.finding.kind.to_string()));
+            l.push((
+                "severity".into(),
+                format!("{:?}", f.finding.severity).to_lowercase(),
+            ));
+            l.push(("rule".into(), f.rule.clone().unwrap_or_default()));
+            active.get_or_create(&l).set(1.0);
+        }
+        let fc = counter_family(
+            &mut reg,
+            "finding_ticks",
+            "Ticks with a finding, by kind and severity",
+        );
+        for (l, n) in &self.findings {
+            fc.get_or_create(l).inc_by(*n);
+        }
+        let dc = counter_family(&mut reg, "decisions", "Ladder steps decided");
+        for (l, n) in &self.decisions {
+            dc.get_or_create(l).inc_by(*n);
+        }
+        let ac = counter_family(
+            &mut reg,
+            "actions",
+            "Actions carried out (or logged, dry_run=\"true\"), releases included",
+        );
+        for (l, n) in &self.actions {
+            ac.get_or_create(l).inc_by(*n);
+        }
+
+        // Machine.
+        let m = &snap.machine;
+        plain_gauge(
+            &mut reg,
+            "machine_memory_available",
+            "MemAvailable",
+            Some(Unit::Bytes),
+            m.mem_available_bytes as f64,
+        );
+        plain_gauge(
+            &mut reg,
+            "machine_memory_total",
+            "MemTotal",
+            Some(Unit::Bytes),
+            m.mem_total_bytes as f64,
+        );
+        plain_gauge(
+            &mut reg,
+            "machine_swap_used",
+            "SwapTotal - SwapFree",
+            Some(Unit::Bytes),
+            m.swap_total_bytes.saturating_sub(m.swap_free_bytes) as f64,
+        );
+
+        // GPUs.
+        if let Some(g) = &snap.gpu {
+            let used = gauge_family(
+                &mut reg,
+                "gpu_memory_used",
+                "GPU memory used (NVML)",
+                Some(Unit::Bytes),
+            );
+            let total = gauge_family(
+                &mut reg,
+                "gpu_memory_total",
+                "GPU memory (NVML)",
+                Some(Unit::Bytes),
+            );
+            let util = gauge_family(
+                &mut reg,
+                "gpu_utilization_ratio",
+                "Share of the last sample period a kernel ran (0-1)",
+                None,
+            );
+            let temp = gauge_family(&mut reg, "gpu_temperature_celsius", "GPU temperature", None);
+            let lost = gauge_family(
+                &mut reg,
+                "gpu_lost",
+                "1 when the GPU fell off the bus",
+                None,
+            );
+            for d in &g.devices {
+                let l = vec![
+                    ("gpu".to_owned(), d.index.to_string()),
+                    ("uuid".to_owned(), d.uuid.clone()),
+                    ("name".to_owned(), d.name.clone()),
+                ];
+                lost.get_or_create(&l).set(if d.lost { 1.0 } else { 0.0 });
+                if let Some(v) = d.memory_used_bytes {
+                    used.get_or_create(&l).set(v as f64);
+                }
+                if let Some(v) = d.memory_total_bytes {
+                    total.get_or_create(&l).set(v as f64);
+                }
+                if let Some(v) = d.util_percent {
+                    util.get_or_create(&l).set(f64::from(v) / 100.0);
+                }
+                if let Some(v) = d.temperature_c {
+                    temp.get_or_create(&l).set(f64::from(v));
+                }
+            }
+            let cg = gauge_family(
+                &mut reg,
+                "cgroup_gpu_memory",
+                "GPU memory held by the cgroup's own processes, per GPU",
+                Some(Unit::Bytes),
+            );
+            for (path, devices) in g.by_cgroup() {
+                for (dev, use_) in devices {
+                    let mut l = cgroup_labels(path);
+                    l.push(("gpu".into(), dev.to_string()));
+                    cg.get_or_create(&l).set(use_.memory_bytes as f64);
+                }
+            }
+        }
+
+        // The agent itself.
+        plain_gauge(
+            &mut reg,
+            "tick_duration",
+            "Time the last tick took (collect, detect, decide, act)",
+            Some(Unit::Seconds),
+            me.tick_seconds,
+        );
+        plain_gauge(
+            &mut reg,
+            "tick_interval",
+            "Length of the last tick",
+            Some(Unit::Seconds),
+            interval_s,
+        );
+        plain_gauge(
+            &mut reg,
+            "agent_resident_memory",
+            "The agent's RSS",
+            Some(Unit::Bytes),
+            me.rss_bytes as f64,
+        );
+        let ticks = Counter::<u64>::default();
+        ticks.inc_by(self.ticks);
+        reg.register("ticks", "Ticks since the agent started", ticks);
+        let e = &snap.ebpf;
+        let ebpf = counter_family(
+            &mut reg,
+            "ebpf_lost",
+            "What the eBPF side could not record, by reason",
+        );
+        for (why, n) in [
+            ("cgroup_map_full", e.cgroup_map_full),
+            ("clock_backwards", e.clock_backwards),
+            ("read_errors", e.read_errors),
+            ("update_errors", e.update_errors),
+            ("ring_buffer_full", e.events_lost),
+        ] {
+            ebpf.get_or_create(&vec![("reason".to_owned(), why.to_owned())])
+                .inc_by(n);
+        }
+        let oom = Counter::<u64>::default();
+        oom.inc_by(e.oom_victims);
+        reg.register(
+            "kernel_oom_victims",
+            "Processes the kernel OOM killer chose since the agent started",
+            oom,
+        );
+        plain_gauge(
+            &mut reg,
+            "ebpf_tracked_cgroups",
+            "Cgroups held in the eBPF map",
+            None,
+            snap.tracked_cgroups as f64,
+        );
+        plain_gauge(
+            &mut reg,
+            "ebpf_cgroup_map_capacity",
+            "Capacity of the eBPF per-cgroup map",
+            None,
+            f64::from(e.cgroup_map_capacity),
+        );
+        let log = counter_family(&mut reg, "event_log_lines", "Event log lines, by outcome");
+        log.get_or_create(&vec![("outcome".to_owned(), "written".to_owned())])
+            .inc_by(me.event_log_lines);
+        log.get_or_create(&vec![("outcome".to_owned(), "failed".to_owned())])
+            .inc_by(me.event_log_failures);
+        let n = counter_family(&mut reg, "notifications", "Notifications, by outcome");
+        for (o, v) in [
+            ("sent", me.notifications_sent),
+            ("failed", me.notifications_failed),
+            ("suppressed", me.notifications_suppressed),
+        ] {
+            n.get_or_create(&vec![("outcome".to_owned(), o.to_owned())])
+                .inc_by(v);
+        }
+        plain_gauge(
+            &mut reg,
+            "policy_rules",
+            "Rules in force",
+            None,
+            me.policy_rules as f64,
+        );
+        plain_gauge(
+            &mut reg,
+            "policy_errors",
+            "Errors of the last policy reload (the last good set stays in force)",
+            None,
+            me.policy_errors as f64,
+        );
+        plain_gauge(
+            &mut reg,
+            "gpu_available",
+            "1 when NVML answers",
+            None,
+            if me.gpu_available { 1.0 } else { 0.0 },
+        );
+
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &reg) {
+            warn!("metrics not encoded: {e}");
+        }
+        out
+    }
+}
+
+/// A counter family with float values (seconds).
+fn counter_family_f(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>> {
+    let f = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+/// The text last rendered, shared with the HTTP side.
+pub type Exposition = Arc<RwLock<String>>;
+
+/// Serves `GET /metrics` until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let text = text.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                debug!(%peer, "metrics request timed out");
+                return;
+            }
+            let line = String::from_utf8_lossy(&head);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    CONTENT_TYPE,
+                    text.read().map(|t| t.clone()).unwrap_or_default(),
+                ),
+                ("GET", "/") => (
+                    "200 OK",
+                    "text/plain; charset=utf-8",
+                    "cgsentry: metrics at /metrics\n".to_owned(),
+                ),
+                ("GET", _) => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "not found: try /metrics\n".to_owned(),
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain; charset=utf-8",
+                    "GET only\n".to_owned(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
