@@ -439,7 +439,7 @@ fn now_ms() -> u128 {
 }
 
 /// What one action did, for the log and the event stream.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub cgroup: String,
     pub rule: String,

@@ -64,6 +64,10 @@ pub struct Guard {
     reconciled: Vec<act::Report>,
     /// A policy set (files, or the built-in fallback) has been in force.
     loaded_once: bool,
+    /// Policy reloads and manual releases, for the event log.
+    events: Vec<(String, serde_json::Value)>,
+    /// The last tick's view (what `explain` shows).
+    state: State,
 }
 
 fn log_report(r: &act::Report) {
@@ -107,6 +111,8 @@ impl Guard {
             actuator: Actuator::open(cgroup_root, journal_dir, "cgsentry.slice"),
             reconciled: Vec::new(),
             loaded_once: false,
+            events: Vec::new(),
+            state: State::default(),
         };
         g.reload("start");
         g.actuator
@@ -219,7 +225,34 @@ impl Guard {
             self.decider.forget_path(&cgroup);
         }
         info!(cgroup = %cgroup, "released by the operator");
+        self.events.push((
+            "release_manual".into(),
+            serde_json::json!({ "cgroup": cgroup, "reports": reports }),
+        ));
         Ok(reports)
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> &PolicySet {
+        &self.policy
+    }
+
+    /// The last tick's state (what `explain` shows).
+    #[must_use]
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// What is applied now (the journal's entries).
+    #[must_use]
+    pub fn applied(&self) -> &[act::Applied] {
+        self.actuator.entries()
+    }
+
+    /// Events since the last call (policy reloads, manual releases).
+    pub fn take_events(&mut self) -> Vec<(String, serde_json::Value)> {
+        std::mem::take(&mut self.events)
     }
 
     /// Available memory the detectors count as none left, percent of RAM.
@@ -274,6 +307,16 @@ impl Guard {
                 self.detector.set_config(set.detect.clone());
                 self.actuator.set_quarantine_parent(&set.quarantine_parent);
                 self.fingerprint = fingerprint(&self.config, &set.policies_dir);
+                self.events.push((
+                    "policy_loaded".into(),
+                    serde_json::json!({
+                        "why": why,
+                        "files": set.files,
+                        "rules": set.rule.len(),
+                        "protect": set.protect.len(),
+                        "dry_run": set.dry_run,
+                    }),
+                ));
                 self.policy = set;
                 self.policy_errors.clear();
                 self.loaded_once = true;
@@ -305,6 +348,14 @@ impl Guard {
                     self.loaded_once = true;
                 }
                 self.policy_errors = explain::diagnostics_text(&diags);
+                self.events.push((
+                    "policy_rejected".into(),
+                    serde_json::json!({
+                        "why": why,
+                        "errors": self.policy_errors,
+                        "in_force": self.policy.files,
+                    }),
+                ));
             }
         }
     }
@@ -399,7 +450,9 @@ impl Guard {
             decisions: self.decisions.clone(),
             releases: self.releases.clone(),
         };
-        match explain::write_state(&self.state_dir, &state) {
+        let written = explain::write_state(&self.state_dir, &state);
+        self.state = state;
+        match written {
             Ok(()) => self.state_write_failed = false,
             Err(e) if !self.state_write_failed => {
                 warn!(
@@ -418,6 +471,10 @@ impl Guard {
 ///
 /// # Errors
 /// Preflight or loading failed (the message says what to do), or stdout closed.
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up, then the loop and its select arms"
+)]
 pub async fn run(args: RunArgs) -> Result<()> {
     let env = preflight::prepare()?;
     let options = LoadOptions {
@@ -441,6 +498,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &args.journal_dir,
     );
     let interval_ms = u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX);
+    let (mut ops, mut releases) = start_outputs(&args).await;
+    ops.record(
+        "agent_started",
+        &serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "interval_ms": interval_ms,
+            "policy_files": guard.policy().files,
+            "rules": guard.policy().rule.len(),
+            "dry_run": guard.policy().dry_run,
+        }),
+    );
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -464,7 +533,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sighup.recv() => { guard.reload("SIGHUP"); continue }
+            Some(r) = releases.recv() => { manual_release(&mut guard, &mut ops, r); continue }
         }
+        let started = std::time::Instant::now();
         watch.ticked();
         guard.reload_if_changed();
         let mut snap = match collector.collect() {
@@ -476,6 +547,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         };
         snap.gpu = gpu.sample(&snap.processes);
         let judgement = guard.on_snapshot(&snap, interval_ms);
+        ops.set_gpu_status(match gpu.status() {
+            crate::gpu::GpuStatus::Ready { devices } => format!("{devices} GPU(s) through NVML"),
+            crate::gpu::GpuStatus::Unavailable(why) => format!("NVML not available: {why}"),
+            crate::gpu::GpuStatus::Off => "off".into(),
+        });
+        ops.after_tick(
+            &snap,
+            &judgement,
+            &mut guard,
+            started.elapsed().as_secs_f64(),
+        );
         let text = if args.json {
             report::json(&snap, &judgement)? + "\n"
         } else {
@@ -499,7 +581,90 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     drop(collector);
     info!("eBPF programs detached");
+    ops.record("agent_stopped", &serde_json::json!({ "ticks": done }));
+    ops.close();
     Ok(())
+}
+
+/// `cgsentry release`, carried out between ticks.
+fn manual_release(guard: &mut Guard, ops: &mut crate::ops::Ops, r: crate::control::ReleaseRequest) {
+    let result = guard.release_manual(&r.cgroup);
+    if let Err(e) = &result {
+        ops.record(
+            "error",
+            &serde_json::json!({"cgroup": r.cgroup, "action": "release (manual)", "errors": [e]}),
+        );
+    }
+    for (event, body) in guard.take_events() {
+        ops.record(&event, &body);
+    }
+    let _ = r.reply.send(result);
+}
+
+/// Opens the event log, binds the metrics endpoint and the control socket. Any of them
+/// failing is logged and left off: guarding the machine matters more.
+async fn start_outputs(
+    args: &RunArgs,
+) -> (
+    crate::ops::Ops,
+    tokio::sync::mpsc::Receiver<crate::control::ReleaseRequest>,
+) {
+    use crate::{cli::unless_off, control, eventlog, metrics};
+    let event_log = unless_off(&args.event_log).map(|path| {
+        eventlog::EventLog::open(eventlog::EventLogConfig {
+            path,
+            max_bytes: args.event_log_max_mib << 20,
+            keep: args.event_log_keep,
+        })
+    });
+    let mut exposition = None;
+    let mut metrics_addr = None;
+    if args.metrics_listen != "off" {
+        match tokio::net::TcpListener::bind(&args.metrics_listen).await {
+            Ok(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_or_else(|_| args.metrics_listen.clone(), |a| a.to_string());
+                info!("metrics at http://{addr}/metrics");
+                let text = metrics::Exposition::default();
+                tokio::spawn(metrics::serve(listener, text.clone()));
+                exposition = Some(text);
+                metrics_addr = Some(addr);
+            }
+            Err(e) => warn!(
+                "metrics endpoint off: cannot listen on {}: {e}",
+                args.metrics_listen
+            ),
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut shared = None;
+    let socket = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("control.sock"));
+    let mut socket_path = None;
+    if let Some(path) = unless_off(&socket) {
+        match control::bind(&path) {
+            Ok(listener) => {
+                info!("control socket at {}", path.display());
+                let s = control::SharedRef::default();
+                tokio::spawn(control::serve(listener, s.clone(), tx));
+                shared = Some(s);
+                socket_path = Some(path);
+            }
+            Err(e) => warn!("control socket off: {e}"),
+        }
+    }
+    let ops = crate::ops::Ops::new(crate::ops::Outputs {
+        event_log,
+        exposition,
+        metrics_addr,
+        history_file: unless_off(&args.history_file),
+        shared,
+        socket_path,
+    });
+    (ops, rx)
 }
 
 /// Early ticks: `MemAvailable` read every `--watch-every`, judged by

@@ -39,6 +39,45 @@ cgsentry explain /user.slice      # a cgroup and everything below it\n  \
 cgsentry explain 4242             # the cgroup of process 4242"
     )]
     Explain(ExplainArgs),
+    /// The running agent's health: ticks, policy in force (and its errors), what it holds
+    /// applied, eBPF drops, outputs, notifications.
+    Status(StatusArgs),
+    /// Undo at once everything the agent applied to a cgroup (limits, freeze,
+    /// quarantine), whichever rule applied it. A finding still present starts its ladder
+    /// again from the first step.
+    #[command(after_help = "Example:\n  cgsentry release /system.slice/batch.service")]
+    Release(ReleaseArgs),
+    /// Live view: cgroups sorted by pressure with 5-minute CPU and memory sparklines,
+    /// findings, and what the agent holds applied (q, Esc or Ctrl-C quits).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
+    /// The cgroup (as `cgsentry status` lists it), or its quarantine cgroup.
+    #[arg(value_name = "CGROUP")]
+    pub cgroup: String,
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// Refresh period.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub every: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -54,6 +93,11 @@ pub struct ExplainArgs {
     /// Print the agent's state file (JSON) instead of the text.
     #[arg(long)]
     pub json: bool,
+
+    /// Ask the agent on its control socket first (the state file is the fallback).
+    /// Default: `control.sock` in the state directory.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -131,6 +175,44 @@ pub struct RunArgs {
     /// (no NVIDIA driver, no GPU) the agent says so once and runs without GPU data.
     #[arg(long, value_name = "PATH|off")]
     pub nvml_lib: Option<std::path::PathBuf>,
+
+    /// The event log: every finding (when it appears, changes or clears), decision,
+    /// action, release, error and policy reload as one JSON line, with evidence.
+    /// Rotated by size. `off` turns it off.
+    #[arg(long, value_name = "PATH|off", default_value = crate::eventlog::DEFAULT_PATH)]
+    pub event_log: std::path::PathBuf,
+
+    /// Rotate the event log at this size (MiB).
+    #[arg(long, value_name = "MiB", default_value_t = crate::eventlog::DEFAULT_MAX_MIB,
+          value_parser = clap::value_parser!(u64).range(1..=10_240))]
+    pub event_log_max_mib: u64,
+
+    /// Rotated event logs kept (`events.jsonl.1` … `.N`).
+    #[arg(long, value_name = "N", default_value_t = crate::eventlog::DEFAULT_KEEP,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub event_log_keep: u32,
+
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`OpenMetrics` text). Keep it on
+    /// loopback unless a firewall guards the port; `off` turns it off.
+    #[arg(long, value_name = "ADDR|off", default_value = crate::metrics::DEFAULT_LISTEN)]
+    pub metrics_listen: String,
+
+    /// The last 5 minutes, one line per tick, rewritten every tick (for `watch cat` or
+    /// `tail -F`). `off` turns it off.
+    #[arg(long, value_name = "PATH|off", default_value = crate::history::DEFAULT_PATH)]
+    pub history_file: std::path::PathBuf,
+
+    /// The control socket for `cgsentry status`, `explain`, `release` and `top` (mode
+    /// 0600, root only). Default: `control.sock` in the state directory
+    /// (`/run/cgsentry/control.sock`). `off` turns it off.
+    #[arg(long, value_name = "PATH|off")]
+    pub control_socket: Option<std::path::PathBuf>,
+}
+
+/// `None` for `off`.
+#[must_use]
+pub fn unless_off(p: &std::path::Path) -> Option<std::path::PathBuf> {
+    (p.as_os_str() != "off").then(|| p.to_owned())
 }
 
 /// `0` (off) or an interval as for `--interval`.

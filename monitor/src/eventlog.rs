@@ -33,6 +33,7 @@ pub struct EventLogConfig {
     pub keep: u32,
 }
 
+#[derive(Debug)]
 pub struct EventLog {
     cfg: EventLogConfig,
     file: Option<File>,
@@ -144,6 +145,9 @@ impl EventLog {
     }
 
     /// Appends one event.
+    ///
+    /// # Panics
+    /// Never: the file is opened just before it is written.
     pub fn record<T: Serialize>(&mut self, event: &str, body: &T) {
         let ms = now_ms();
         let line = Line {
@@ -225,8 +229,9 @@ mod tests {
         let ts = l[0]["ts"].as_str().unwrap();
         assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
         assert!(l[0]["ts_ms"].as_u64().unwrap() > 1_700_000_000_000);
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        ) & 0o777;
         assert_eq!(mode, 0o640);
     }
 

@@ -397,9 +397,19 @@ pub fn explain(args: &crate::cli::ExplainArgs) -> std::process::ExitCode {
             args.target.as_deref().unwrap_or_default()
         ));
     };
-    let state = match read_state(&args.state_dir) {
+    // The agent itself first; its state file when the socket is off or not ours to use.
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("control.sock"));
+    let state = match crate::control::request(&socket, &crate::control::Request::Explain)
+        .and_then(|d| serde_json::from_value::<State>(d).map_err(|e| e.to_string()))
+    {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(socket_error) => match read_state(&args.state_dir) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("{e} (control socket: {socket_error})")),
+        },
     };
     if args.json {
         return match serde_json::to_string_pretty(&state) {

@@ -15,6 +15,17 @@ fn main() -> std::process::ExitCode {
     match &cli.command {
         Command::Check(args) => return cgsentry::policy::check(args),
         Command::Explain(args) => return cgsentry::explain::explain(args),
+        Command::Status(args) => return cgsentry::control::status_command(args),
+        Command::Release(args) => return cgsentry::control::release_command(args),
+        Command::Top(args) => {
+            return match cgsentry::top::run(&args.socket, args.every) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cgsentry: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::Run(_) => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -31,7 +42,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => cgsentry::agent::run(args).await,
-            Command::Check(_) | Command::Explain(_) => unreachable!("handled above"),
+            _ => unreachable!("handled above"),
         }
     });
     match result {

@@ -1,5 +1,5 @@
 //! Prometheus metrics: the exposition text is rebuilt from each tick's snapshot and
-//! judgement (prometheus-client, OpenMetrics text format) and served on
+//! judgement (prometheus-client, `OpenMetrics` text format) and served on
 //! `--metrics-listen` (default `127.0.0.1:9464`).
 //!
 //! Rebuilt rather than updated in place: cgroups come and go every tick, and a family

@@ -197,7 +197,7 @@ impl Notifier {
         while self
             .minute
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_mins(1))
         {
             self.minute.pop_front();
         }
@@ -444,9 +444,9 @@ pub fn run_with_timeout(
 /// variables.
 #[must_use]
 pub fn hook_command(argv: &[String], m: &Message) -> Option<Command> {
-    let (program, args) = argv.split_first()?;
+    let (program, rest) = argv.split_first()?;
     let mut c = Command::new(program);
-    c.args(args)
+    c.args(rest)
         .env("CGSENTRY_EVENT", &m.event)
         .env("CGSENTRY_CGROUP", &m.cgroup)
         .env("CGSENTRY_RULE", &m.rule)

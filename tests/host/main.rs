@@ -717,3 +717,316 @@ fn agent_without_nvml_says_so_once_and_runs() {
         "{stdout}"
     );
 }
+
+/// A free TCP port on loopback (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on loopback; the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_owned()
+}
+
+/// A webhook receiver on loopback: every request's body, in order.
+fn webhook_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut len = 0usize;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&body).into_owned());
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, bodies)
+}
+
+/// The operator's outputs of a real agent on a fork burst: Prometheus metrics scraped
+/// and parsed while it runs, `cgsentry status` over the control socket, the event log
+/// (start, policy, finding with evidence, decision, action, stop), the webhook and the
+/// rule's exec hook, the history file.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one agent run, then each output checked in turn")]
+fn agent_serves_metrics_status_events_and_notifications() {
+    let Some(env) = kernel_env() else { return };
+    let burst = TestCgroup::new(&env, "opsburst");
+    let dir = tempfile::tempdir().unwrap();
+    let (hook_port, bodies) = webhook_server();
+    let config = dir.path().join("cgsentry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dry_run = true\npolicies_dir = \"policies.d\"\n[notify]\nwebhook = \"http://127.0.0.1:{hook_port}/alerts\"\nmin_interval_sec = 0\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("policies.d")).unwrap();
+    let hook_out = dir.path().join("hook.json");
+    std::fs::write(
+        dir.path().join("policies.d/10-test.toml"),
+        format!(
+            "[[rule]]\nname = \"ops explosion\"\nfinding = \"explosion\"\ncgroup = \"/cgsentry-test-*\"\n\
+             exec = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n\
+             ladder = [{{action = \"notify\"}}, {{action = \"freeze\", after_sec = 1}}]\n",
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let socket = dir.path().join("control.sock");
+    let events = dir.path().join("log/events.jsonl");
+    let history = dir.path().join("history.txt");
+    let agent = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args([
+            "run",
+            "--json",
+            "--ticks",
+            "14",
+            "--interval",
+            "500ms",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--journal-dir")
+        .arg(dir.path().join("journal"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--event-log")
+        .arg(&events)
+        .arg("--history-file")
+        .arg(&history)
+        .arg("--control-socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cgsentry");
+    std::thread::sleep(Duration::from_millis(1200));
+    let burster = burst.spawn("for i in $(seq 150); do sleep 30 & done; wait");
+    std::thread::sleep(Duration::from_millis(3500));
+
+    // Metrics, while it runs: valid exposition, the burst's cgroup and the agent's own.
+    let body = http_get(metrics_port, "/metrics");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not valid exposition: {e}\n{body}"));
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let sample = |name: &str, cgroup: Option<&str>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && cgroup.is_none_or(|c| s.labels.get("cgroup") == Some(c)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert!(
+        sample("cgsentry_ticks_total", None).unwrap() >= 5.0,
+        "{body}"
+    );
+    assert!(
+        sample("cgsentry_decisions_total", Some(&burst.rel)).unwrap() >= 1.0,
+        "{body}"
+    );
+    assert!(
+        sample("cgsentry_agent_resident_memory_bytes", None).unwrap() > 1e6,
+        "{body}"
+    );
+    assert!(
+        sample("cgsentry_tick_duration_seconds", None).unwrap() > 0.0,
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "cgsentry_finding_active{{cgroup=\"{}\",kind=\"explosion\"",
+            burst.rel
+        )),
+        "{body}"
+    );
+
+    // Status over the control socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.contains("1 rule(s)") && status.contains("DRY RUN"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("http://127.0.0.1:{metrics_port}/metrics")),
+        "{status}"
+    );
+
+    let out = agent.wait_with_output().expect("agent output");
+    stop(burster);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!socket.exists(), "the socket is removed on exit");
+
+    // The event log reconstructs the incident.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    for want in [
+        "agent_started",
+        "policy_loaded",
+        "finding",
+        "decision",
+        "action",
+        "agent_stopped",
+    ] {
+        assert!(kinds.contains(&want), "no {want} in {kinds:?}");
+    }
+    let decision = lines
+        .iter()
+        .find(|l| l["event"] == "decision" && l["cgroup"] == burst.rel.as_str())
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(decision["finding"]["kind"], "explosion", "{decision}");
+    assert!(
+        decision["finding"]["evidence"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "{decision}"
+    );
+
+    // Webhook and hook: the decisions, as JSON.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bodies.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = bodies.lock().unwrap().clone();
+    let posted: Vec<serde_json::Value> = got
+        .iter()
+        .map(|b| serde_json::from_str(b).unwrap())
+        .collect();
+    assert!(
+        posted.iter().any(|m| m["event"] == "decision"
+            && m["cgroup"] == burst.rel.as_str()
+            && m["action"] == "freeze"),
+        "{got:?}"
+    );
+    let hooked = std::fs::read_to_string(&hook_out).unwrap_or_default();
+    assert!(hooked.contains("\"rule\":\"ops explosion\""), "{hooked}");
+
+    let hist = std::fs::read_to_string(&history).unwrap();
+    assert!(
+        hist.lines().filter(|l| !l.starts_with('#')).count() >= 10,
+        "{hist}"
+    );
+    assert!(hist.contains(&burst.rel), "{hist}");
+}
+
+/// A webhook that accepts and never answers does not slow the control loop: the ticks
+/// keep their pace, the failure is logged.
+#[test]
+fn a_dead_webhook_never_blocks_the_loop() {
+    let Some(env) = kernel_env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Accepts (the kernel's backlog) and never reads or answers.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = blackhole.local_addr().unwrap().port();
+    let config = dir.path().join("cgsentry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policies_dir = \"policies.d\"\n[notify]\nwebhook = \"http://127.0.0.1:{port}/\"\nwebhook_timeout_sec = 3\nwebhook_retries = 0\nmin_interval_sec = 0\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("policies.d")).unwrap();
+    std::fs::write(
+        dir.path().join("policies.d/10-test.toml"),
+        "[[rule]]\nname = \"n\"\nfinding = \"explosion\"\ncgroup = \"/cgsentry-test-*\"\ndry_run = true\nladder = [{action = \"notify\"}, {action = \"notify\", after_sec = 0}]\n",
+    )
+    .unwrap();
+    let burst = TestCgroup::new(&env, "deadhook");
+    let start = Instant::now();
+    let agent = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
+        .args([
+            "run",
+            "--json",
+            "--ticks",
+            "10",
+            "--interval",
+            "500ms",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--journal-dir")
+        .arg(dir.path().join("journal"))
+        .args([
+            "--metrics-listen",
+            "off",
+            "--history-file",
+            "off",
+            "--event-log",
+            "off",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cgsentry");
+    std::thread::sleep(Duration::from_millis(1200));
+    let burster = burst.spawn("for i in $(seq 150); do sleep 30 & done; wait");
+    let out = agent.wait_with_output().expect("agent output");
+    let took = start.elapsed();
+    stop(burster);
+    drop(blackhole);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 10, "{stderr}");
+    assert!(
+        stderr.contains("decision"),
+        "no decision, so nothing was posted: {stderr}"
+    );
+    // 10 ticks of 0.5 s plus start-up; a loop waiting on the webhook would take 3 s more
+    // per message.
+    assert!(took < Duration::from_secs(9), "took {took:?}\n{stderr}");
+}

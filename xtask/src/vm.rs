@@ -61,7 +61,7 @@ struct Outcome {
 /// A scenario's guest prints every tick (agent) and every second (workloads); this long
 /// without a console line means the guest (or QEMU's TCG) has wedged: every CPU stopped
 /// running, the kernel's own lockup watchdog silent too.
-const SILENT: Duration = Duration::from_secs(60);
+const SILENT: Duration = Duration::from_mins(1);
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     for (tool, why) in [
@@ -463,7 +463,7 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
         let silent = last_line.lock().unwrap().elapsed();
         if start.elapsed() > limit || silent > SILENT {
             if silent > SILENT {
-                silent_at = Some((start.elapsed() - silent).as_secs_f64());
+                silent_at = Some(start.elapsed().saturating_sub(silent).as_secs_f64());
             } else {
                 timed_out = true;
             }
