@@ -635,3 +635,93 @@ mod tests {
         assert!(t.contains("last 1.0 s ago"), "{t}");
     }
 }
+
+/// The shipped deployment files (`xtask/deploy/`) say what the agent understands.
+#[cfg(test)]
+mod deploy_tests {
+    use std::path::Path;
+
+    const DAEMONSET: &str = include_str!("../../xtask/deploy/kubernetes/daemonset.yaml");
+    const MAIN: &str = include_str!("../../xtask/deploy/cgsentry.toml");
+
+    /// The `DaemonSet`: valid YAML, privileged with host PID, the host's cgroup, bpf and
+    /// trace filesystems mounted, policies from a `ConfigMap` that parse as policies, and
+    /// agent arguments this binary accepts.
+    #[test]
+    fn daemonset_manifest() {
+        use yaml_rust2::{Yaml, YamlLoader};
+        let docs = YamlLoader::load_from_str(DAEMONSET).expect("valid YAML");
+        let kind = |k: &str| {
+            docs.iter()
+                .find(|d| d["kind"].as_str() == Some(k))
+                .unwrap_or_else(|| panic!("no {k}"))
+        };
+        let ds = kind("DaemonSet");
+        assert_eq!(ds["apiVersion"].as_str(), Some("apps/v1"));
+        let spec = &ds["spec"]["template"]["spec"];
+        assert_eq!(spec["hostPID"].as_bool(), Some(true));
+        let c = &spec["containers"][0];
+        assert_eq!(c["securityContext"]["privileged"].as_bool(), Some(true));
+        let mounts: Vec<&str> = c["volumeMounts"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        for want in [
+            "/sys/fs/cgroup",
+            "/sys/fs/bpf",
+            "/sys/kernel/tracing",
+            "/etc/cgsentry",
+        ] {
+            assert!(mounts.contains(&want), "{want} not mounted: {mounts:?}");
+        }
+        let volumes = spec["volumes"].as_vec().unwrap();
+        let host = |p: &str| {
+            volumes
+                .iter()
+                .any(|v| v["hostPath"]["path"].as_str() == Some(p))
+        };
+        assert!(host("/sys/fs/cgroup") && host("/sys/fs/bpf") && host("/sys/kernel/tracing"));
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["configMap"]["name"].as_str() == Some("cgsentry-policies"))
+        );
+        // Arguments: what the binary's parser accepts.
+        let mut argv = vec!["cgsentry".to_owned()];
+        argv.extend(
+            c["args"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned()),
+        );
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(&argv)
+            .expect("args the agent accepts");
+        assert!(matches!(cli.command, crate::cli::Command::Run(_)));
+        // The ConfigMap's files parse.
+        let data = &kind("ConfigMap")["data"];
+        let Yaml::Hash(files) = data else {
+            panic!("no data")
+        };
+        for (name, text) in files {
+            let (name, text) = (name.as_str().unwrap(), text.as_str().unwrap());
+            if name == "cgsentry.toml" {
+                crate::policy::parse_main(Path::new(name), text).unwrap();
+            } else {
+                let (protect, rules) = crate::policy::parse_policy_file(Path::new(name), text)
+                    .unwrap_or_else(|e| panic!("{e:?}"));
+                assert!(!protect.is_empty() && !rules.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_main_file_parses() {
+        let main =
+            crate::policy::parse_main(Path::new("/etc/cgsentry/cgsentry.toml"), MAIN).unwrap();
+        assert_eq!(main.notify, crate::notify::NotifyConfig::default());
+        assert_eq!(main.policies_dir, Path::new("/etc/cgsentry/policies.d"));
+    }
+}

@@ -771,56 +771,68 @@ fn webhook_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     (port, bodies)
 }
 
+/// `dir/cgsentry.toml` (`main`) with one policy file (`policy`); the main file's path.
+fn write_config(dir: &std::path::Path, main: &str, policy: &str) -> PathBuf {
+    let config = dir.join("cgsentry.toml");
+    std::fs::write(&config, format!("policies_dir = \"policies.d\"\n{main}")).unwrap();
+    std::fs::create_dir(dir.join("policies.d")).unwrap();
+    std::fs::write(dir.join("policies.d/10-test.toml"), policy).unwrap();
+    config
+}
+
+/// `cgsentry run --json` for `ticks` ticks of 500 ms with state and journal in `dir`.
+fn agent_command(dir: &std::path::Path, config: &std::path::Path, ticks: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cgsentry"));
+    c.args([
+        "run",
+        "--json",
+        "--ticks",
+        ticks,
+        "--interval",
+        "500ms",
+        "--config",
+    ])
+    .arg(config)
+    .arg("--state-dir")
+    .arg(dir.join("state"))
+    .arg("--journal-dir")
+    .arg(dir.join("journal"))
+    .stderr(Stdio::piped());
+    c
+}
+
 /// The operator's outputs of a real agent on a fork burst: Prometheus metrics scraped
 /// and parsed while it runs, `cgsentry status` over the control socket, the event log
 /// (start, policy, finding with evidence, decision, action, stop), the webhook and the
 /// rule's exec hook, the history file.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one agent run, then each output checked in turn")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one agent run, then each output checked in turn"
+)]
 fn agent_serves_metrics_status_events_and_notifications() {
     let Some(env) = kernel_env() else { return };
     let burst = TestCgroup::new(&env, "opsburst");
     let dir = tempfile::tempdir().unwrap();
     let (hook_port, bodies) = webhook_server();
-    let config = dir.path().join("cgsentry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "dry_run = true\npolicies_dir = \"policies.d\"\n[notify]\nwebhook = \"http://127.0.0.1:{hook_port}/alerts\"\nmin_interval_sec = 0\n"
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir(dir.path().join("policies.d")).unwrap();
     let hook_out = dir.path().join("hook.json");
-    std::fs::write(
-        dir.path().join("policies.d/10-test.toml"),
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "dry_run = true\n[notify]\nwebhook = \"http://127.0.0.1:{hook_port}/alerts\"\nmin_interval_sec = 0\n"
+        ),
+        &format!(
             "[[rule]]\nname = \"ops explosion\"\nfinding = \"explosion\"\ncgroup = \"/cgsentry-test-*\"\n\
              exec = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n\
              ladder = [{{action = \"notify\"}}, {{action = \"freeze\", after_sec = 1}}]\n",
             hook_out.display()
         ),
-    )
-    .unwrap();
+    );
     let metrics_port = free_port();
     let socket = dir.path().join("control.sock");
     let events = dir.path().join("log/events.jsonl");
     let history = dir.path().join("history.txt");
-    let agent = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
-        .args([
-            "run",
-            "--json",
-            "--ticks",
-            "14",
-            "--interval",
-            "500ms",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--journal-dir")
-        .arg(dir.path().join("journal"))
+    let agent = agent_command(dir.path(), &config, "14")
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .arg("--event-log")
         .arg(&events)
@@ -969,37 +981,16 @@ fn a_dead_webhook_never_blocks_the_loop() {
     // Accepts (the kernel's backlog) and never reads or answers.
     let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = blackhole.local_addr().unwrap().port();
-    let config = dir.path().join("cgsentry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "policies_dir = \"policies.d\"\n[notify]\nwebhook = \"http://127.0.0.1:{port}/\"\nwebhook_timeout_sec = 3\nwebhook_retries = 0\nmin_interval_sec = 0\n"
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[notify]\nwebhook = \"http://127.0.0.1:{port}/\"\nwebhook_timeout_sec = 3\nwebhook_retries = 0\nmin_interval_sec = 0\n"
         ),
-    )
-    .unwrap();
-    std::fs::create_dir(dir.path().join("policies.d")).unwrap();
-    std::fs::write(
-        dir.path().join("policies.d/10-test.toml"),
         "[[rule]]\nname = \"n\"\nfinding = \"explosion\"\ncgroup = \"/cgsentry-test-*\"\ndry_run = true\nladder = [{action = \"notify\"}, {action = \"notify\", after_sec = 0}]\n",
-    )
-    .unwrap();
+    );
     let burst = TestCgroup::new(&env, "deadhook");
     let start = Instant::now();
-    let agent = Command::new(env!("CARGO_BIN_EXE_cgsentry"))
-        .args([
-            "run",
-            "--json",
-            "--ticks",
-            "10",
-            "--interval",
-            "500ms",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--journal-dir")
-        .arg(dir.path().join("journal"))
+    let agent = agent_command(dir.path(), &config, "10")
         .args([
             "--metrics-listen",
             "off",

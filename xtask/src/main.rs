@@ -2,6 +2,7 @@
 //! building the eBPF object is monitor/build.rs's job, not ours).
 mod bench;
 mod cmd;
+mod install;
 mod setup;
 mod vm;
 
@@ -60,6 +61,14 @@ enum Task {
     /// ns per program run, agent CPU and RSS at 1,000 cgroups / 10,000 processes.
     /// Writes BENCHMARKS.md. Needs root.
     Bench(bench::BenchArgs),
+    /// Install cgsentry for good: the release binary in /usr/local/sbin, /etc/cgsentry
+    /// with the shipped policies (never overwriting edited ones), the systemd service
+    /// (`OOMScoreAdjust=-1000`, bounded CPU/memory, reduced capabilities, `ProtectSystem`)
+    /// and the quarantine slice; then enable and start it. `--uninstall` removes it.
+    #[command(after_help = "Examples:\n  sudo -E cargo xtask install\n  \
+cargo xtask install --root /tmp/pkgroot --no-systemctl   # staging for a package\n  \
+sudo -E cargo xtask install --uninstall [--purge]")]
+    Install(install::InstallArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +84,7 @@ fn main() -> std::process::ExitCode {
 
 fn run_task(task: Task) -> Result<()> {
     match task {
+        Task::Install(args) => install::install(&args),
         Task::Setup { check } => setup::setup(check),
         Task::Build => build(),
         Task::Run { args } => {
