@@ -42,7 +42,9 @@ pub struct History {
     failing: bool,
 }
 
-fn hms(ms: u128) -> String {
+/// `HH:MM:SS` (UTC) of a Unix time in ms.
+#[must_use]
+pub fn hms(ms: u128) -> String {
     let s = crate::eventlog::rfc3339(ms);
     s.get(11..19).unwrap_or(&s).to_owned()
 }

@@ -84,13 +84,13 @@ fn cgroup_labels(path: &str) -> Labels {
     l
 }
 
-fn gauge_family(
-    reg: &mut Registry,
-    name: &str,
-    help: &str,
-    unit: Option<Unit>,
-) -> Family<Labels, GaugeF> {
-    let f = Family::<Labels, GaugeF>::default();
+/// A labelled family registered under `name` (with `unit`, when given).
+fn family<M>(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Family<Labels, M>
+where
+    M: Default,
+    Family<Labels, M>: prometheus_client::registry::Metric + Clone,
+{
+    let f = Family::<Labels, M>::default();
     match unit {
         Some(u) => reg.register_with_unit(name, help, u, f.clone()),
         None => reg.register(name, help, f.clone()),
@@ -98,10 +98,17 @@ fn gauge_family(
     f
 }
 
+fn gauge_family(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+) -> Family<Labels, GaugeF> {
+    family(reg, name, help, unit)
+}
+
 fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
-    let f = Family::<Labels, Counter>::default();
-    reg.register(name, help, f.clone());
-    f
+    family(reg, name, help, None)
 }
 
 fn plain_gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
@@ -162,10 +169,11 @@ impl Metrics {
             "Slope of memory.current over the recent samples",
             None,
         );
-        let reclaim = counter_family_f(
+        let reclaim = family::<Counter<f64, std::sync::atomic::AtomicU64>>(
             &mut reg,
             "cgroup_reclaim_stall_seconds",
             "Time tasks of the cgroup stalled in direct or memcg reclaim (eBPF), since the agent started",
+            None,
         );
         let psi = gauge_family(
             &mut reg,
@@ -452,17 +460,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// A counter family with float values (seconds).
-fn counter_family_f(
-    reg: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>> {
-    let f = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-    reg.register(name, help, f.clone());
-    f
 }
 
 /// The text last rendered, shared with the HTTP side.

@@ -180,13 +180,7 @@ impl Ops {
             m.finding = Some(d.finding.to_string());
             m.summary.clone_from(&d.reason);
             m.dry_run = d.dry_run;
-            let exec = policy
-                .rule
-                .iter()
-                .find(|r| r.name == d.rule)
-                .map(|r| r.exec.clone());
-            self.notifier
-                .send(&policy.notify, exec.as_deref().filter(|e| !e.is_empty()), m);
+            self.notifier.send(&policy.notify, hook(policy, &d.rule), m);
         }
         for r in &j.releases {
             self.record("release", r);
@@ -198,13 +192,7 @@ impl Ops {
             );
             m.summary = format!("quiet for {:.0} s: {:?} release", r.quiet_sec, r.stage);
             m.dry_run = r.dry_run;
-            let exec = policy
-                .rule
-                .iter()
-                .find(|x| x.name == r.rule)
-                .map(|x| x.exec.clone());
-            self.notifier
-                .send(&policy.notify, exec.as_deref().filter(|e| !e.is_empty()), m);
+            self.notifier.send(&policy.notify, hook(policy, &r.rule), m);
         }
         for a in &j.actions {
             self.record("action", a);
@@ -292,6 +280,16 @@ impl Ops {
             }
         }
     }
+}
+
+/// The `exec` hook of `rule`, if it has one.
+fn hook<'a>(policy: &'a crate::policy::PolicySet, rule: &str) -> Option<&'a [String]> {
+    policy
+        .rule
+        .iter()
+        .find(|r| r.name == rule)
+        .map(|r| r.exec.as_slice())
+        .filter(|e| !e.is_empty())
 }
 
 /// What the guard holds applied, for `status` and `top`.

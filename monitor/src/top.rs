@@ -174,9 +174,7 @@ pub fn render(frame: &mut Frame<'_>, v: &View) {
         v.memory_some_avg10
             .map_or_else(|| "-".into(), |p| format!("{p:.1} %")),
         if v.dry_run { "   DRY RUN" } else { "" },
-        crate::eventlog::rfc3339(v.timestamp_ms)
-            .get(11..19)
-            .unwrap_or(""),
+        crate::history::hms(v.timestamp_ms),
     );
     frame.render_widget(
         Paragraph::new(header).block(
