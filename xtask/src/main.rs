@@ -5,6 +5,7 @@ mod cmd;
 mod install;
 mod setup;
 mod vm;
+mod wedge;
 
 use std::{ffi::OsString, process::Command};
 
@@ -164,6 +165,7 @@ fn test(no_host: bool, no_vm: bool) -> Result<()> {
         repeat: 1,
         mem: None,
         keep_logs: None,
+        tcg_threads: vm::DEFAULT_TCG,
     })
 }
 

@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use cgsentry_workload::scenario::Scenario;
 
 use crate::cmd::{as_root, build_release_binaries, output, run, workspace_root};
+use crate::wedge;
 
 /// Applets the init script and scenarios use.
 const APPLETS: &[&str] = &[
@@ -47,6 +48,19 @@ pub struct VmTestArgs {
     /// Copy every console log here (they are always under target/vm/logs/).
     #[arg(long, value_name = "DIR")]
     pub keep_logs: Option<PathBuf>,
+    /// How QEMU runs the guest's vCPUs: `multi` gives each its own host thread
+    /// (MTTCG), `single` runs them round-robin on one thread.
+    #[arg(long, value_enum, default_value_t = DEFAULT_TCG)]
+    pub tcg_threads: Tcg,
+}
+
+pub const DEFAULT_TCG: Tcg = Tcg::Multi;
+
+/// QEMU's TCG threading (`-accel tcg,thread=…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tcg {
+    Single,
+    Multi,
 }
 
 struct Outcome {
@@ -62,6 +76,16 @@ struct Outcome {
 /// without a console line means the guest (or QEMU's TCG) has wedged: every CPU stopped
 /// running, the kernel's own lockup watchdog silent too.
 const SILENT: Duration = Duration::from_mins(1);
+
+/// How many times a run whose VM went silent is run again before it counts as failed.
+const WEDGE_RERUNS: u32 = 2;
+
+/// What every scenario's VM shares.
+struct Vm<'a> {
+    dir: &'a Path,
+    kernel: &'a Kernel,
+    tcg: Tcg,
+}
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     for (tool, why) in [
@@ -95,19 +119,12 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
                 args.repeat.max(1),
                 scenario.description
             );
-            let mut outcome = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt)?;
-            if outcome.hung {
-                // A wedged emulator is not a verdict on the scenario: run it once more,
-                // and say so (the table counts it). Twice wedged fails.
-                eprintln!(
-                    "vm-test: {name}: the VM went silent for {} s ({}): running it once more",
-                    SILENT.as_secs(),
-                    outcome.log.display()
-                );
-                hangs += 1;
-                let retry = run_scenario(&vm_dir, &kernel, name, path, &scenario, attempt + 1000)?;
-                outcome = retry;
-            }
+            let vm = Vm {
+                dir: &vm_dir,
+                kernel: &kernel,
+                tcg: args.tcg_threads,
+            };
+            let outcome = run_unwedged(&vm, name, path, &scenario, attempt, &mut hangs)?;
             if outcome.failures.is_empty() {
                 eprintln!(
                     "vm-test: {name}: PASS in {:.1} s (boot {:.1} s)",
@@ -167,6 +184,35 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs a scenario; a run whose VM went silent is run again up to [`WEDGE_RERUNS`]
+/// times (counted in `hangs`). A wedged emulator is not a verdict on the scenario, so it
+/// is not one, but it is said, with where the vCPUs were. Wedged on every try fails.
+fn run_unwedged(
+    vm: &Vm,
+    name: &str,
+    path: &Path,
+    scenario: &Scenario,
+    attempt: u32,
+    hangs: &mut u32,
+) -> Result<Outcome> {
+    let mut outcome = run_scenario(vm, name, path, scenario, attempt)?;
+    let mut reruns = 0;
+    while outcome.hung && reruns < WEDGE_RERUNS {
+        eprintln!(
+            "vm-test: {name}: the VM went silent for {} s ({}): running it again",
+            SILENT.as_secs(),
+            outcome.log.display()
+        );
+        for f in outcome.failures.iter().filter(|f| f.starts_with("  vCPU")) {
+            eprintln!("vm-test:   {}", f.trim());
+        }
+        *hangs += 1;
+        reruns += 1;
+        outcome = run_scenario(vm, name, path, scenario, attempt + 1000 * reruns)?;
+    }
+    Ok(outcome)
+}
+
 fn scenario_paths(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)>> {
     let mut all: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -196,6 +242,8 @@ fn scenario_paths(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)>
 struct Kernel {
     vmlinuz: PathBuf,
     modules: PathBuf,
+    /// Names the guest's instruction pointers when it wedges ([`crate::wedge`]).
+    system_map: PathBuf,
 }
 
 /// Debian's current cloud kernel, downloaded once and unpacked under `dir`.
@@ -213,7 +261,16 @@ fn ensure_kernel(dir: &Path) -> Result<Kernel> {
             .find_map(Result::ok)?
             .path()
             .join("kernel/drivers");
-        Some(Kernel { vmlinuz, modules })
+        let system_map = vmlinuz.with_file_name(vmlinuz.file_name()?.to_str()?.replacen(
+            "vmlinuz-",
+            "System.map-",
+            1,
+        ));
+        Some(Kernel {
+            vmlinuz,
+            modules,
+            system_map,
+        })
     };
     if let Some(k) = find() {
         return Ok(k);
@@ -356,20 +413,26 @@ struct Console {
     timed_out: bool,
     /// Seconds into the run at which the console went silent for [`SILENT`].
     silent_at: Option<f64>,
+    /// Where each vCPU was when it went silent ([`crate::wedge::describe`]).
+    wedged_cpus: Vec<String>,
 }
 
 fn run_scenario(
-    vm_dir: &Path,
-    kernel: &Kernel,
+    vm: &Vm,
     name: &str,
     path: &Path,
     scenario: &Scenario,
     attempt: u32,
 ) -> Result<Outcome> {
+    let Vm {
+        dir: vm_dir,
+        kernel,
+        tcg,
+    } = *vm;
     let dir = vm_dir.join("run").join(name);
     std::fs::create_dir_all(&dir)?;
     let initrd = build_initramfs(&dir, kernel, path, scenario.vm.swap_mib > 0)?;
-    let console = boot(&dir, kernel, &initrd, scenario)?;
+    let console = boot(&dir, kernel, tcg, &initrd, scenario)?;
     let logs = vm_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = logs.join(format!("{name}-{attempt}.log"));
@@ -381,14 +444,25 @@ fn run_scenario(
     Ok(judge(name, scenario, console, log))
 }
 
-/// Boots QEMU and collects the console until the VM powers off or times out.
-fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Result<Console> {
+/// QEMU's command line for one scenario: machine, memory, kernel, swap disk, monitor.
+fn qemu_command(
+    dir: &Path,
+    kernel: &Kernel,
+    tcg: Tcg,
+    initrd: &Path,
+    scenario: &Scenario,
+    monitor: &Path,
+) -> Result<Command> {
+    let _ = std::fs::remove_file(monitor);
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-machine",
         "q35",
         "-accel",
-        "tcg",
+        match tcg {
+            Tcg::Single => "tcg,thread=single",
+            Tcg::Multi => "tcg,thread=multi",
+        },
         "-cpu",
         "max",
         "-nographic",
@@ -404,7 +478,10 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
     .arg(&kernel.vmlinuz)
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", "console=ttyS0 quiet panic=-1"]);
+    // nokaslr: a wedged guest's instruction pointers are then the kernel's link addresses.
+    .args(["-append", "console=ttyS0 quiet panic=-1 nokaslr"])
+    .arg("-monitor")
+    .arg(format!("unix:{},server=on,wait=off", monitor.display()));
     if scenario.vm.swap_mib > 0 {
         let img = dir.join("swap.img");
         let _ = std::fs::remove_file(&img);
@@ -419,6 +496,19 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
             img.display()
         ));
     }
+    Ok(qemu)
+}
+
+/// Boots QEMU and collects the console until the VM powers off or times out.
+fn boot(
+    dir: &Path,
+    kernel: &Kernel,
+    tcg: Tcg,
+    initrd: &Path,
+    scenario: &Scenario,
+) -> Result<Console> {
+    let monitor = dir.join("monitor.sock");
+    let mut qemu = qemu_command(dir, kernel, tcg, initrd, scenario, &monitor)?;
     qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -459,11 +549,15 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
     let limit = Duration::from_secs(scenario.vm.timeout_s);
     let mut timed_out = false;
     let mut silent_at = None;
+    let mut wedged_cpus = Vec::new();
     while child.try_wait()?.is_none() {
         let silent = last_line.lock().unwrap().elapsed();
         if start.elapsed() > limit || silent > SILENT {
             if silent > SILENT {
                 silent_at = Some(start.elapsed().saturating_sub(silent).as_secs_f64());
+                let samples = wedge::sample(&monitor, 3, Duration::from_secs(1));
+                let map = std::fs::read_to_string(&kernel.system_map).unwrap_or_default();
+                wedged_cpus = wedge::describe(&samples, &wedge::Symbols::parse(&map));
             } else {
                 timed_out = true;
             }
@@ -482,6 +576,7 @@ fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, scenario: &Scenario) -> Resu
         wall: start.elapsed(),
         timed_out,
         silent_at,
+        wedged_cpus,
     })
 }
 
@@ -493,6 +588,7 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         wall,
         timed_out,
         silent_at,
+        wedged_cpus,
     } = console;
     let mut failures = Vec::new();
     if let Some(at) = silent_at {
@@ -500,6 +596,9 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
             "the VM went silent at {at:.1} s: no console line for {} s",
             SILENT.as_secs()
         ));
+        for cpu in wedged_cpus {
+            failures.push(format!("  {cpu}"));
+        }
     }
     if timed_out {
         failures.push(format!(
@@ -584,6 +683,7 @@ mod tests {
             wall: Duration::from_secs(1),
             timed_out: false,
             silent_at: None,
+            wedged_cpus: Vec::new(),
         }
     }
 
@@ -592,6 +692,7 @@ mod tests {
     fn a_silent_vm_is_hung_and_fails() {
         let mut c = console(&["vm-run: booted in 2.0 s; scenario: t"]);
         c.silent_at = Some(27.3);
+        c.wedged_cpus = vec!["vCPU 1: csd_lock_wait+0x1a".into()];
         let o = judge("t", &scenario("oom_kills = { min = 1 }"), c, PathBuf::new());
         assert!(o.hung);
         assert!(
@@ -601,6 +702,8 @@ mod tests {
             "{:?}",
             o.failures
         );
+        // Where the CPUs were is part of the verdict, so that it reaches the CI log.
+        assert!(o.failures.iter().any(|f| f.contains("csd_lock_wait")));
         let o = judge(
             "t",
             &scenario("oom_kills = { min = 1 }"),
