@@ -103,8 +103,18 @@ pub fn ensure() -> Result<()> {
     setup(false)
 }
 
+/// Debian packages only `cargo xtask bench` needs (installed by it, not by setup/CI).
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[(
+    "bpftrace",
+    "the reference row: a bpftrace one-liner doing what our sched_switch program does",
+)];
+
 fn missing_packages() -> Option<String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    missing_of(DEBIAN_PACKAGES)
+}
+
+fn missing_of(packages: &[(&str, &str)]) -> Option<String> {
+    let missing: Vec<&str> = packages
         .iter()
         .map(|(p, _)| *p)
         .filter(|p| {
@@ -116,10 +126,15 @@ fn missing_packages() -> Option<String> {
 }
 
 fn install_packages() -> Result<()> {
-    let Some(missing) = missing_packages() else {
+    install_missing(DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` is missing, saying why each is needed.
+pub fn install_missing(packages: &[(&str, &str)]) -> Result<()> {
+    let Some(missing) = missing_of(packages) else {
         return Ok(());
     };
-    for (p, why) in DEBIAN_PACKAGES {
+    for (p, why) in packages {
         if missing.split(' ').any(|m| m == *p) {
             eprintln!("setup:   {p}: {why}");
         }

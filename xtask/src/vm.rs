@@ -63,8 +63,10 @@ pub enum Tcg {
     Multi,
 }
 
-struct Outcome {
-    failures: Vec<String>,
+pub struct Outcome {
+    pub failures: Vec<String>,
+    /// The runner's `RESULT` metrics (null when it printed none).
+    pub metrics: serde_json::Value,
     wall: Duration,
     boot_s: Option<f64>,
     log: PathBuf,
@@ -88,6 +90,43 @@ struct Vm<'a> {
 }
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
+    let suite = Instant::now();
+    let (table, hangs) = run_suite(args)?;
+    eprintln!(
+        "\nvm-test: {:<20} {:>5} {:>6} {:>8} {:>10}",
+        "scenario", "runs", "passed", "rate", "median s"
+    );
+    let mut failed = 0;
+    for (name, outcomes) in &table {
+        let passed = outcomes.iter().filter(|o| o.failures.is_empty()).count();
+        failed += outcomes.len() - passed;
+        let mut walls: Vec<f64> = outcomes.iter().map(|o| o.wall.as_secs_f64()).collect();
+        walls.sort_by(f64::total_cmp);
+        eprintln!(
+            "vm-test: {:<20} {:>5} {:>6} {:>7.0}% {:>10.1}",
+            name,
+            outcomes.len(),
+            passed,
+            100.0 * passed as f64 / outcomes.len() as f64,
+            walls[walls.len() / 2]
+        );
+    }
+    let total: usize = table.values().map(Vec::len).sum();
+    // The plain closing line CI reads in any language.
+    println!("vm-test: {} passed, {failed} failed", total - failed);
+    if hangs > 0 {
+        println!("vm-test: {hangs} run(s) re-run after the VM went silent (wedged emulator)");
+    }
+    eprintln!("vm-test: suite took {:.1} s", suite.elapsed().as_secs_f64());
+    if failed > 0 {
+        bail!("{failed} VM scenario run(s) failed");
+    }
+    Ok(())
+}
+
+/// Runs the scenarios `args` names, each `args.repeat` times, printing each verdict;
+/// returns every run's outcome by scenario and how many runs were re-run after a wedge.
+pub fn run_suite(args: &VmTestArgs) -> Result<(BTreeMap<String, Vec<Outcome>>, u32)> {
     for (tool, why) in [
         ("qemu-system-x86_64", "boots the test kernel"),
         ("cpio", "packs the initramfs"),
@@ -107,7 +146,6 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
 
     let mut table: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
     let mut hangs = 0u32;
-    let suite = Instant::now();
     for (name, path) in &scenarios {
         let mut scenario = Scenario::load(path)?;
         if let Some(mem) = args.mem {
@@ -151,37 +189,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
             table.entry(name.clone()).or_default().push(outcome);
         }
     }
-
-    eprintln!(
-        "\nvm-test: {:<20} {:>5} {:>6} {:>8} {:>10}",
-        "scenario", "runs", "passed", "rate", "median s"
-    );
-    let mut failed = 0;
-    for (name, outcomes) in &table {
-        let passed = outcomes.iter().filter(|o| o.failures.is_empty()).count();
-        failed += outcomes.len() - passed;
-        let mut walls: Vec<f64> = outcomes.iter().map(|o| o.wall.as_secs_f64()).collect();
-        walls.sort_by(f64::total_cmp);
-        eprintln!(
-            "vm-test: {:<20} {:>5} {:>6} {:>7.0}% {:>10.1}",
-            name,
-            outcomes.len(),
-            passed,
-            100.0 * passed as f64 / outcomes.len() as f64,
-            walls[walls.len() / 2]
-        );
-    }
-    let total: usize = table.values().map(Vec::len).sum();
-    // The plain closing line CI reads in any language.
-    println!("vm-test: {} passed, {failed} failed", total - failed);
-    if hangs > 0 {
-        println!("vm-test: {hangs} run(s) re-run after the VM went silent (wedged emulator)");
-    }
-    eprintln!("vm-test: suite took {:.1} s", suite.elapsed().as_secs_f64());
-    if failed > 0 {
-        bail!("{failed} VM scenario run(s) failed");
-    }
-    Ok(())
+    Ok((table, hangs))
 }
 
 /// Runs a scenario; a run whose VM went silent is run again up to [`WEDGE_RERUNS`]
@@ -659,6 +667,7 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
     }
     Outcome {
         failures,
+        metrics: result.map_or(serde_json::Value::Null, |mut r| r["metrics"].take()),
         wall,
         boot_s,
         log,

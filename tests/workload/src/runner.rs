@@ -671,8 +671,12 @@ const FINDING_KINDS: [&str; 5] = [
 /// `agent_decisions:<action>:<cgroup>` and `agent_decision_s:<action>:<cgroup>` likewise
 /// for decisions, `agent_contained_s:<cgroup>` to the first decision beyond notify,
 /// `agent_actions:<action>:<cgroup>` and `agent_action_s:…` for what the containment stage
-/// reported (adopt, relax, release and the steps), `agent_policy_errors` the most policy errors any tick reported, and
-/// `agent_cpu_percent_tail:<cgroup>` the median CPU % over the last 10 s of ticks.
+/// reported (adopt, relax, release and the steps), `agent_policy_errors` the most policy errors any tick reported,
+/// `agent_first_stall_s:<cgroup>` to the first tick in which the cgroup stalled in
+/// reclaim (the first sign of memory pressure the agent has), `agent_reaction_s:<cgroup>`
+/// from that stall to the first decision beyond notify (negative: it acted before any
+/// stall), and `agent_cpu_percent_tail:<cgroup>` the median CPU % over the last 10 s of
+/// ticks.
 fn finding_metrics(
     metrics: &mut serde_json::Map<String, Value>,
     ticks: &[(Duration, Value)],
@@ -683,6 +687,11 @@ fn finding_metrics(
         let secs = t.saturating_sub(since).as_secs_f64();
         for c in tick["cgroups"].as_array().into_iter().flatten() {
             if let Some(p) = c["path"].as_str() {
+                if c["reclaim_stall_ms"].as_f64().is_some_and(|ms| ms > 0.0) {
+                    metrics
+                        .entry(format!("agent_first_stall_s:{p}"))
+                        .or_insert_with(|| json!(secs));
+                }
                 for k in FINDING_KINDS {
                     counts.entry(format!("agent_findings:{k}:{p}")).or_default();
                 }
@@ -743,6 +752,17 @@ fn finding_metrics(
     for (k, n) in counts {
         metrics.insert(k, json!(n));
     }
+    let reactions: Vec<(String, f64)> = metrics
+        .iter()
+        .filter_map(|(k, v)| {
+            let cgroup = k.strip_prefix("agent_contained_s:")?;
+            let stall = metrics.get(&format!("agent_first_stall_s:{cgroup}"))?;
+            Some((cgroup.to_owned(), v.as_f64()? - stall.as_f64()?))
+        })
+        .collect();
+    for (cgroup, s) in reactions {
+        metrics.insert(format!("agent_reaction_s:{cgroup}"), json!(s));
+    }
     let Some(end) = ticks.last().map(|(t, _)| *t) else {
         return;
     };
@@ -790,7 +810,11 @@ mod tests {
             (s(1), with("leak", "/early")), // before the start: ignored
             (
                 s(5),
-                json!({"cgroups": [{"path": "/pool"}], "findings": []}),
+                json!({"cgroups": [{"path": "/pool", "reclaim_stall_ms": 0.0}], "findings": []}),
+            ),
+            (
+                s(5) + Duration::from_millis(500),
+                json!({"cgroups": [{"path": "/pool", "reclaim_stall_ms": 12.5}], "findings": []}),
             ),
             (s(6), with("explosion", "/pool")),
             (s(7), with("explosion", "/pool")),
@@ -803,6 +827,9 @@ mod tests {
         assert_eq!(m["agent_decisions:freeze:/pool"], json!(2));
         assert_eq!(m["agent_decisions:kill:/pool"], json!(0));
         assert_eq!(m["agent_contained_s:/pool"], json!(2.0));
+        assert_eq!(m["agent_first_stall_s:/pool"], json!(1.5));
+        assert_eq!(m["agent_reaction_s:/pool"], json!(0.5));
+        assert!(!m.contains_key("agent_reaction_s:/calm"), "never stalled");
         assert_eq!(m["agent_actions:relax:/pool"], json!(2));
         assert_eq!(m["agent_action_s:relax:/pool"], json!(2.0));
         assert_eq!(
