@@ -48,28 +48,80 @@ pub struct BenchArgs {
     pub vm_runs: u32,
 }
 
-/// Containment scenarios measured in the VM: (scenario, guard, subject workload, its
-/// cgroup). The baselines are the same workloads with no guard.
-const CONTAINMENT: &[(&str, &str, &str, &str)] = &[
-    ("baseline-leak", "none", "leaker", "/leak"),
-    ("contain-leak", "cgsentry", "leaker", "/leak"),
-    ("baseline-pool", "none", "pool", "/pool"),
-    ("contain-pool", "cgsentry", "pool", "/pool"),
+/// Containment scenarios measured in the VM, each run under every guard: (short name,
+/// scenario file, subject workload and its cgroup, the innocent workload beside it).
+const CONTAINMENT: &[(&str, &str, &str, &str, &str)] = &[
+    ("leak", "contain-leak", "leaker", "/leak", "service"),
+    ("pool", "contain-pool", "pool", "/pool", "heartbeat"),
 ];
 
-/// One containment column: (header, metric with `{cg}`/`{w}` placeholders, whether
+/// Guards compared: none, earlyoom as Debian ships it, cgsentry (the scenario as is).
+const GUARDS: &[&str] = &["none", "earlyoom", "cgsentry"];
+
+/// Debian packages of the other guards, unpacked for the VM.
+const GUARD_PACKAGES: &[&str] = &["earlyoom"];
+
+/// One containment column: (header, metric keys with `{cg}` tried in order, whether
 /// larger is worse).
-const CONTAINMENT_COLUMNS: &[(&str, &str, bool)] = &[
-    ("first action s", "agent_contained_after_start_s:{cg}", true),
+const CONTAINMENT_COLUMNS: &[(&str, &[&str], bool)] = &[
     (
-        "reaction to first reclaim stall s",
-        "agent_reaction_s:{cg}",
+        "first action s after start",
+        &[
+            "agent_contained_after_start_s:{cg}",
+            "guard_action_after_start_s:{cg}",
+        ],
         true,
     ),
-    ("MemAvailable min MiB", "mem_available_min_mib", false),
-    ("kernel OOM kills", "oom_kills", true),
-    ("heartbeat max gap ms", "heartbeat_max_gap_ms", true),
+    (
+        "MemAvailable at action MiB",
+        &["mem_available_at_action_mib"],
+        false,
+    ),
+    (
+        "reaction to first reclaim stall s",
+        &["agent_reaction_s:{cg}"],
+        true,
+    ),
+    ("processes killed by the guard", &["guard_actions"], true),
+    ("kernel OOM kills", &["oom_kills"], true),
+    ("heartbeat max gap ms", &["heartbeat_max_gap_ms"], true),
 ];
+
+/// Writes the scenario `base` as run under `guard` into `dir`: `cgsentry` is the file as
+/// it is; otherwise its agent and expectations are dropped (they are cgsentry's), the
+/// guard added, and a run that froze the machine for 30 s is stopped.
+fn variant(base: &Path, short: &str, guard: &str, dir: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(base)?;
+    let out = dir.join(format!("{short}-{guard}.toml"));
+    if guard == "cgsentry" {
+        std::fs::write(&out, text)?;
+        return Ok(out);
+    }
+    let mut t: toml::Table = toml::from_str(&text)?;
+    t.remove("agent");
+    t.remove("expect");
+    if let Some(toml::Value::String(d)) = t.get_mut("description") {
+        *d = format!("[{guard}] {d}");
+    }
+    if let Some(toml::Value::Table(run)) = t.get_mut("run") {
+        run.insert(
+            "stop_when_heartbeat_gap_ms".into(),
+            toml::Value::Float(30_000.0),
+        );
+    }
+    if guard == "earlyoom" {
+        let g: toml::Table = toml::from_str(
+            // Its decisions as Debian ships it; its memory report every 5 s instead of
+            // every second (a cosmetic flag), so the console stays readable. "sending
+            // SIGTERM to process N ..." is a kill (its banner also says "sending SIG…").
+            "name = \"earlyoom\"\nprogram = \"/bin/earlyoom\"\nargs = [\"-r\", \"5\"]\n\
+             action = \"to process\"\n",
+        )?;
+        t.insert("guard".into(), toml::Value::Table(g));
+    }
+    std::fs::write(&out, toml::to_string(&t)?)?;
+    Ok(out)
+}
 
 /// "median / worst" of one metric over runs, or "-" where no run had it.
 fn median_worst(values: &[f64], larger_is_worse: bool) -> String {
@@ -84,10 +136,21 @@ fn median_worst(values: &[f64], larger_is_worse: bool) -> String {
     format!("{:.1} / {worst:.1}", median(values.to_vec()))
 }
 
-/// Runs the containment scenarios `args.vm_runs` times each and renders the table.
+/// Runs the containment scenarios under each guard `args.vm_runs` times and renders
+/// the table.
 fn containment(args: &BenchArgs) -> Result<(String, Value)> {
+    crate::vm::ensure_guards(GUARD_PACKAGES)?;
+    let dir = workspace_root().join("target/bench/scenarios");
+    std::fs::create_dir_all(&dir)?;
+    let mut files = Vec::new();
+    for (short, base, ..) in CONTAINMENT {
+        let base = workspace_root().join(format!("tests/scenarios/{base}.toml"));
+        for guard in GUARDS {
+            files.push(variant(&base, short, guard, &dir)?);
+        }
+    }
     let vm_args = crate::vm::VmTestArgs {
-        scenarios: CONTAINMENT.iter().map(|c| c.0.to_owned()).collect(),
+        scenarios: files.iter().map(|f| f.display().to_string()).collect(),
         repeat: args.vm_runs,
         mem: None,
         keep_logs: None,
@@ -95,44 +158,53 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
     };
     let (table, hangs) = crate::vm::run_suite(&vm_args)?;
     let mut md = format!(
-        "## Containment in the VM
-
-Debian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, pure cgroup v2), {} runs of each scenario, **median / worst**. `none` is the same workload with no guard. A scenario's own expectations are what \"passed\" counts. {hangs} run(s) were re-run after the emulator wedged.\n\n| scenario | guard | passed | subject survived |",
+        "## Containment in the VM, side by side\n\nDebian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, 1 GiB, pure cgroup v2), the same workloads under each guard, {} runs each, **median / worst**. `leak`: 20 MiB/s with no memory.max beside a heartbeat service; `pool`: incident D, 200 x 20 MiB jobs at once with throttled swap beside a heartbeat. `none`: no guard; `earlyoom`: Debian's earlyoom 1.7 with its defaults (SIGTERM at ≤ 10 % memory and ≤ 10 % swap free, SIGKILL at 5 %); `cgsentry`: the shipped policies. A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only). {hangs} run(s) were re-run after the emulator wedged.\n\n| workload | guard | runs | expectations met | offender survived | innocent survived |",
         args.vm_runs
     );
     for (h, _, _) in CONTAINMENT_COLUMNS {
         let _ = write!(md, " {h} |");
     }
-    md.push_str("\n|---|---|---|---|");
+    md.push_str("\n|---|---|---|---|---|---|");
     md.push_str(&"---|".repeat(CONTAINMENT_COLUMNS.len()));
     md.push('\n');
     let mut raw = Vec::new();
-    for (scenario, guard, workload, cg) in CONTAINMENT {
-        let runs = table.get(*scenario).map_or(&[][..], Vec::as_slice);
-        let passed = runs.iter().filter(|o| o.failures.is_empty()).count();
-        let survived = runs
-            .iter()
-            .filter(|o| o.metrics[format!("survived:{workload}")] == json!(true))
-            .count();
-        let _ = write!(
-            md,
-            "| {scenario} | {guard} | {passed}/{} | {survived}/{} |",
-            runs.len(),
-            runs.len()
-        );
-        for (_, metric, larger_is_worse) in CONTAINMENT_COLUMNS {
-            let key = metric.replace("{cg}", cg);
-            let values: Vec<f64> = runs
-                .iter()
-                .filter_map(|o| o.metrics[&key].as_f64())
-                .collect();
-            let _ = write!(md, " {} |", median_worst(&values, *larger_is_worse));
+    for (short, _, workload, cg, innocent) in CONTAINMENT {
+        for guard in GUARDS {
+            let name = format!("{short}-{guard}");
+            let runs = table.get(&name).map_or(&[][..], Vec::as_slice);
+            let count = |pred: &dyn Fn(&crate::vm::Outcome) -> bool| {
+                runs.iter().filter(|o| pred(o)).count()
+            };
+            let met = if *guard == "cgsentry" {
+                format!("{}/{}", count(&|o| o.failures.is_empty()), runs.len())
+            } else {
+                "-".into()
+            };
+            let _ = write!(
+                md,
+                "| {short} | {guard} | {} | {met} | {}/{} | {}/{} |",
+                runs.len(),
+                count(&|o| o.metrics[format!("survived:{workload}")] == json!(true)),
+                runs.len(),
+                count(&|o| o.metrics[format!("survived:{innocent}")] == json!(true)),
+                runs.len(),
+            );
+            for (_, keys, larger_is_worse) in CONTAINMENT_COLUMNS {
+                let values: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|o| {
+                        keys.iter()
+                            .find_map(|k| o.metrics[&k.replace("{cg}", cg)].as_f64())
+                    })
+                    .collect();
+                let _ = write!(md, " {} |", median_worst(&values, *larger_is_worse));
+            }
+            md.push('\n');
+            raw.push(json!({"workload": short, "guard": guard,
+                "runs": runs.iter().map(|o| &o.metrics).collect::<Vec<_>>()}));
         }
-        md.push('\n');
-        raw.push(json!({"scenario": scenario, "guard": guard,
-            "runs": runs.iter().map(|o| &o.metrics).collect::<Vec<_>>()}));
     }
-    md.push_str("\nNot yet in this table: earlyoom (default and incident C's `--prefer/--avoid`) and nohang (defaults and PSI) columns on the same scenarios, and the incident-D run with throttled swap for them; see the notes.\n");
+    md.push_str("\nNot yet in this table: nohang (defaults, and with its PSI check), earlyoom with incident C's `--avoid` regex (every process here is named `workload`, so it would pick the same victim as the default), and a faster-swap variant; see the notes.\n");
     Ok((md, Value::Array(raw)))
 }
 
@@ -659,6 +731,27 @@ fn render_agent(md: &mut String, args: &BenchArgs, runs: &[AgentRun]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_variant_runs_the_same_workloads_under_another_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = workspace_root().join("tests/scenarios/contain-pool.toml");
+        let load = |guard| {
+            let f = variant(&base, "pool", guard, dir.path()).unwrap();
+            cgsentry_workload::scenario::Scenario::load(&f).unwrap()
+        };
+        let original = cgsentry_workload::scenario::Scenario::load(&base).unwrap();
+        let e = load("earlyoom");
+        assert!(e.agent.is_none() && e.expect.is_empty());
+        assert_eq!(e.guard.as_ref().unwrap().program, "/bin/earlyoom");
+        assert!((e.run.stop_when_heartbeat_gap_ms - 30_000.0).abs() < f64::EPSILON);
+        assert_eq!(e.workloads.len(), original.workloads.len());
+        assert_eq!(e.vm.swap_mib, original.vm.swap_mib);
+        let n = load("none");
+        assert!(n.agent.is_none() && n.guard.is_none());
+        let c = load("cgsentry");
+        assert!(c.agent.is_some() && !c.expect.is_empty());
+    }
 
     #[test]
     fn median_and_worst_take_the_worse_side() {

@@ -236,6 +236,12 @@ fn scenario_paths(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)>
     names
         .iter()
         .map(|n| {
+            // A path to a scenario file elsewhere (the benchmark's generated variants).
+            let file = Path::new(n);
+            if file.extension().is_some_and(|e| e == "toml") && file.is_file() {
+                let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or(n);
+                return Ok((stem.to_owned(), file.to_path_buf()));
+            }
             all.iter()
                 .find(|(name, _)| name == n)
                 .cloned()
@@ -319,6 +325,39 @@ fn ensure_kernel(dir: &Path) -> Result<Kernel> {
 }
 
 /// Copies `bin` and the shared libraries it loads (per ldd) into `root`.
+/// Where `ensure_guards` unpacks other guards' Debian packages.
+pub fn guards_dir() -> PathBuf {
+    workspace_root().join("target/vm/guards/root")
+}
+
+/// Unpacks Debian's `packages` (earlyoom…) under [`guards_dir`] for the VM, without
+/// installing them on this machine (where they would start guarding it).
+pub fn ensure_guards(packages: &[&str]) -> Result<()> {
+    let dir = guards_dir();
+    let debs = dir.with_file_name("debs");
+    std::fs::create_dir_all(&debs)?;
+    for p in packages {
+        if dir.join("usr/bin").join(p).exists() {
+            continue;
+        }
+        run(Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", p]))?;
+        let deb = std::fs::read_dir(&debs)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|f| {
+                f.extension().is_some_and(|e| e == "deb")
+                    && f.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{p}_")))
+            })
+            .with_context(|| format!("apt-get download {p} left no .deb"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    }
+    Ok(())
+}
+
 fn install_binary(root: &Path, bin: &Path) -> Result<()> {
     let name = bin.file_name().context("binary name")?;
     std::fs::copy(bin, root.join("bin").join(name))
@@ -382,6 +421,13 @@ fn build_initramfs(
     let release = workspace_root().join("target/release");
     install_binary(&root, &release.join("cgsentry"))?;
     install_binary(&root, &release.join("workload"))?;
+    // Other guards for side-by-side benchmarks (`cargo xtask bench` unpacks them), as
+    // /bin/<name>.
+    if let Ok(guards) = std::fs::read_dir(guards_dir().join("usr/bin")) {
+        for g in guards.filter_map(Result::ok) {
+            install_binary(&root, &g.path())?;
+        }
+    }
     std::fs::copy(scenario_file, root.join("scenario.toml"))?;
     // The shipped policies, for scenarios that ask for them (`shipped_policies`).
     let shipped = root.join("usr/share/cgsentry/policies");

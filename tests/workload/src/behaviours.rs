@@ -28,7 +28,9 @@ pub fn install_stop_handler() {
     }
 }
 
-fn stopping() -> bool {
+/// Whether a SIGTERM/SIGINT asked this process to stop.
+#[must_use]
+pub fn stopping() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 

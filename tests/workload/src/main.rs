@@ -90,7 +90,20 @@ enum Cmd {
 
 fn main() -> Result<()> {
     behaviours::install_stop_handler();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let runner = matches!(command, Cmd::VmRun { .. });
+    run(command)?;
+    // A behaviour stopped by SIGTERM/SIGINT (a guard such as earlyoom killing it) did
+    // not finish: say so in the exit status, as a default handler would have (128 + 15),
+    // so that the runner does not count it as having survived.
+    if !runner && behaviours::stopping() {
+        std::process::exit(143);
+    }
+    Ok(())
+}
+
+fn run(command: Cmd) -> Result<()> {
+    match command {
         Cmd::Leak {
             mib_per_s,
             chunk_mib,

@@ -180,6 +180,103 @@ fn start_agent(
     Ok((child, pumps))
 }
 
+/// Lines of a guard's output that name one of its actions, with their time since `t0`.
+type Hits = Arc<Mutex<Vec<(Duration, String)>>>;
+
+/// Echoes a guard's output lines with a prefix and keeps those containing `action`.
+fn pump_text(
+    name: String,
+    stream: impl std::io::Read + Send + 'static,
+    hits: Hits,
+    action: String,
+    t0: Instant,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            println!("[{name}] {line}");
+            if line.contains(&action) {
+                hits.lock().unwrap().push((t0.elapsed(), line));
+            }
+        }
+    })
+}
+
+/// Starts the scenario's other guard; its action lines go to `hits`.
+fn start_guard(spec: &crate::scenario::Guard, hits: &Hits, t0: Instant) -> Result<Running> {
+    make_cgroup(&spec.cgroup)?;
+    let mut child = spawn_in(&spec.cgroup, &spec.program, &spec.args)?;
+    let pumps = vec![
+        pump_text(
+            spec.name.clone(),
+            child.stdout.take().expect("piped"),
+            hits.clone(),
+            spec.action.clone(),
+            t0,
+        ),
+        pump_text(
+            spec.name.clone(),
+            child.stderr.take().expect("piped"),
+            hits.clone(),
+            spec.action.clone(),
+            t0,
+        ),
+    ];
+    say(&format!("started guard {}: {}", spec.name, spec.program));
+    Ok(Running {
+        name: spec.name.clone(),
+        cgroup: spec.cgroup.clone(),
+        role: Role::Observer,
+        child,
+        exit: None,
+        lines: Arc::new(Mutex::new(Vec::new())),
+        pumps,
+        started: Duration::ZERO,
+    })
+}
+
+/// `guard_*` metrics from the guard's action lines (times since `t0`; the run started
+/// `since` after it) and the memory series.
+fn guard_metrics(
+    metrics: &mut serde_json::Map<String, Value>,
+    hits: &[(Duration, String)],
+    since: Duration,
+    running: &[(String, Duration)],
+    series: &[Value],
+) {
+    metrics.insert("guard_actions".into(), json!(hits.len()));
+    let Some((first, line)) = hits.first() else {
+        return;
+    };
+    let at = first.saturating_sub(since);
+    metrics.insert("guard_action_s".into(), json!(at.as_secs_f64()));
+    metrics.insert("guard_first_action".into(), json!(line));
+    for (cgroup, started) in running {
+        if let Some(after) = at.checked_sub(*started) {
+            metrics.insert(
+                format!("guard_action_after_start_s:{cgroup}"),
+                json!(after.as_secs_f64()),
+            );
+        }
+    }
+    if let Some(avail) = avail_before(series, at) {
+        metrics.insert("mem_available_at_action_mib".into(), json!(avail));
+    }
+}
+
+/// `MemAvailable` (MiB) in the last sample at or before `at`.
+fn avail_before(series: &[Value], at: Duration) -> Option<u64> {
+    series
+        .iter()
+        .take_while(|s| {
+            s["t_ms"]
+                .as_u64()
+                .is_some_and(|t| u128::from(t) <= at.as_millis())
+        })
+        .last()
+        .and_then(|s| s["avail_mib"].as_u64())
+}
+
 fn is_frozen(rel: &str) -> bool {
     std::fs::read_to_string(cgroup_dir(rel).join("cgroup.events"))
         .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
@@ -245,6 +342,12 @@ pub fn vm_run(path: &Path) -> Result<()> {
             started: Duration::ZERO,
         });
     }
+
+    let hits: Hits = Arc::new(Mutex::new(Vec::new()));
+    let mut guard = match &scenario.guard {
+        Some(spec) => Some(start_guard(spec, &hits, t0)?),
+        None => None,
+    };
 
     for w in &scenario.workloads {
         make_cgroup(&w.cgroup)?;
@@ -462,7 +565,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
         let _ = std::fs::write(cgroup_dir(&r.cgroup).join("cgroup.kill"), "1");
         let _ = r.child.wait();
     }
-    for r in running.iter_mut().chain(agent.iter_mut()) {
+    for r in running
+        .iter_mut()
+        .chain(agent.iter_mut())
+        .chain(guard.iter_mut())
+    {
         if r.exit.is_none() {
             stop_child(&mut r.child, Duration::from_secs(10));
         }
@@ -516,6 +623,19 @@ pub fn vm_run(path: &Path) -> Result<()> {
             run_start.duration_since(t0),
         );
     }
+    if guard.is_some() {
+        let started: Vec<(String, Duration)> = running
+            .iter()
+            .map(|r| (r.cgroup.clone(), r.started))
+            .collect();
+        guard_metrics(
+            &mut metrics,
+            &hits.lock().unwrap(),
+            run_start.duration_since(t0),
+            &started,
+            &series,
+        );
+    }
     // Time to containment from the moment the offender was really started (the runner
     // starts workloads on its sampling period, so up to `sample_ms` after start_after_s).
     for r in &running {
@@ -531,6 +651,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
                 format!("agent_contained_after_start_s:{}", r.cgroup),
                 json!(at - r.started.as_secs_f64()),
             );
+            if let Some(avail) = avail_before(&series, Duration::from_secs_f64(at.max(0.0))) {
+                metrics
+                    .entry("mem_available_at_action_mib")
+                    .or_insert_with(|| json!(avail));
+            }
         }
     }
     let result = json!({"metrics": metrics, "series": series});
@@ -795,6 +920,48 @@ mod tests {
             .map(|(p, c)| json!({"path": p, "cpu_percent": c}))
             .collect();
         json!({"cgroups": cgroups, "ebpf": {"cgroup_map_full": 0, "read_errors": 1, "update_errors": 0, "clock_backwards": 0}})
+    }
+
+    #[test]
+    fn a_guard_action_is_timed_from_the_run_and_the_workload_start() {
+        let ms = Duration::from_millis;
+        let series: Vec<Value> = [(0, 900), (500, 400), (1000, 90), (1500, 600)]
+            .iter()
+            .map(|(t, a)| json!({"t_ms": t, "avail_mib": a}))
+            .collect();
+        let hits = vec![
+            (
+                ms(3200),
+                "sending SIGTERM to process 101 \"workload\"".to_owned(),
+            ),
+            (ms(3900), "sending SIGKILL to process 101".to_owned()),
+        ];
+        let mut m = serde_json::Map::new();
+        // The run started 2 s after t0; /leak 0.2 s into the run, /late after the action.
+        let running = vec![
+            ("/leak".to_owned(), ms(200)),
+            ("/late".to_owned(), ms(5000)),
+        ];
+        guard_metrics(&mut m, &hits, ms(2000), &running, &series);
+        assert_eq!(m["guard_actions"], json!(2));
+        assert_eq!(m["guard_action_s"], json!(1.2));
+        assert_eq!(m["guard_action_after_start_s:/leak"], json!(1.0));
+        assert!(!m.contains_key("guard_action_after_start_s:/late"));
+        assert_eq!(m["mem_available_at_action_mib"], json!(90));
+        assert!(
+            m["guard_first_action"]
+                .as_str()
+                .unwrap()
+                .contains("SIGTERM")
+        );
+
+        let mut none = serde_json::Map::new();
+        guard_metrics(&mut none, &[], ms(0), &running, &series);
+        assert_eq!(none["guard_actions"], json!(0));
+        assert!(
+            !none.contains_key("guard_action_s"),
+            "a guard that never acted"
+        );
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub struct Scenario {
     pub run: Run,
     /// Run `cgsentry` in the VM with these arguments, before the workloads start.
     pub agent: Option<Agent>,
+    /// Another guard (earlyoom, nohang) run before the workloads instead of `cgsentry`,
+    /// for side-by-side benchmarks.
+    pub guard: Option<Guard>,
     #[serde(rename = "workload", default)]
     pub workloads: Vec<Workload>,
     /// Metric name → expected range or value. See `Metrics` for the names.
@@ -93,6 +96,27 @@ pub struct Agent {
     pub cgroup: String,
     /// Kill the agent with SIGKILL mid-containment and start it again.
     pub restart: Option<Restart>,
+}
+
+/// A guard other than cgsentry: `program args` in `cgroup`, started before the
+/// workloads; each line of its output containing `action` is one of its actions (for
+/// earlyoom: "sending SIG"). Metrics: `guard_actions`, `guard_action_s` (first, since
+/// the run started), `guard_action_after_start_s:<cgroup>` (since that cgroup's
+/// workload started), `mem_available_at_action_mib`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    pub name: String,
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default = "default_guard_cgroup")]
+    pub cgroup: String,
+    pub action: String,
+}
+
+fn default_guard_cgroup() -> String {
+    "/guard".into()
 }
 
 /// `kill -9` of the agent as soon as `when_frozen` is frozen, and a new agent (same
