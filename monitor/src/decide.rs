@@ -116,6 +116,16 @@ impl Decider {
         findings: &[(Finding, Vec<ProcessRef<'_>>)],
     ) -> Outcome {
         let mut out = Outcome::default();
+        // A relaxed cgroup still growing or stalling in reclaim is not quiet, whichever
+        // rule saw it: fully releasing its caps now would hand it to the leak ladder,
+        // which starts over from notify and ends in a freeze (seen in the VM: a pool
+        // relaxed after its explosion, released while draining its backlog, then frozen
+        // by the leak rule for minutes). Its caps stay relaxed until it settles.
+        for (finding, _) in findings {
+            if matches!(finding.kind, FindingKind::Leak | FindingKind::Pressure) {
+                self.hold(finding.cgroup_id, t);
+            }
+        }
         for (finding, processes) in findings {
             let Some(rule) = policy.rule_for(finding, processes) else {
                 continue;
@@ -476,6 +486,48 @@ ladder = [
         assert_eq!(
             stages,
             vec![(16, ReleaseStage::Relax), (40 - 1, ReleaseStage::Full)]
+        );
+    }
+
+    /// An explosion ladder, relaxed, is not fully released while the same cgroup keeps
+    /// growing (a leak finding under another rule): it waits until the growth stops.
+    #[test]
+    fn growth_under_another_rule_defers_the_full_release() {
+        let pol = policy(
+            "[[rule]]\nname = \"burst\"\nfinding = \"explosion\"\ncgroup = \"/**\"\n\
+             release_after_quiet_sec = 10\n[[rule.ladder]]\naction = \"throttle\"\n\
+             memory_high_percent = 100\n\
+             [[rule]]\nname = \"growth\"\nfinding = \"leak\"\ncgroup = \"/**\"\n\
+             [[rule.ladder]]\naction = \"notify\"\n",
+            false,
+        );
+        let mut d = Decider::default();
+        let mut stages = Vec::new();
+        for s in 0..60 {
+            let mut findings = Vec::new();
+            if s <= 2 {
+                let burst = Finding {
+                    kind: FindingKind::Explosion,
+                    ..leak("/app")
+                };
+                findings.push((burst, vec![p("pool")]));
+            }
+            // Growing from 12 s (after the relax at 13 s would be due) to 30 s.
+            if (12..=30).contains(&s) {
+                findings.push((leak("/app"), vec![p("pool")]));
+            }
+            let o = d.tick(f64::from(s), &pol, &findings);
+            stages.extend(
+                o.releases
+                    .iter()
+                    .filter(|r| r.rule == "burst")
+                    .map(|r| (s, r.stage)),
+            );
+        }
+        // Relaxed at 12 (quiet 10 s), then held while the leak lasts: full 10 s after it.
+        assert_eq!(
+            stages,
+            vec![(12, ReleaseStage::Relax), (40, ReleaseStage::Full)]
         );
     }
 
