@@ -226,11 +226,11 @@ impl Ops {
             policy_errors: j.policy_errors.len(),
             gpu_available: snap.gpu.is_some(),
         };
-        if let Some(exp) = &self.out.exposition {
-            let text = self.metrics.update(snap, j, &me);
-            if let Ok(mut w) = exp.write() {
-                *w = text;
-            }
+        // Counted every tick, rendered only for a waiting scrape.
+        if let Some(exp) = &self.out.exposition
+            && let Some(text) = self.metrics.update(snap, j, &me, exp.take_wanted())
+        {
+            exp.publish(text);
         }
         if let Some(shared) = &self.out.shared {
             let applied = active(guard);
