@@ -206,22 +206,14 @@ fn pump_text(
 fn start_guard(spec: &crate::scenario::Guard, hits: &Hits, t0: Instant) -> Result<Running> {
     make_cgroup(&spec.cgroup)?;
     let mut child = spawn_in(&spec.cgroup, &spec.program, &spec.args)?;
-    let pumps = vec![
-        pump_text(
-            spec.name.clone(),
-            child.stdout.take().expect("piped"),
-            hits.clone(),
-            spec.action.clone(),
-            t0,
-        ),
-        pump_text(
-            spec.name.clone(),
-            child.stderr.take().expect("piped"),
-            hits.clone(),
-            spec.action.clone(),
-            t0,
-        ),
+    let streams: [Box<dyn std::io::Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("piped")),
+        Box::new(child.stderr.take().expect("piped")),
     ];
+    let pumps = streams
+        .into_iter()
+        .map(|s| pump_text(spec.name.clone(), s, hits.clone(), spec.action.clone(), t0))
+        .collect();
     say(&format!("started guard {}: {}", spec.name, spec.program));
     Ok(Running {
         name: spec.name.clone(),
