@@ -532,7 +532,7 @@ impl Collector {
         proc_root: impl Into<PathBuf>,
         options: CollectOptions,
     ) -> Self {
-        Self {
+        let mut c = Self {
             probes,
             index,
             proc_root: proc_root.into(),
@@ -552,7 +552,37 @@ impl Collector {
             last_ns: monotonic_ns(),
             last_map_full: 0,
             undecodable: 0,
-        }
+        };
+        c.prime();
+        c
+    }
+
+    /// Makes the first tick cover exactly the time since `new`: what the programs
+    /// counted between their attach and now (the agent's start-up) becomes the
+    /// baseline instead of the first tick's share (a lone spinner read 110 % of a CPU
+    /// in its first tick), and a slice running now is shown from now on.
+    fn prime(&mut self) {
+        let totals = self.probes.cgroup_stats();
+        let running = self.running_slices().unwrap_or_default();
+        let now = monotonic_ns();
+        let _ = self.accountant.tick(&totals, &running, now, now);
+        self.last_ns = now;
+    }
+
+    /// The slices running on each CPU now, with their cgroups.
+    fn running_slices(&self) -> Result<Vec<RunningSlice>, ProbeError> {
+        Ok(self
+            .probes
+            .cpu_slices()?
+            .iter()
+            .map(|s| RunningSlice {
+                start_ns: s.start_ns,
+                cgroup: (s.pid != 0)
+                    .then(|| cgroup_of_pid(&self.proc_root, s.pid))
+                    .flatten()
+                    .and_then(|path| self.index.id_of(&path)),
+            })
+            .collect())
     }
 
     /// The probes whose maps this collector reads.
@@ -567,18 +597,8 @@ impl Collector {
     /// A map could not be read at all.
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
         let totals = self.probes.cgroup_stats();
-        let slices = self.probes.cpu_slices()?;
+        let running = self.running_slices()?;
         let now = monotonic_ns();
-        let running: Vec<RunningSlice> = slices
-            .iter()
-            .map(|s| RunningSlice {
-                start_ns: s.start_ns,
-                cgroup: (s.pid != 0)
-                    .then(|| cgroup_of_pid(&self.proc_root, s.pid))
-                    .flatten()
-                    .and_then(|path| self.index.id_of(&path)),
-            })
-            .collect();
         let deltas = self.accountant.tick(&totals, &running, now, self.last_ns);
         let interval_ns = now.saturating_sub(self.last_ns).max(1);
         self.last_ns = now;
@@ -619,7 +639,7 @@ impl Collector {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),
             interval_ns,
-            cpus: slices.len(),
+            cpus: running.len(),
             machine: Machine::read(&self.proc_root),
             cgroups,
             processes,
