@@ -256,12 +256,29 @@ impl Agent {
 /// `sched_switch` program (a per-cgroup count).
 const BPFTRACE_ONE_LINER: &str = "tracepoint:sched:sched_switch { @[cgroup] = count(); }";
 
-/// IDs of the eBPF programs loaded now.
-fn program_ids() -> Result<Vec<u64>> {
+/// Every eBPF program loaded now, as `bpftool prog show -j` describes it (with
+/// `run_time_ns`/`run_cnt` while `bpf_stats` is on).
+fn loaded_programs() -> Result<Vec<Value>> {
     let out = output(Command::new("bpftool").args(["prog", "show", "-j"]))
         .context("bpftool prog show failed")?;
-    let progs: Vec<Value> = serde_json::from_str(&out)?;
-    Ok(progs.iter().filter_map(|p| p["id"].as_u64()).collect())
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Nanoseconds per run (0 for a program that never ran).
+fn per_event(run_time_ns: u64, run_cnt: u64) -> f64 {
+    if run_cnt > 0 {
+        run_time_ns as f64 / run_cnt as f64
+    } else {
+        0.0
+    }
+}
+
+/// IDs of the eBPF programs loaded now.
+fn program_ids() -> Result<Vec<u64>> {
+    Ok(loaded_programs()?
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
 }
 
 /// The bpftrace one-liner, attached (its program is loaded).
@@ -306,9 +323,7 @@ impl Bpftrace {
 
     /// ns per event and events of its programs (`bpf_stats` must be on).
     fn cost(&self) -> Result<Cost> {
-        let out = output(Command::new("bpftool").args(["prog", "show", "-j"]))
-            .context("bpftool prog show failed")?;
-        let progs: Vec<Value> = serde_json::from_str(&out)?;
+        let progs = loaded_programs()?;
         let (ns, cnt) = progs
             .iter()
             .filter(|p| p["id"].as_u64().is_some_and(|id| self.ids.contains(&id)))
@@ -318,7 +333,7 @@ impl Bpftrace {
                     cnt + p["run_cnt"].as_u64().unwrap_or(0),
                 )
             });
-        Ok((if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 }, cnt))
+        Ok((per_event(ns, cnt), cnt))
     }
 
     fn stop(mut self) {
@@ -395,9 +410,7 @@ fn program_costs() -> Result<Vec<ProgramCost>> {
     .iter()
     .map(|n| n.chars().take(15).collect())
     .collect();
-    let out = output(Command::new("bpftool").args(["prog", "show", "-j"]))
-        .context("bpftool prog show failed")?;
-    let progs: Vec<Value> = serde_json::from_str(&out)?;
+    let progs = loaded_programs()?;
     let mut costs: Vec<ProgramCost> = progs
         .iter()
         .filter_map(|p| {
@@ -407,11 +420,7 @@ fn program_costs() -> Result<Vec<ProgramCost>> {
             }
             let cnt = p["run_cnt"].as_u64().unwrap_or(0);
             let ns = p["run_time_ns"].as_u64().unwrap_or(0);
-            Some((
-                name.to_owned(),
-                if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 },
-                cnt,
-            ))
+            Some((name.to_owned(), per_event(ns, cnt), cnt))
         })
         .collect();
     costs.sort_by(|a, b| a.0.cmp(&b.0));
