@@ -142,12 +142,25 @@ pub fn spike(to_mib: usize, rise_s: f64, hold_s: f64) -> Result<()> {
 /// map `mib` of fresh memory, touch it, unmap it — what a new request or command does —
 /// and record the largest time between two beats. A machine that thrashes or freezes
 /// shows here; a heartbeat that only sleeps would not notice.
+/// What a gap between beats lost to a stall: beyond one period, if it was more than two.
+fn stall(gap: Duration, period: Duration) -> Duration {
+    if gap > 2 * period {
+        gap.saturating_sub(period)
+    } else {
+        Duration::ZERO
+    }
+}
+
 pub fn heartbeat(period_ms: u64, mib: usize) -> Result<()> {
     let period = Duration::from_millis(period_ms);
     let start = Instant::now();
     let mut last = Instant::now();
     let mut next = last + period;
     let mut max_gap = Duration::ZERO;
+    // Time lost to stalls: what each gap of more than two periods took beyond one period.
+    // Unlike the largest gap, this adds up many medium stalls (a thrashing machine that
+    // never stops for seconds at a time still loses most of its beats).
+    let mut stalled = Duration::ZERO;
     let mut beats = 0u64;
     let mut last_status = Instant::now();
     while !stopping() {
@@ -159,21 +172,26 @@ pub fn heartbeat(period_ms: u64, mib: usize) -> Result<()> {
         next = (next + period).max(Instant::now());
         drop(Mapping::touched(mib * MIB).context("heartbeat: mmap")?);
         let now = Instant::now();
-        max_gap = max_gap.max(now - last);
+        let gap = now - last;
+        max_gap = max_gap.max(gap);
+        stalled += stall(gap, period);
         last = now;
         beats += 1;
         if now - last_status >= Duration::from_secs(1) {
             status(
                 &json!({"workload": "heartbeat", "beats": beats, "max_gap_ms": ms(max_gap),
-                           "elapsed_ms": ms(start.elapsed())}),
+                           "stalled_ms": ms(stalled), "elapsed_ms": ms(start.elapsed())}),
             );
             last_status = now;
         }
     }
     // The time since the last beat counts too: a heartbeat stopped while stalled.
-    max_gap = max_gap.max(last.elapsed());
+    let tail = last.elapsed();
+    max_gap = max_gap.max(tail);
+    stalled += stall(tail, period);
     status(
-        &json!({"workload": "heartbeat", "beats": beats, "max_gap_ms": ms(max_gap), "final": true}),
+        &json!({"workload": "heartbeat", "beats": beats, "max_gap_ms": ms(max_gap),
+                "stalled_ms": ms(stalled), "final": true}),
     );
     Ok(())
 }
@@ -401,4 +419,18 @@ pub fn park(root: &std::path::Path, cgroups: usize, processes: usize) -> Result<
     }
     status(&json!({"workload": "park", "final": true}));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stall_counts_beyond_one_period_once_a_beat_is_missed() {
+        let ms = Duration::from_millis;
+        assert_eq!(stall(ms(150), ms(100)), Duration::ZERO); // late, no beat missed
+        assert_eq!(stall(ms(200), ms(100)), Duration::ZERO);
+        assert_eq!(stall(ms(250), ms(100)), ms(150));
+        assert_eq!(stall(ms(5100), ms(100)), ms(5000));
+    }
 }

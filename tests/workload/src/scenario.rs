@@ -113,6 +113,12 @@ pub struct Guard {
     #[serde(default = "default_guard_cgroup")]
     pub cgroup: String,
     pub action: String,
+    /// Files and directories the guard needs in the VM, as absolute paths in the
+    /// unpacked guard packages (`cargo xtask bench` unpacks them under
+    /// target/vm/guards/root); each is carried to the same path, ELF files with the
+    /// host libraries they link.
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 fn default_guard_cgroup() -> String {
@@ -173,6 +179,10 @@ pub struct Workload {
     /// `files = { "memory.max" = "64M" }`.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Process name (`comm`, what earlyoom's and nohang's regexes match, at most 15
+    /// bytes): the `workload` binary is run through a link of this name, e.g.
+    /// `comm = "pytest"`. Default: `workload`.
+    pub comm: Option<String>,
 }
 
 /// An expected metric: a range (`min`, `max`, inclusive) or an exact value.
@@ -246,12 +256,33 @@ impl Scenario {
             if w.args.is_empty() {
                 bail!("workload {}: empty args", w.name);
             }
+            if let Some(c) = &w.comm
+                && (c.is_empty()
+                    || c.len() > 15
+                    || !c
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    || c.starts_with('.'))
+            {
+                bail!(
+                    "workload {}: comm {c:?} must be 1-15 letters, digits, '-', '_' or '.'",
+                    w.name
+                );
+            }
             if let Some(f) = w.files.keys().find(|f| f.contains('/') || !f.contains('.')) {
                 bail!(
                     "workload {}: {f:?} is not a cgroup control file name",
                     w.name
                 );
             }
+        }
+        if let Some(g) = &s.guard
+            && let Some(f) = g
+                .files
+                .iter()
+                .find(|f| !f.starts_with('/') || f.split('/').any(|c| c == ".."))
+        {
+            bail!("guard {}: file {f:?} must be an absolute path", g.name);
         }
         let mut names: Vec<&str> = s.workloads.iter().map(|w| w.name.as_str()).collect();
         names.sort_unstable();
@@ -285,6 +316,9 @@ args = ["spin"]
         assert_eq!(s.vm.mem_mib, 1024);
         assert_eq!(s.workloads[0].role, Role::Subject);
         assert!(s.agent.is_none());
+        assert_eq!(s.workloads[0].comm, None);
+        let named = Scenario::parse(&format!("{MINIMAL}comm = \"pytest\"\n")).unwrap();
+        assert_eq!(named.workloads[0].comm.as_deref(), Some("pytest"));
     }
 
     #[test]
@@ -304,6 +338,18 @@ args = ["spin"]
             (
                 &format!("{MINIMAL}files = {{ \"../x\" = \"1\" }}\n"),
                 "control file",
+            ),
+            (&format!("{MINIMAL}comm = \"../sh\"\n"), "comm"),
+            (
+                &format!(
+                    "{MINIMAL}[guard]\nname = \"g\"\nprogram = \"/bin/g\"\naction = \"x\"\n\
+                     files = [\"/usr/../etc\"]\n"
+                ),
+                "absolute path",
+            ),
+            (
+                &format!("{MINIMAL}comm = \"a-name-too-long-for-comm\"\n"),
+                "comm",
             ),
         ] {
             let err = format!("{:#}", Scenario::parse(bad).unwrap_err());
