@@ -46,6 +46,32 @@ pub struct BenchArgs {
     /// Runs of each containment scenario in the VM (0: skip that section).
     #[arg(long, default_value_t = 5)]
     pub vm_runs: u32,
+    /// Guards in the containment section (none, earlyoom, earlyoom-c, nohang,
+    /// nohang-psi, cgsentry); default: all. A subset is a partial run (see `--only-vm`).
+    #[arg(long, value_delimiter = ',')]
+    pub guards: Vec<String>,
+    /// Only the containment section. A partial run (this, or a subset of guards)
+    /// writes target/bench/partial.md and partial.json, not BENCHMARKS.md.
+    #[arg(long)]
+    pub only_vm: bool,
+}
+
+impl BenchArgs {
+    /// The guards to run, in table order; an unknown name is an error.
+    fn guards(&self) -> Result<Vec<&'static str>> {
+        if let Some(bad) = self.guards.iter().find(|g| !GUARDS.contains(&g.as_str())) {
+            bail!("unknown guard {bad:?}: one of {}", GUARDS.join(", "));
+        }
+        Ok(GUARDS
+            .iter()
+            .copied()
+            .filter(|g| self.guards.is_empty() || self.guards.iter().any(|x| x == g))
+            .collect())
+    }
+
+    fn partial(&self) -> bool {
+        self.only_vm || !self.guards.is_empty()
+    }
 }
 
 /// Containment scenarios measured in the VM, each run under every guard: (short name,
@@ -55,11 +81,106 @@ const CONTAINMENT: &[(&str, &str, &str, &str, &str)] = &[
     ("pool", "contain-pool", "pool", "/pool", "heartbeat"),
 ];
 
-/// Guards compared: none, earlyoom as Debian ships it, cgsentry (the scenario as is).
-const GUARDS: &[&str] = &["none", "earlyoom", "cgsentry"];
+/// Guards compared: none, cgsentry (the scenario as is), and the others below.
+const GUARDS: &[&str] = &[
+    "none",
+    "earlyoom",
+    "earlyoom-c",
+    "nohang",
+    "nohang-psi",
+    "cgsentry",
+];
 
-/// Debian packages of the other guards, unpacked for the VM.
-const GUARD_PACKAGES: &[&str] = &["earlyoom"];
+/// Another guard as the benchmark runs it: variant name, program and arguments (`args`
+/// then `more`), the marker of its action lines, the files it needs in the VM.
+struct OtherGuard {
+    variant: &'static str,
+    program: &'static str,
+    args: &'static [&'static str],
+    more: &'static [&'static str],
+    action: &'static str,
+    files: &'static [&'static str],
+}
+
+const EARLYOOM_ARGS: &[&str] = &["-r", "5"];
+const NOHANG_ARGS: &[&str] = &["-B", "/usr/sbin/nohang", "--monitor", "--config"];
+
+const EARLYOOM_FILES: &[&str] = &["/usr/bin/earlyoom"];
+const NOHANG_FILES: &[&str] = &[
+    "/usr/bin/python3.11",
+    "/usr/lib/python3.11",
+    "/usr/sbin/nohang",
+    "/etc/nohang",
+];
+
+/// earlyoom: its decisions as Debian ships it; its memory report every 5 s instead of
+/// every second (cosmetic), so the console stays readable. "sending SIGTERM to process
+/// N ..." is an action (its banner also says "sending SIG…"). nohang: `--monitor` with
+/// Debian's config, Python without writing bytecode (the VM's files are RAM); "Sending
+/// SIGTERM to the victim" is an action.
+const OTHER_GUARDS: &[OtherGuard] = &[
+    OtherGuard {
+        variant: "earlyoom",
+        program: "/usr/bin/earlyoom",
+        args: EARLYOOM_ARGS,
+        more: &[],
+        action: "to process",
+        files: EARLYOOM_FILES,
+    },
+    // Incident C's settings: never kill the backend, the tests or the editor.
+    OtherGuard {
+        variant: "earlyoom-c",
+        program: "/usr/bin/earlyoom",
+        args: EARLYOOM_ARGS,
+        more: &["--avoid", "^(omnimind|pytest|code)$"],
+        action: "to process",
+        files: EARLYOOM_FILES,
+    },
+    OtherGuard {
+        variant: "nohang",
+        program: "/usr/bin/python3.11",
+        args: NOHANG_ARGS,
+        more: &["/etc/nohang/nohang.conf"],
+        action: "to the victim",
+        files: NOHANG_FILES,
+    },
+    // Its PSI check on (`psi_checking_enabled = True`, written by `nohang_psi_config`).
+    OtherGuard {
+        variant: "nohang-psi",
+        program: "/usr/bin/python3.11",
+        args: NOHANG_ARGS,
+        more: &["/etc/nohang/nohang-psi.conf"],
+        action: "to the victim",
+        files: NOHANG_FILES,
+    },
+];
+
+/// Debian packages of the other guards, unpacked for the VM: nohang is a Python
+/// script, so Python 3.11 and its standard library come too (libffi, for ctypes, from
+/// the host like every other library).
+const GUARD_PACKAGES: &[&str] = &[
+    "earlyoom",
+    "nohang",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+];
+
+/// Writes /etc/nohang/nohang-psi.conf beside Debian's nohang.conf: the same with
+/// `psi_checking_enabled = True`.
+fn nohang_psi_config() -> Result<()> {
+    let dir = crate::vm::guards_dir().join("etc/nohang");
+    let text = std::fs::read_to_string(dir.join("nohang.conf"))?;
+    let off = "psi_checking_enabled = False";
+    if !text.contains(off) {
+        bail!("nohang.conf has no `{off}` line: its format changed, check the PSI variant");
+    }
+    std::fs::write(
+        dir.join("nohang-psi.conf"),
+        text.replace(off, "psi_checking_enabled = True"),
+    )?;
+    Ok(())
+}
 
 /// One containment column: (header, metric keys with `{cg}` tried in order, whether
 /// larger is worse).
@@ -85,12 +206,28 @@ const CONTAINMENT_COLUMNS: &[(&str, &[&str], bool)] = &[
     ("processes killed by the guard", &["guard_actions"], true),
     ("kernel OOM kills", &["oom_kills"], true),
     ("heartbeat max gap ms", &["heartbeat_max_gap_ms"], true),
+    (
+        "heartbeat stalled ms in all",
+        &["heartbeat_stalled_ms"],
+        true,
+    ),
 ];
 
 /// Writes the scenario `base` as run under `guard` into `dir`: `cgsentry` is the file as
 /// it is; otherwise its agent and expectations are dropped (they are cgsentry's), the
 /// guard added, and a run that froze the machine for 30 s is stopped.
-fn variant(base: &Path, short: &str, guard: &str, dir: &Path) -> Result<PathBuf> {
+/// `files_mib` sizes a guard's files (`crate::vm::guard_files_mib`); its VM gets that
+/// much more memory.
+fn variant(
+    base: &Path,
+    short: &str,
+    guard: &str,
+    dir: &Path,
+    files_mib: &dyn Fn(&[&str]) -> Result<u32>,
+) -> Result<PathBuf> {
+    if guard != "none" && guard != "cgsentry" && !OTHER_GUARDS.iter().any(|g| g.variant == guard) {
+        bail!("unknown guard {guard}");
+    }
     let text = std::fs::read_to_string(base)?;
     let out = dir.join(format!("{short}-{guard}.toml"));
     if guard == "cgsentry" {
@@ -109,15 +246,27 @@ fn variant(base: &Path, short: &str, guard: &str, dir: &Path) -> Result<PathBuf>
             toml::Value::Float(30_000.0),
         );
     }
-    if guard == "earlyoom" {
-        let g: toml::Table = toml::from_str(
-            // Its decisions as Debian ships it; its memory report every 5 s instead of
-            // every second (a cosmetic flag), so the console stays readable. "sending
-            // SIGTERM to process N ..." is a kill (its banner also says "sending SIG…").
-            "name = \"earlyoom\"\nprogram = \"/bin/earlyoom\"\nargs = [\"-r\", \"5\"]\n\
-             action = \"to process\"\n",
-        )?;
-        t.insert("guard".into(), toml::Value::Table(g));
+    if let Some(g) = OTHER_GUARDS.iter().find(|g| g.variant == guard) {
+        let name = g.variant.split('-').next().unwrap_or(g.variant);
+        let mut spec = toml::Table::new();
+        spec.insert("name".into(), name.into());
+        spec.insert("program".into(), g.program.into());
+        spec.insert("args".into(), [g.args, g.more].concat().into());
+        spec.insert("action".into(), g.action.into());
+        spec.insert("files".into(), g.files.to_vec().into());
+        t.insert("guard".into(), toml::Value::Table(spec));
+        // Its files are in the VM's initramfs, which is RAM: the same memory to guard.
+        let extra = i64::from(files_mib(g.files)?);
+        let vm = t
+            .entry("vm")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(vm) = vm {
+            let mem = vm
+                .get("mem_mib")
+                .and_then(toml::Value::as_integer)
+                .unwrap_or(1024);
+            vm.insert("mem_mib".into(), toml::Value::Integer(mem + extra));
+        }
     }
     std::fs::write(&out, toml::to_string(&t)?)?;
     Ok(out)
@@ -140,13 +289,17 @@ fn median_worst(values: &[f64], larger_is_worse: bool) -> String {
 /// the table.
 fn containment(args: &BenchArgs) -> Result<(String, Value)> {
     crate::vm::ensure_guards(GUARD_PACKAGES)?;
+    nohang_psi_config()?;
+    let guards = args.guards()?;
     let dir = workspace_root().join("target/bench/scenarios");
     std::fs::create_dir_all(&dir)?;
     let mut files = Vec::new();
     for (short, base, ..) in CONTAINMENT {
         let base = workspace_root().join(format!("tests/scenarios/{base}.toml"));
-        for guard in GUARDS {
-            files.push(variant(&base, short, guard, &dir)?);
+        for guard in &guards {
+            files.push(variant(&base, short, guard, &dir, &|f| {
+                crate::vm::guard_files_mib(f)
+            })?);
         }
     }
     let vm_args = crate::vm::VmTestArgs {
@@ -158,7 +311,7 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
     };
     let (table, hangs) = crate::vm::run_suite(&vm_args)?;
     let mut md = format!(
-        "## Containment in the VM, side by side\n\nDebian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, 1 GiB, pure cgroup v2), the same workloads under each guard, {} runs each, **median / worst**. `leak`: 20 MiB/s with no memory.max beside a heartbeat service; `pool`: incident D, 200 x 20 MiB jobs at once with throttled swap beside a heartbeat. `none`: no guard; `earlyoom`: Debian's earlyoom 1.7 with its defaults (SIGTERM at ≤ 10 % memory and ≤ 10 % swap free, SIGKILL at 5 %); `cgsentry`: the shipped policies. A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only). {hangs} run(s) were re-run after the emulator wedged.\n\n| workload | guard | runs | expectations met | offender survived | innocent survived |",
+        "## Containment in the VM, side by side\n\nDebian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, 1 GiB, pure cgroup v2), the same workloads under each guard, {} runs each, **median / worst**. `leak`: 20 MiB/s with no memory.max beside a heartbeat service; `pool`: incident D, 200 x 20 MiB jobs at once with throttled swap beside a heartbeat. Processes are named as on incidents C and D's machines: the service or heartbeat `omnimind`, the leaker `pytest`, the pool `validator`. `none`: no guard; `earlyoom`: Debian's earlyoom 1.7 with its defaults (SIGTERM at ≤ 10 % memory and ≤ 10 % swap free, SIGKILL at 5 %); `earlyoom-c`: the same with incident C's `--avoid '^(omnimind|pytest|code)$'`; `nohang`: Debian's nohang 0.2.0, `nohang --monitor` with its shipped config (SIGTERM at ≤ 5 % memory and ≤ 10 % swap free); `nohang-psi`: the same with `psi_checking_enabled = True` (acts when memory `full_avg10` > 40 for 30 s); `cgsentry`: the shipped policies. Another guard's files (nohang's Python: about 20 MiB) live in the VM's initramfs, which is RAM, so its VM gets that much more memory. A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only). {hangs} run(s) were re-run after the emulator wedged.\n\n| workload | guard | runs | expectations met | offender survived | innocent survived |",
         args.vm_runs
     );
     for (h, _, _) in CONTAINMENT_COLUMNS {
@@ -169,7 +322,7 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
     md.push('\n');
     let mut raw = Vec::new();
     for (short, _, workload, cg, innocent) in CONTAINMENT {
-        for guard in GUARDS {
+        for guard in &guards {
             let name = format!("{short}-{guard}");
             let runs = table.get(&name).map_or(&[][..], Vec::as_slice);
             let count = |pred: &dyn Fn(&crate::vm::Outcome) -> bool| {
@@ -204,7 +357,7 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
                 "runs": runs.iter().map(|o| &o.metrics).collect::<Vec<_>>()}));
         }
     }
-    md.push_str("\nNot yet in this table: nohang (defaults, and with its PSI check), earlyoom with incident C's `--avoid` regex (every process here is named `workload`, so it would pick the same victim as the default), and a faster-swap variant; see the notes.\n");
+    md.push_str("\nNot in this table: systemd-oomd and Meta's oomd (they need systemd and its cgroup tree, which this VM does not run), and a faster-swap variant of the pool.\n");
     Ok((md, Value::Array(raw)))
 }
 
@@ -581,8 +734,33 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
     }
+    args.guards()?;
     crate::setup::install_missing(crate::setup::BENCH_PACKAGES)?;
     build_release_binaries()?;
+    let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default();
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    if args.partial() {
+        if args.vm_runs == 0 {
+            bail!("a partial run measures containment only: --vm-runs must be at least 1");
+        }
+        let (table, raw) = containment(args)?;
+        let md = format!(
+            "# cgsentry benchmarks (partial run)\n\nMeasured by `cargo xtask bench {}` on {date}, host kernel {kernel}, {cpus} CPUs. Containment only; BENCHMARKS.md is written by a full run.\n\n{table}",
+            std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+        );
+        print!("{md}");
+        std::fs::write(dir.join("partial.md"), &md)?;
+        let results = json!({"kernel": kernel, "cpus": cpus, "date": date, "containment": raw});
+        std::fs::write(
+            dir.join("partial.json"),
+            serde_json::to_string_pretty(&results)?,
+        )?;
+        eprintln!("bench: wrote target/bench/partial.md and partial.json");
+        return Ok(());
+    }
     // A baseline "without programs" is only one if none of ours is loaded.
     let loaded = program_costs()?;
     if !loaded.is_empty() {
@@ -592,9 +770,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             loaded.len()
         );
     }
-    let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default();
     let bpftrace_version = output(Command::new("bpftrace").arg("--version")).unwrap_or_default();
 
     let t = throughput(args)?;
@@ -624,8 +799,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
     print!("{md}");
     std::fs::write(workspace_root().join("BENCHMARKS.md"), &md)?;
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
     let results = json!({
         "kernel": kernel, "cpus": cpus, "date": date, "reference": bpftrace_version,
         "pingpong": {"without": t.without, "with": t.agent, "bpftrace": t.bpftrace,
@@ -745,21 +918,64 @@ mod tests {
     fn a_variant_runs_the_same_workloads_under_another_guard() {
         let dir = tempfile::tempdir().unwrap();
         let base = workspace_root().join("tests/scenarios/contain-pool.toml");
+        // 1 MiB per file named: the VM's memory must grow by what the guard carries.
+        let size = |files: &[&str]| Ok(u32::try_from(files.len()).unwrap());
         let load = |guard| {
-            let f = variant(&base, "pool", guard, dir.path()).unwrap();
+            let f = variant(&base, "pool", guard, dir.path(), &size).unwrap();
             cgsentry_workload::scenario::Scenario::load(&f).unwrap()
         };
         let original = cgsentry_workload::scenario::Scenario::load(&base).unwrap();
         let e = load("earlyoom");
         assert!(e.agent.is_none() && e.expect.is_empty());
-        assert_eq!(e.guard.as_ref().unwrap().program, "/bin/earlyoom");
+        let g = e.guard.as_ref().unwrap();
+        assert_eq!(
+            (g.name.as_str(), g.program.as_str()),
+            ("earlyoom", "/usr/bin/earlyoom")
+        );
+        assert_eq!(g.files, ["/usr/bin/earlyoom"]);
+        assert_eq!(e.vm.mem_mib, original.vm.mem_mib + 1);
         assert!((e.run.stop_when_heartbeat_gap_ms - 30_000.0).abs() < f64::EPSILON);
         assert_eq!(e.workloads.len(), original.workloads.len());
         assert_eq!(e.vm.swap_mib, original.vm.swap_mib);
+        let c = load("earlyoom-c");
+        assert!(
+            c.guard
+                .unwrap()
+                .args
+                .contains(&"^(omnimind|pytest|code)$".to_owned())
+        );
+        let psi = load("nohang-psi");
+        assert_eq!(psi.vm.mem_mib, original.vm.mem_mib + 4);
+        let g = psi.guard.unwrap();
+        assert_eq!(g.name, "nohang");
+        assert!(g.args.contains(&"/etc/nohang/nohang-psi.conf".to_owned()));
         let n = load("none");
         assert!(n.agent.is_none() && n.guard.is_none());
-        let c = load("cgsentry");
-        assert!(c.agent.is_some() && !c.expect.is_empty());
+        assert_eq!(n.vm.mem_mib, original.vm.mem_mib);
+        let ours = load("cgsentry");
+        assert!(ours.agent.is_some() && !ours.expect.is_empty());
+        assert!(variant(&base, "pool", "oomd", dir.path(), &size).is_err());
+    }
+
+    #[test]
+    fn a_subset_of_guards_is_a_partial_run_in_table_order() {
+        let parse = |argv: &[&str]| {
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                bench: BenchArgs,
+            }
+            <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.bench)
+        };
+        let all = parse(&["bench"]).unwrap();
+        assert_eq!(all.guards().unwrap(), GUARDS);
+        assert!(!all.partial());
+        let some = parse(&["bench", "--guards", "cgsentry,nohang"]).unwrap();
+        assert_eq!(some.guards().unwrap(), ["nohang", "cgsentry"]);
+        assert!(some.partial());
+        assert!(parse(&["bench", "--only-vm"]).unwrap().partial());
+        let bad = parse(&["bench", "--guards", "oomd"]).unwrap();
+        assert!(bad.guards().unwrap_err().to_string().contains("oomd"));
     }
 
     #[test]
@@ -784,6 +1000,8 @@ mod tests {
             cgroups: vec![10, 1000],
             processes: 100,
             vm_runs: 0,
+            guards: Vec::new(),
+            only_vm: false,
         };
         let run = |cgroups, cpu_percent, rss| AgentRun {
             cgroups,

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cgsentry_workload::scenario::Scenario;
+use cgsentry_workload::scenario::{Guard, Scenario};
 
 use crate::cmd::{as_root, build_release_binaries, output, run, workspace_root};
 use crate::wedge;
@@ -337,7 +337,8 @@ pub fn ensure_guards(packages: &[&str]) -> Result<()> {
     let debs = dir.with_file_name("debs");
     std::fs::create_dir_all(&debs)?;
     for p in packages {
-        if dir.join("usr/bin").join(p).exists() {
+        let unpacked = debs.join(format!("{p}.unpacked"));
+        if unpacked.exists() {
             continue;
         }
         run(Command::new("apt-get")
@@ -354,22 +355,122 @@ pub fn ensure_guards(packages: &[&str]) -> Result<()> {
             })
             .with_context(|| format!("apt-get download {p} left no .deb"))?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        std::fs::write(&unpacked, deb.display().to_string())?;
+    }
+    // Parts of Python's standard library no guard imports (the VM's initramfs is RAM).
+    for unused in UNUSED_PYTHON {
+        let path = dir.join(unused);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
     }
     Ok(())
 }
+
+/// Directories of Debian's Python 3.11 standard library left out of the VM.
+const UNUSED_PYTHON: &[&str] = &[
+    "usr/lib/python3.11/test",
+    "usr/lib/python3.11/pydoc_data",
+    "usr/lib/python3.11/unittest",
+    "usr/lib/python3.11/ensurepip",
+    "usr/lib/python3.11/lib2to3",
+    "usr/lib/python3.11/idlelib",
+    "usr/lib/python3.11/tkinter",
+    "usr/lib/python3.11/turtledemo",
+    "usr/lib/python3.11/asyncio",
+    "usr/lib/python3.11/multiprocessing",
+    "usr/lib/python3.11/email",
+    "usr/lib/python3.11/xml",
+    "usr/lib/python3.11/http",
+    "usr/lib/python3.11/urllib",
+];
 
 fn install_binary(root: &Path, bin: &Path) -> Result<()> {
     let name = bin.file_name().context("binary name")?;
     std::fs::copy(bin, root.join("bin").join(name))
         .with_context(|| format!("copying {}", bin.display()))?;
-    let ldd = output(Command::new("ldd").arg(bin)).unwrap_or_default();
+    install_libraries(root, bin)
+}
+
+/// Copies the host libraries `elf` links (as `ldd` resolves them) into `root`.
+fn install_libraries(root: &Path, elf: &Path) -> Result<()> {
+    let ldd = output(Command::new("ldd").arg(elf)).unwrap_or_default();
     for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
         let lib = Path::new(lib.trim_end_matches([')', '(']));
         let dest = root.join(lib.strip_prefix("/").unwrap_or(lib));
+        if dest.exists() {
+            continue;
+        }
         std::fs::create_dir_all(dest.parent().context("lib dir")?)?;
         std::fs::copy(lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
     }
     Ok(())
+}
+
+/// Regular files under `path` (itself, if it is one); symlinks are not followed.
+fn regular_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            regular_files(&entry?.path(), out)?;
+        }
+    } else if meta.is_file() {
+        out.push(path.to_owned());
+    }
+    Ok(())
+}
+
+fn is_elf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
+}
+
+/// Carries a guard's `files` from the unpacked packages into `root` at the same paths,
+/// with the host libraries its ELF files (programs, extension modules) link.
+fn install_guard_files(root: &Path, guard: &Guard) -> Result<()> {
+    for file in &guard.files {
+        let rel = file.trim_start_matches('/');
+        let src = guards_dir().join(rel);
+        if !src.exists() {
+            bail!(
+                "guard {}: {file} is not in {} (`cargo xtask bench` unpacks the guards' \
+                 packages there)",
+                guard.name,
+                guards_dir().display()
+            );
+        }
+        let dest = root.join(rel);
+        std::fs::create_dir_all(dest.parent().context("guard file's directory")?)?;
+        run(Command::new("cp").arg("-a").arg(&src).arg(&dest))?;
+        let mut files = Vec::new();
+        regular_files(&src, &mut files)?;
+        for f in files.iter().filter(|f| is_elf(f)) {
+            install_libraries(root, f)?;
+        }
+    }
+    Ok(())
+}
+
+/// MiB that a guard's files add to the VM's initramfs, which lives in RAM: the
+/// benchmark gives a guard's VM this much more memory, so that every guard has the
+/// same memory to guard.
+///
+/// # Errors
+/// A file is missing or unreadable.
+pub fn guard_files_mib(files: &[&str]) -> Result<u32> {
+    let mut bytes = 0u64;
+    for file in files {
+        let mut all = Vec::new();
+        regular_files(&guards_dir().join(file.trim_start_matches('/')), &mut all)
+            .with_context(|| format!("{file} in {}", guards_dir().display()))?;
+        for f in all {
+            bytes += std::fs::metadata(&f)?.len();
+        }
+    }
+    Ok(u32::try_from(bytes.div_ceil(1 << 20))?)
 }
 
 fn init_script(swap: bool) -> String {
@@ -405,8 +506,9 @@ fn build_initramfs(
     dir: &Path,
     kernel: &Kernel,
     scenario_file: &Path,
-    swap: bool,
+    scenario: &Scenario,
 ) -> Result<PathBuf> {
+    let swap = scenario.vm.swap_mib > 0;
     let root = dir.join("root");
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
@@ -421,12 +523,9 @@ fn build_initramfs(
     let release = workspace_root().join("target/release");
     install_binary(&root, &release.join("cgsentry"))?;
     install_binary(&root, &release.join("workload"))?;
-    // Other guards for side-by-side benchmarks (`cargo xtask bench` unpacks them), as
-    // /bin/<name>.
-    if let Ok(guards) = std::fs::read_dir(guards_dir().join("usr/bin")) {
-        for g in guards.filter_map(Result::ok) {
-            install_binary(&root, &g.path())?;
-        }
+    // Another guard, for side-by-side benchmarks: only its own files.
+    if let Some(guard) = &scenario.guard {
+        install_guard_files(&root, guard)?;
     }
     std::fs::copy(scenario_file, root.join("scenario.toml"))?;
     // The shipped policies, for scenarios that ask for them (`shipped_policies`).
@@ -485,7 +584,7 @@ fn run_scenario(
     } = *vm;
     let dir = vm_dir.join("run").join(name);
     std::fs::create_dir_all(&dir)?;
-    let initrd = build_initramfs(&dir, kernel, path, scenario.vm.swap_mib > 0)?;
+    let initrd = build_initramfs(&dir, kernel, path, scenario)?;
     let console = boot(&dir, kernel, tcg, &initrd, scenario)?;
     let logs = vm_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
