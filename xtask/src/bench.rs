@@ -798,7 +798,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
 
     print!("{md}");
-    std::fs::write(workspace_root().join("BENCHMARKS.md"), &md)?;
+    let file = workspace_root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&file).unwrap_or_default();
+    std::fs::write(&file, keep_written_by_hand(&md, &old))?;
     let results = json!({
         "kernel": kernel, "cpus": cpus, "date": date, "reference": bpftrace_version,
         "pingpong": {"without": t.without, "with": t.agent, "bpftrace": t.bpftrace,
@@ -817,6 +819,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     )?;
     eprintln!("bench: wrote BENCHMARKS.md and target/bench/results.json");
     Ok(())
+}
+
+/// Marks where BENCHMARKS.md's hand-written part (what limits a miss, profiles)
+/// begins: a run rewrites what is above it and keeps the rest.
+const BY_HAND: &str = "<!-- written by hand below: cargo xtask bench keeps it -->";
+
+/// `generated`, then the hand-written part of `old` (from [`BY_HAND`] on), if any.
+fn keep_written_by_hand(generated: &str, old: &str) -> String {
+    match old.find(BY_HAND) {
+        Some(at) => format!("{}\n{}", generated.trim_end(), &old[at..]),
+        None => generated.to_owned(),
+    }
 }
 
 fn render_throughput(md: &mut String, args: &BenchArgs, t: &Throughput) {
@@ -976,6 +990,17 @@ mod tests {
         assert!(parse(&["bench", "--only-vm"]).unwrap().partial());
         let bad = parse(&["bench", "--guards", "oomd"]).unwrap();
         assert!(bad.guards().unwrap_err().to_string().contains("oomd"));
+    }
+
+    #[test]
+    fn a_run_keeps_what_was_written_by_hand() {
+        let old = format!("# old numbers\n\n{BY_HAND}\n## Why we miss\nprofile\n");
+        let new = keep_written_by_hand("# new numbers\n", &old);
+        assert_eq!(
+            new,
+            format!("# new numbers\n{BY_HAND}\n## Why we miss\nprofile\n")
+        );
+        assert_eq!(keep_written_by_hand("# new\n", "# old\n"), "# new\n");
     }
 
     #[test]
