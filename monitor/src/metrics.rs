@@ -138,20 +138,31 @@ impl Metrics {
         render: bool,
     ) -> Option<String> {
         self.ticks += 1;
+        // Every tick, but only for cgroups that ever stalled (a total of 0 is not
+        // exported): no allocation per cgroup per tick for the rest.
         for c in &snap.cgroups {
-            if let Some(path) = c.path.as_deref() {
-                *self.reclaim_seconds.entry(path.to_owned()).or_default() +=
-                    c.reclaim_stall_ms / 1000.0;
+            if let Some(path) = c.path.as_deref()
+                && c.reclaim_stall_ms > 0.0
+            {
+                let stalled = c.reclaim_stall_ms / 1000.0;
+                match self.reclaim_seconds.get_mut(path) {
+                    Some(total) => *total += stalled,
+                    None => {
+                        self.reclaim_seconds.insert(path.to_owned(), stalled);
+                    }
+                }
             }
         }
         // Cgroups deleted since: their reclaim totals are dropped with them.
-        let alive: std::collections::HashSet<&str> = snap
-            .cgroups
-            .iter()
-            .filter_map(|c| c.path.as_deref())
-            .collect();
-        self.reclaim_seconds
-            .retain(|p, _| alive.contains(p.as_str()));
+        if !self.reclaim_seconds.is_empty() {
+            let alive: std::collections::HashSet<&str> = snap
+                .cgroups
+                .iter()
+                .filter_map(|c| c.path.as_deref())
+                .collect();
+            self.reclaim_seconds
+                .retain(|p, _| alive.contains(p.as_str()));
+        }
         for a in &j.actions {
             let mut l = cgroup_labels(&a.cgroup);
             l.push(("rule".into(), a.rule.clone()));
@@ -582,6 +593,63 @@ pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        collect::{CgroupSample, Events, Machine},
+        probes::EbpfStats,
+    };
+
+    fn snap(cgroups: &[(&str, f64)]) -> Snapshot {
+        Snapshot {
+            tick: 1,
+            timestamp_ms: 1,
+            interval_ns: 1_000_000_000,
+            cpus: 1,
+            machine: Machine::default(),
+            cgroups: cgroups
+                .iter()
+                .map(|&(path, reclaim_stall_ms)| CgroupSample {
+                    path: Some(path.into()),
+                    reclaim_stall_ms,
+                    ..CgroupSample::default()
+                })
+                .collect(),
+            processes: Arc::new(Vec::new()),
+            processes_age_ms: 0,
+            events: Events::default(),
+            tracked_cgroups: cgroups.len(),
+            vanished_cgroups: 0,
+            ebpf: EbpfStats::default(),
+            gpu: None,
+        }
+    }
+
+    /// The reclaim-stall counter adds up every tick, rendered or not; a cgroup that
+    /// never stalled has no series, and a deleted one starts over if it comes back.
+    #[test]
+    fn reclaim_stalls_add_up_between_scrapes() {
+        let mut m = Metrics::default();
+        let (j, me) = (Judgement::default(), SelfStats::default());
+        let line = |text: &str, cg: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("cgsentry_cgroup_reclaim_stall_seconds_total")
+                        && l.contains(&format!("cgroup=\"{cg}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        assert!(
+            m.update(&snap(&[("/a", 250.0), ("/b", 0.0)]), &j, &me, false)
+                .is_none()
+        );
+        let text = m
+            .update(&snap(&[("/a", 500.0), ("/b", 0.0)]), &j, &me, true)
+            .unwrap();
+        assert_eq!(line(&text, "/a").as_deref(), Some("0.75"));
+        assert_eq!(line(&text, "/b"), None);
+        m.update(&snap(&[("/b", 0.0)]), &j, &me, false);
+        let text = m.update(&snap(&[("/a", 100.0)]), &j, &me, true).unwrap();
+        assert_eq!(line(&text, "/a").as_deref(), Some("0.1"));
+    }
 
     /// A scrape asks for a rendering and gets the one the next tick makes; a tick with
     /// no scrape waiting renders nothing.
