@@ -138,10 +138,6 @@ pub fn spike(to_mib: usize, rise_s: f64, hold_s: f64) -> Result<()> {
     Ok(())
 }
 
-/// Every `period_ms` (a fixed rate: the beat's own work does not stretch the period):
-/// map `mib` of fresh memory, touch it, unmap it — what a new request or command does —
-/// and record the largest time between two beats. A machine that thrashes or freezes
-/// shows here; a heartbeat that only sleeps would not notice.
 /// What a gap between beats lost to a stall: beyond one period, if it was more than two.
 fn stall(gap: Duration, period: Duration) -> Duration {
     if gap > 2 * period {
@@ -151,6 +147,11 @@ fn stall(gap: Duration, period: Duration) -> Duration {
     }
 }
 
+/// Every `period_ms` (a fixed rate: the beat's own work does not stretch the period):
+/// map `mib` of fresh memory, touch it, unmap it — what a new request or command does —
+/// and record the largest time between two beats and the time lost to stalls. A
+/// machine that thrashes or freezes shows here; a heartbeat that only sleeps would not
+/// notice.
 pub fn heartbeat(period_ms: u64, mib: usize) -> Result<()> {
     let period = Duration::from_millis(period_ms);
     let start = Instant::now();

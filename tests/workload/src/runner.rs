@@ -71,6 +71,13 @@ fn workload_program(comm: Option<&str>) -> Result<String> {
     Ok(link.display().to_string())
 }
 
+/// A heartbeat's figures: its status field and the run's metric (the worst of them if
+/// there are several heartbeats).
+const HEARTBEAT: [(&str, &str); 2] = [
+    ("max_gap_ms", "heartbeat_max_gap_ms"),
+    ("stalled_ms", "heartbeat_stalled_ms"),
+];
+
 /// JSON lines of one process, with the time they arrived (since the runner started).
 type Lines = Arc<Mutex<Vec<(Duration, Value)>>>;
 
@@ -595,8 +602,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
     metrics.insert("oom_kills".into(), json!(oom_kills));
     metrics.insert("swap_used_max_mib".into(), json!(swap_max));
     metrics.insert("mem_available_min_mib".into(), json!(avail_min));
-    let mut heartbeat_gap: Option<f64> = None;
-    let mut heartbeat_stalled: Option<f64> = None;
+    let mut heartbeat: BTreeMap<&str, f64> = BTreeMap::new();
     for r in &running {
         let exit = r.exit.map_or_else(
             || "running".to_owned(),
@@ -619,19 +625,16 @@ pub fn vm_run(path: &Path) -> Result<()> {
         if let Some((_, last)) = r.lines.lock().unwrap().last() {
             metrics.insert(format!("last:{}", r.name), last.clone());
             if last["workload"] == "heartbeat" {
-                let gap = last["max_gap_ms"].as_f64().unwrap_or(0.0);
-                heartbeat_gap = Some(heartbeat_gap.map_or(gap, |g: f64| g.max(gap)));
-                let stalled = last["stalled_ms"].as_f64().unwrap_or(0.0);
-                heartbeat_stalled =
-                    Some(heartbeat_stalled.map_or(stalled, |s: f64| s.max(stalled)));
+                for (field, metric) in HEARTBEAT {
+                    let v = last[field].as_f64().unwrap_or(0.0);
+                    let worst = heartbeat.entry(metric).or_insert(v);
+                    *worst = worst.max(v);
+                }
             }
         }
     }
-    if let Some(gap) = heartbeat_gap {
-        metrics.insert("heartbeat_max_gap_ms".into(), json!(gap));
-    }
-    if let Some(stalled) = heartbeat_stalled {
-        metrics.insert("heartbeat_stalled_ms".into(), json!(stalled));
+    for (metric, v) in heartbeat {
+        metrics.insert(metric.into(), json!(v));
     }
     metrics.extend(restart_metrics);
     if let Some(agent) = &agent {
