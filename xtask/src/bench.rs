@@ -216,6 +216,7 @@ const CONTAINMENT_COLUMNS: &[(&str, &[&str], bool)] = &[
 /// Writes the scenario `base` as run under `guard` into `dir`: `cgsentry` is the file as
 /// it is; otherwise its agent and expectations are dropped (they are cgsentry's), the
 /// guard added, and a run that froze the machine for 30 s is stopped.
+///
 /// `files_mib` sizes a guard's files (`crate::vm::guard_files_mib`); its VM gets that
 /// much more memory.
 fn variant(
@@ -225,9 +226,15 @@ fn variant(
     dir: &Path,
     files_mib: &dyn Fn(&[&str]) -> Result<u32>,
 ) -> Result<PathBuf> {
-    if guard != "none" && guard != "cgsentry" && !OTHER_GUARDS.iter().any(|g| g.variant == guard) {
-        bail!("unknown guard {guard}");
-    }
+    let other = match guard {
+        "none" | "cgsentry" => None,
+        _ => Some(
+            OTHER_GUARDS
+                .iter()
+                .find(|g| g.variant == guard)
+                .with_context(|| format!("unknown guard {guard}"))?,
+        ),
+    };
     let text = std::fs::read_to_string(base)?;
     let out = dir.join(format!("{short}-{guard}.toml"));
     if guard == "cgsentry" {
@@ -246,7 +253,7 @@ fn variant(
             toml::Value::Float(30_000.0),
         );
     }
-    if let Some(g) = OTHER_GUARDS.iter().find(|g| g.variant == guard) {
+    if let Some(g) = other {
         let name = g.variant.split('-').next().unwrap_or(g.variant);
         let mut spec = toml::Table::new();
         spec.insert("name".into(), name.into());

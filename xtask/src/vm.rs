@@ -428,12 +428,16 @@ fn is_elf(path: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
+/// Where the guard file at absolute path `file` is in the unpacked packages.
+fn unpacked(file: &str) -> PathBuf {
+    guards_dir().join(file.trim_start_matches('/'))
+}
+
 /// Carries a guard's `files` from the unpacked packages into `root` at the same paths,
 /// with the host libraries its ELF files (programs, extension modules) link.
 fn install_guard_files(root: &Path, guard: &Guard) -> Result<()> {
     for file in &guard.files {
-        let rel = file.trim_start_matches('/');
-        let src = guards_dir().join(rel);
+        let src = unpacked(file);
         if !src.exists() {
             bail!(
                 "guard {}: {file} is not in {} (`cargo xtask bench` unpacks the guards' \
@@ -442,7 +446,7 @@ fn install_guard_files(root: &Path, guard: &Guard) -> Result<()> {
                 guards_dir().display()
             );
         }
-        let dest = root.join(rel);
+        let dest = root.join(file.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().context("guard file's directory")?)?;
         run(Command::new("cp").arg("-a").arg(&src).arg(&dest))?;
         let mut files = Vec::new();
@@ -464,7 +468,7 @@ pub fn guard_files_mib(files: &[&str]) -> Result<u32> {
     let mut bytes = 0u64;
     for file in files {
         let mut all = Vec::new();
-        regular_files(&guards_dir().join(file.trim_start_matches('/')), &mut all)
+        regular_files(&unpacked(file), &mut all)
             .with_context(|| format!("{file} in {}", guards_dir().display()))?;
         for f in all {
             bytes += std::fs::metadata(&f)?.len();
