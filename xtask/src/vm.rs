@@ -70,13 +70,14 @@ pub struct Outcome {
     wall: Duration,
     boot_s: Option<f64>,
     log: PathBuf,
-    /// The guest went silent (see [`SILENT`]) and was stopped.
+    /// The guest wedged: its user space went silent (see [`SILENT`]), its kernel reported a
+    /// stuck CPU, or a child outlived its SIGKILL.
     hung: bool,
 }
 
-/// A scenario's guest prints every tick (agent) and every second (workloads); this long
-/// without a console line means the guest (or QEMU's TCG) has wedged: every CPU stopped
-/// running, the kernel's own lockup watchdog silent too.
+/// A scenario's user space prints every tick (agent) and every second (workloads); this
+/// long without a line from it means the guest (or QEMU's TCG) has wedged, whether or not
+/// the kernel's lockup watchdog still prints.
 const SILENT: Duration = Duration::from_mins(1);
 
 /// How many times a run whose VM went silent is run again before it counts as failed.
@@ -115,7 +116,9 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     // The plain closing line CI reads in any language.
     println!("vm-test: {} passed, {failed} failed", total - failed);
     if hangs > 0 {
-        println!("vm-test: {hangs} run(s) re-run after the VM went silent (wedged emulator)");
+        println!(
+            "vm-test: {hangs} run(s) re-run after the VM wedged (silent, a stuck vCPU, or a child stuck after SIGKILL)"
+        );
     }
     eprintln!("vm-test: suite took {:.1} s", suite.elapsed().as_secs_f64());
     if failed > 0 {
@@ -207,11 +210,10 @@ fn run_unwedged(
     let mut reruns = 0;
     while outcome.hung && reruns < WEDGE_RERUNS {
         eprintln!(
-            "vm-test: {name}: the VM went silent for {} s ({}): running it again",
-            SILENT.as_secs(),
+            "vm-test: {name}: the VM wedged ({}): running it again",
             outcome.log.display()
         );
-        for f in outcome.failures.iter().filter(|f| f.starts_with("  vCPU")) {
+        for f in &outcome.failures {
             eprintln!("vm-test:   {}", f.trim());
         }
         *hangs += 1;
@@ -697,8 +699,12 @@ fn boot(
                         let start = line.find("vm-run:").unwrap_or(0);
                         eprintln!("  | {}", &line[start..]);
                     }
+                    // The kernel's own lines do not count: its lockup watchdog goes on
+                    // printing every ~28 s while a vCPU is stuck and user space is not.
+                    if !from_kernel(&line) {
+                        *last_line.lock().unwrap() = Instant::now();
+                    }
                     lines.lock().unwrap().push(line);
-                    *last_line.lock().unwrap() = Instant::now();
                 }
             })
         })
@@ -737,6 +743,35 @@ fn boot(
     })
 }
 
+/// A line printk wrote (`[   60.825861] watchdog: …`), after any firmware escape codes.
+fn from_kernel(line: &str) -> bool {
+    let mut line = line.trim_start();
+    // ESC c, ESC [ … final byte: what SeaBIOS leaves at the start of the first line.
+    while let Some(rest) = line.strip_prefix('\x1b') {
+        line = match rest.strip_prefix('[') {
+            Some(csi) => csi
+                .find(|c: char| ('@'..='~').contains(&c))
+                .map_or("", |end| &csi[end + 1..]),
+            None => rest.get(1..).unwrap_or(""),
+        };
+    }
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim_start();
+            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+}
+
+/// What the guest kernel says when a CPU stopped scheduling: the soft-lockup watchdog,
+/// RCU's stall detector, the hung-task detector.
+const LOCKUP_MARKS: [&str; 4] = [
+    "soft lockup",
+    "rcu_preempt detected stalls",
+    "self-detected stall",
+    "blocked for more than",
+];
+
 /// Checks the console against the scenario: booted, result printed, runner exited 0,
 /// every expectation met.
 fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Outcome {
@@ -756,6 +791,17 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         for cpu in wedged_cpus {
             failures.push(format!("  {cpu}"));
         }
+    }
+    // A vCPU stuck in the guest kernel (seen only under TCG, never on the host) wedges the
+    // run as surely as silence does: its timings are void and it is run again.
+    let lockup = lines
+        .iter()
+        .find(|l| from_kernel(l) && LOCKUP_MARKS.iter().any(|m| l.contains(m)));
+    if let Some(l) = lockup {
+        failures.push(format!(
+            "the guest kernel reported a stuck CPU: {}",
+            l.trim()
+        ));
     }
     if timed_out {
         failures.push(format!(
@@ -783,8 +829,18 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         (Some(0), Some(_)) => {}
         (code, Some(_)) => failures.push(format!("the runner exited with {code:?}")),
     }
+    let stuck = result
+        .as_ref()
+        .and_then(|r| r["metrics"]["stuck_after_kill"].as_array())
+        .is_some_and(|a| !a.is_empty());
     if let Some(result) = &result {
         let metrics = &result["metrics"];
+        if stuck {
+            failures.push(format!(
+                "stuck in the guest kernel after SIGKILL: {}",
+                metrics["stuck_after_kill"]
+            ));
+        }
         let shown = scenario
             .expect
             .keys()
@@ -820,7 +876,7 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
         wall,
         boot_s,
         log,
-        hung: silent_at.is_some(),
+        hung: silent_at.is_some() || lockup.is_some() || stuck,
     }
 }
 
@@ -881,6 +937,53 @@ mod tests {
             "{needle}: {:?}",
             o.failures
         );
+    }
+
+    #[test]
+    fn kernel_lines_are_told_from_user_space() {
+        assert!(from_kernel(
+            "[   60.825861] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [cgsentry:124]"
+        ));
+        assert!(from_kernel("\x1bc\x1b[?7l[    3.1] x"));
+        assert!(!from_kernel("[agent] tick: top \"/service\" 42 %"));
+        assert!(!from_kernel("[agent-log] 2026-11-23T09:48:21Z INFO"));
+        assert!(!from_kernel("vm-run: started leaker in /leak"));
+        assert!(!from_kernel("[] x"));
+    }
+
+    /// A stuck CPU in the guest kernel, or a child that outlived its SIGKILL, wedges the
+    /// run (it is run again) even when the runner got its result out.
+    #[test]
+    fn a_stuck_cpu_is_hung_and_fails() {
+        let judged = |lines: &[&str]| {
+            judge(
+                "t",
+                &scenario("oom_kills = { min = 1 }"),
+                console(lines),
+                PathBuf::new(),
+            )
+        };
+        let ok = "RESULT {\"metrics\":{\"oom_kills\":1}}";
+        let lockup =
+            "[   60.825861] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [cgsentry:124]";
+        let o = judged(&[ok, lockup, "VM-EXIT 0"]);
+        assert!(o.hung);
+        assert!(
+            o.failures.iter().any(|f| f.contains("soft lockup")),
+            "{:?}",
+            o.failures
+        );
+        let stuck = "RESULT {\"metrics\":{\"oom_kills\":1,\"stuck_after_kill\":[\"agent\"]}}";
+        let o = judged(&[stuck, "VM-EXIT 0"]);
+        assert!(o.hung);
+        assert!(
+            o.failures.iter().any(|f| f.contains("agent")),
+            "{:?}",
+            o.failures
+        );
+        // The words alone in user space's output are not the kernel's report.
+        let o = judged(&[ok, "[agent-log] no soft lockup here", "VM-EXIT 0"]);
+        assert!(!o.hung && o.failures.is_empty(), "{:?}", o.failures);
     }
 
     #[test]

@@ -155,21 +155,38 @@ fn uptime_s() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn stop_child(child: &mut Child, grace: Duration) {
-    let Ok(pid) = i32::try_from(child.id()) else {
-        return;
-    };
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+/// How long a child may take to be gone after SIGKILL. A task that outlives it is stuck in the
+/// kernel (a vCPU spinning with the task's context, seen under TCG as a soft lockup);
+/// waiting on it would hang the runner, and with it the whole VM until its timeout.
+const REAP_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits up to `within` for `child` to exit.
+fn reap(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// SIGTERM, `grace`, then SIGKILL; false when the child is still there [`REAP_WITHIN`]
+/// after the SIGKILL.
+fn stop_child(child: &mut Child, grace: Duration) -> bool {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return true;
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    if reap(child, grace).is_some() {
+        return true;
+    }
     let _ = child.kill();
-    let _ = child.wait();
+    reap(child, REAP_WITHIN).is_some()
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -383,6 +400,8 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut cpu_prev: BTreeMap<String, (u64, Duration)> = BTreeMap::new();
     let period = Duration::from_millis(scenario.run.sample_ms.max(10));
     let mut restart = Restart::Waiting;
+    // Children still there after a SIGKILL (see [`REAP_WITHIN`]).
+    let mut stuck: Vec<String> = Vec::new();
     let mut restart_metrics = serde_json::Map::new();
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
@@ -459,7 +478,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
             match restart {
                 Restart::Waiting if is_frozen(&r.when_frozen) => {
                     let _ = a.child.kill(); // SIGKILL: no chance to clean up
-                    let st = a.child.wait().ok();
+                    let st = reap(&mut a.child, REAP_WITHIN);
+                    if st.is_none() {
+                        stuck.push("agent".to_owned());
+                    }
                     say(&format!(
                         "{} is frozen: killed the agent (SIGKILL, {}) at {:.1} s",
                         r.when_frozen,
@@ -581,15 +603,29 @@ pub fn vm_run(path: &Path) -> Result<()> {
     {
         // cgroup.kill takes the whole subtree, children of a pool included.
         let _ = std::fs::write(cgroup_dir(&r.cgroup).join("cgroup.kill"), "1");
-        let _ = r.child.wait();
+        if reap(&mut r.child, REAP_WITHIN).is_none() {
+            stuck.push(r.name.clone());
+        }
     }
     for r in running
         .iter_mut()
         .chain(agent.iter_mut())
         .chain(guard.iter_mut())
     {
-        if r.exit.is_none() {
-            stop_child(&mut r.child, Duration::from_secs(10));
+        if r.exit.is_none()
+            && !stuck.contains(&r.name)
+            && !stop_child(&mut r.child, Duration::from_secs(10))
+        {
+            stuck.push(r.name.clone());
+        }
+        if stuck.contains(&r.name) {
+            // Its pipes stay open while it is there: reading them to the end would hang.
+            say(&format!(
+                "{} did not exit {} s after SIGKILL: stuck in the kernel",
+                r.name,
+                REAP_WITHIN.as_secs()
+            ));
+            continue;
         }
         for p in r.pumps.drain(..) {
             let _ = p.join();
@@ -599,6 +635,9 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut metrics = serde_json::Map::new();
     metrics.insert("duration_ms".into(), json!(duration.as_millis()));
     metrics.insert("stop_reason".into(), json!(stop_reason));
+    if !stuck.is_empty() {
+        metrics.insert("stuck_after_kill".into(), json!(stuck));
+    }
     metrics.insert("oom_kills".into(), json!(oom_kills));
     metrics.insert("swap_used_max_mib".into(), json!(swap_max));
     metrics.insert("mem_available_min_mib".into(), json!(avail_min));
@@ -934,6 +973,29 @@ const ACTIONS: [&str; 5] = ["notify", "throttle", "quarantine", "freeze", "kill"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `reap` gives up on a child that is still there, and `stop_child` ends one that
+    /// minds SIGTERM, or one that ignores it by SIGKILL, within its grace.
+    #[test]
+    fn reaping_is_bounded() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let t = Instant::now();
+        assert!(reap(&mut child, Duration::from_millis(200)).is_none());
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(stop_child(&mut child, Duration::from_secs(5)));
+        let mut deaf = Command::new("sh")
+            .args(["-c", "trap '' TERM; exec sleep 30"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // the trap is set
+        let t = Instant::now();
+        assert!(stop_child(&mut deaf, Duration::from_millis(300)));
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < REAP_WITHIN,
+            "{took:?}"
+        );
+    }
 
     fn tick(cgroups: &[(&str, f64)]) -> Value {
         let cgroups: Vec<Value> = cgroups
