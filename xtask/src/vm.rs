@@ -9,7 +9,10 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -675,6 +678,7 @@ fn boot(
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let last_line = Arc::new(Mutex::new(Instant::now()));
+    let lockup_seen = Arc::new(AtomicBool::new(false));
     let streams: [Box<dyn std::io::Read + Send>; 2] = [
         Box::new(child.stdout.take().expect("piped")),
         Box::new(child.stderr.take().expect("piped")),
@@ -684,6 +688,7 @@ fn boot(
         .map(|stream| {
             let lines = lines.clone();
             let last_line = last_line.clone();
+            let lockup_seen = lockup_seen.clone();
             std::thread::spawn(move || {
                 // Lossy: firmware writes escape codes and the odd invalid byte.
                 let mut reader = BufReader::new(stream);
@@ -703,6 +708,8 @@ fn boot(
                     // printing every ~28 s while a vCPU is stuck and user space is not.
                     if !from_kernel(&line) {
                         *last_line.lock().unwrap() = Instant::now();
+                    } else if reports_lockup(&line) {
+                        lockup_seen.store(true, Ordering::Relaxed);
                     }
                     lines.lock().unwrap().push(line);
                 }
@@ -713,14 +720,21 @@ fn boot(
     let mut timed_out = false;
     let mut silent_at = None;
     let mut wedged_cpus = Vec::new();
+    let where_cpus_are = || {
+        let samples = wedge::sample(&monitor, 3, Duration::from_secs(1));
+        let map = std::fs::read_to_string(&kernel.system_map).unwrap_or_default();
+        wedge::describe(&samples, &wedge::Symbols::parse(&map))
+    };
     while child.try_wait()?.is_none() {
+        // The kernel named a stuck CPU: where it is stuck, while it still is.
+        if wedged_cpus.is_empty() && lockup_seen.load(Ordering::Relaxed) {
+            wedged_cpus = where_cpus_are();
+        }
         let silent = last_line.lock().unwrap().elapsed();
         if start.elapsed() > limit || silent > SILENT {
             if silent > SILENT {
                 silent_at = Some(start.elapsed().saturating_sub(silent).as_secs_f64());
-                let samples = wedge::sample(&monitor, 3, Duration::from_secs(1));
-                let map = std::fs::read_to_string(&kernel.system_map).unwrap_or_default();
-                wedged_cpus = wedge::describe(&samples, &wedge::Symbols::parse(&map));
+                wedged_cpus = where_cpus_are();
             } else {
                 timed_out = true;
             }
@@ -772,6 +786,10 @@ const LOCKUP_MARKS: [&str; 4] = [
     "blocked for more than",
 ];
 
+fn reports_lockup(line: &str) -> bool {
+    from_kernel(line) && LOCKUP_MARKS.iter().any(|m| line.contains(m))
+}
+
 /// Checks the console against the scenario: booted, result printed, runner exited 0,
 /// every expectation met.
 fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Outcome {
@@ -785,23 +803,21 @@ fn judge(name: &str, scenario: &Scenario, console: Console, log: PathBuf) -> Out
     let mut failures = Vec::new();
     if let Some(at) = silent_at {
         failures.push(format!(
-            "the VM went silent at {at:.1} s: no console line for {} s",
+            "the VM went silent at {at:.1} s: no line from its user space for {} s",
             SILENT.as_secs()
         ));
-        for cpu in wedged_cpus {
-            failures.push(format!("  {cpu}"));
-        }
     }
     // A vCPU stuck in the guest kernel (seen only under TCG, never on the host) wedges the
     // run as surely as silence does: its timings are void and it is run again.
-    let lockup = lines
-        .iter()
-        .find(|l| from_kernel(l) && LOCKUP_MARKS.iter().any(|m| l.contains(m)));
+    let lockup = lines.iter().find(|l| reports_lockup(l));
     if let Some(l) = lockup {
         failures.push(format!(
             "the guest kernel reported a stuck CPU: {}",
             l.trim()
         ));
+    }
+    for cpu in wedged_cpus {
+        failures.push(format!("  {cpu}"));
     }
     if timed_out {
         failures.push(format!(
