@@ -428,6 +428,18 @@ fn key(cgroup: &str, file: &str) -> String {
 pub struct Journal {
     pub version: u32,
     pub entries: Vec<Applied>,
+    /// Cgroups the operator released with a hold-off (`cgsentry release --hold-off`),
+    /// so that a restarted agent keeps leaving them alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_off: Vec<HeldOffEntry>,
+}
+
+/// A hold-off, by the wall clock (the agent's own clock starts over with it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldOffEntry {
+    pub cgroup: String,
+    /// Ms since the epoch.
+    pub until_ms: u128,
 }
 
 const JOURNAL_VERSION: u32 = 1;
@@ -513,6 +525,36 @@ impl Actuator {
     #[must_use]
     pub fn entries(&self) -> &[Applied] {
         &self.journal.entries
+    }
+
+    /// Hold-offs still running by the wall clock.
+    #[must_use]
+    pub fn held_off(&self) -> Vec<HeldOffEntry> {
+        let now = now_ms();
+        self.journal
+            .held_off
+            .iter()
+            .filter(|h| h.until_ms > now)
+            .cloned()
+            .collect()
+    }
+
+    /// Records (for `for_sec` > 0) or drops the hold-off of `cgroup`, with lapsed ones.
+    ///
+    /// # Errors
+    /// The journal cannot be written (the hold-off still holds until the agent stops).
+    pub fn set_held_off(&mut self, cgroup: &str, for_sec: u64) -> Result<(), ActError> {
+        let now = now_ms();
+        self.journal
+            .held_off
+            .retain(|h| h.cgroup != cgroup && h.until_ms > now);
+        if for_sec > 0 {
+            self.journal.held_off.push(HeldOffEntry {
+                cgroup: cgroup.to_owned(),
+                until_ms: now + u128::from(for_sec) * 1000,
+            });
+        }
+        self.save()
     }
 
     #[must_use]

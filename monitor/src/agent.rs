@@ -118,7 +118,21 @@ impl Guard {
         g.actuator
             .set_quarantine_parent(&g.policy.quarantine_parent);
         g.reconcile();
+        g.restore_hold_offs();
         g
+    }
+
+    /// Hold-offs a previous agent granted that still run (by the wall clock) and whose
+    /// cgroups still exist.
+    fn restore_hold_offs(&mut self) {
+        let now = crate::eventlog::now_ms();
+        for h in self.actuator.held_off() {
+            if let Some(id) = cgroup_id(self.actuator.writer(), &h.cgroup) {
+                let left = h.until_ms.saturating_sub(now) as f64 / 1000.0;
+                info!(cgroup = %h.cgroup, seconds_left = left, "hold-off from the journal kept");
+                self.decider.hold_off(id, &h.cgroup, self.t, left);
+            }
+        }
     }
 
     fn reconcile(&mut self) {
@@ -179,13 +193,20 @@ impl Guard {
     }
 
     /// `cgsentry release <cgroup>`: undoes at once everything applied to `cgroup` (or
-    /// to a cgroup whose quarantine it is), whichever rule applied it, and forgets the
-    /// ladders. A finding still present starts its ladder again from the first step,
-    /// with that step's own delay.
+    /// to a cgroup whose quarantine it is), whichever rule applied it, forgets the
+    /// ladders, and holds the cgroup off for `hold_off_sec`: no ladder starts on it
+    /// until then (its findings are still made). After that, or at once with 0, a
+    /// finding still present starts its ladder again from the first step, with that
+    /// step's own delay.
     ///
     /// # Errors
-    /// Nothing of ours is applied there.
-    pub fn release_manual(&mut self, cgroup: &str) -> Result<Vec<act::Report>, String> {
+    /// Nothing of ours is applied there, no ladder runs there, and no hold-off is asked
+    /// for on a cgroup that exists (a hold-off alone is a valid request: "leave it alone").
+    pub fn release_manual(
+        &mut self,
+        cgroup: &str,
+        hold_off_sec: u64,
+    ) -> Result<crate::control::Released, String> {
         let cgroup = self.actuator.origin_of(cgroup).unwrap_or(cgroup).to_owned();
         let applied: Vec<(String, usize, bool)> = self
             .actuator
@@ -196,9 +217,11 @@ impl Guard {
             .collect();
         let id = cgroup_id(self.actuator.writer(), &cgroup);
         let ladders = self.decider.states().filter(|s| s.cgroup == cgroup).count();
-        if applied.is_empty() && ladders == 0 {
+        let held = id.and_then(|id| self.decider.held_off_until(id)).is_some();
+        if applied.is_empty() && ladders == 0 && !held && (hold_off_sec == 0 || id.is_none()) {
             return Err(format!(
-                "nothing is applied to {cgroup} and no ladder is running there (see `cgsentry status`)"
+                "nothing is applied to {cgroup} and no ladder is running there (see `cgsentry status`){}",
+                if id.is_none() { "; no such cgroup" } else { "" }
             ));
         }
         let mut reports = Vec::new();
@@ -218,18 +241,45 @@ impl Guard {
                 reports.push(report);
             }
         }
+        let mut hold_off_sec = hold_off_sec;
         if let Some(id) = id {
             self.decider.forget(id);
+            self.decider
+                .hold_off(id, &cgroup, self.t, hold_off_sec as f64);
         } else {
-            // The cgroup is gone: forget its ladders by path.
+            // The cgroup is gone: forget its ladders by path; nothing to hold off.
             self.decider.forget_path(&cgroup);
+            hold_off_sec = 0;
         }
-        info!(cgroup = %cgroup, "released by the operator");
+        if let Err(e) = self.actuator.set_held_off(&cgroup, hold_off_sec) {
+            warn!(cgroup = %cgroup, "the hold-off holds, but a restarted agent will not know it: {e}");
+        }
+        info!(cgroup = %cgroup, hold_off_sec, "released by the operator");
         self.events.push((
             "release_manual".into(),
-            serde_json::json!({ "cgroup": cgroup, "reports": reports }),
+            serde_json::json!({ "cgroup": cgroup, "reports": reports, "hold_off_sec": hold_off_sec }),
         ));
-        Ok(reports)
+        Ok(crate::control::Released {
+            cgroup,
+            reports,
+            hold_off_sec,
+        })
+    }
+
+    /// Cgroups held off after a manual release, with the seconds left.
+    #[must_use]
+    pub fn held_off(&self) -> Vec<crate::control::HeldOff> {
+        let mut v: Vec<_> = self
+            .decider
+            .held_off()
+            .filter(|(_, h)| h.until > self.t)
+            .map(|(_, h)| crate::control::HeldOff {
+                cgroup: h.cgroup.clone(),
+                seconds_left: h.until - self.t,
+            })
+            .collect();
+        v.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        v
     }
 
     /// The policy in force.
@@ -588,7 +638,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `cgsentry release`, carried out between ticks.
 fn manual_release(guard: &mut Guard, ops: &mut crate::ops::Ops, r: crate::control::ReleaseRequest) {
-    let result = guard.release_manual(&r.cgroup);
+    let result = guard.release_manual(&r.cgroup, r.hold_off_sec);
     if let Err(e) = &result {
         ops.record(
             "error",
@@ -870,6 +920,56 @@ mod tests {
         std::fs::write(dir.path().join("policies.d/10-a.toml"), RULE).unwrap();
         g.reload_if_changed();
         assert_eq!((g.policy.rule.len(), g.policy_errors.len()), (1, 0));
+    }
+
+    /// `cgsentry release --hold-off` on a cgroup with nothing applied is "leave it
+    /// alone": held off and listed; `--hold-off 0` lifts it; a plain release of a cgroup
+    /// with nothing applied and no hold-off is refused, as is holding off one that does
+    /// not exist.
+    #[test]
+    fn a_release_holds_off_and_is_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("train")).unwrap();
+        let mut g = Guard::new(
+            dir.path().join("absent.toml"),
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
+        g.take_events(); // the start's policy event
+        let r = g.release_manual("/train", 600).unwrap();
+        assert_eq!((r.cgroup.as_str(), r.hold_off_sec), ("/train", 600));
+        let held = g.held_off();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].cgroup, "/train");
+        assert!((held[0].seconds_left - 600.0).abs() < 1e-9);
+        let ev = g.take_events();
+        assert_eq!(ev[0].0, "release_manual");
+        assert_eq!(ev[0].1["hold_off_sec"], 600);
+
+        let r = g.release_manual("/train", 0).unwrap();
+        assert_eq!(r.hold_off_sec, 0);
+        assert!(g.held_off().is_empty());
+        let e = g.release_manual("/train", 0).unwrap_err();
+        assert!(e.contains("nothing is applied to /train"), "{e}");
+        let e = g.release_manual("/gone", 600).unwrap_err();
+        assert!(e.contains("no such cgroup"), "{e}");
+
+        // A restarted agent keeps a running hold-off (from the journal), not a lifted one.
+        std::fs::create_dir(dir.path().join("batch")).unwrap();
+        g.release_manual("/batch", 3600).unwrap();
+        g.release_manual("/train", 60).unwrap();
+        g.release_manual("/train", 0).unwrap();
+        let again = Guard::new(
+            dir.path().join("absent.toml"),
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
+        let held = again.held_off();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(held[0].cgroup, "/batch");
+        assert!(held[0].seconds_left > 3590.0, "{held:?}");
     }
 
     /// Without any configuration the agent runs with no rules rather than not at all.

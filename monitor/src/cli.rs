@@ -43,9 +43,12 @@ cgsentry explain 4242             # the cgroup of process 4242"
     /// applied, eBPF drops, outputs, notifications.
     Status(StatusArgs),
     /// Undo at once everything the agent applied to a cgroup (limits, freeze,
-    /// quarantine), whichever rule applied it. A finding still present starts its ladder
-    /// again from the first step.
-    #[command(after_help = "Example:\n  cgsentry release /system.slice/batch.service")]
+    /// quarantine), whichever rule applied it, and leave the cgroup alone for a while
+    /// (--hold-off): its findings are still reported, but no ladder starts on it until
+    /// then; after that a finding still present starts its ladder from the first step.
+    #[command(
+        after_help = "Examples:\n  cgsentry release /system.slice/batch.service\n  cgsentry release /system.slice/train.service --hold-off 2h   # a run the operator vouches for\n  cgsentry release /system.slice/batch.service --hold-off 0    # undo only; lift a hold-off"
+    )]
     Release(ReleaseArgs),
     /// Live view: cgroups sorted by pressure with 5-minute CPU and memory sparklines,
     /// findings, and what the agent holds applied (q, Esc or Ctrl-C quits).
@@ -67,6 +70,12 @@ pub struct ReleaseArgs {
     /// The cgroup (as `cgsentry status` lists it), or its quarantine cgroup.
     #[arg(value_name = "CGROUP")]
     pub cgroup: String,
+    /// How long no ladder starts on the cgroup after the release (`0`: none; a finding
+    /// still present starts over at once, with its first step's own delay). Also lifts
+    /// or renews an earlier hold-off. Up to 7 days.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_hold_off)]
+    pub hold_off: Duration,
+    /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
     pub socket: std::path::PathBuf,
 }
@@ -236,9 +245,34 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_hold_off(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?,
+    };
+    if d > Duration::from_hours(7 * 24) {
+        return Err(format!("{s:?}: a hold-off is at most 7 days"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_offs() {
+        assert_eq!(parse_hold_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_hold_off("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_hold_off("2h"), Ok(Duration::from_hours(2)));
+        assert!(parse_hold_off("8days").unwrap_err().contains("7 days"));
+        assert!(parse_hold_off("soon").is_err());
+        let cli = Cli::try_parse_from(["cgsentry", "release", "/a"]).unwrap();
+        let Command::Release(r) = cli.command else {
+            panic!("not a release: {cli:?}");
+        };
+        assert_eq!(r.hold_off, Duration::from_mins(10), "the default");
+    }
 
     #[test]
     fn intervals() {

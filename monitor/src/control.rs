@@ -32,8 +32,30 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     Status,
     Explain,
-    Release { cgroup: String },
+    Release {
+        cgroup: String,
+        /// Seconds no ladder starts on the cgroup after the release.
+        #[serde(default)]
+        hold_off_sec: u64,
+    },
     Top,
+}
+
+/// What a manual release did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Released {
+    /// The cgroup released (the origin when a quarantine cgroup was named).
+    pub cgroup: String,
+    pub reports: Vec<crate::act::Report>,
+    /// Seconds it is held off (0: not held off).
+    pub hold_off_sec: u64,
+}
+
+/// A cgroup held off after a manual release.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeldOff {
+    pub cgroup: String,
+    pub seconds_left: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,6 +120,9 @@ pub struct Status {
     pub policy_errors: Vec<String>,
     pub findings: usize,
     pub active: Vec<Active>,
+    /// Cgroups the operator released with a hold-off still running.
+    #[serde(default)]
+    pub held_off: Vec<HeldOff>,
     pub ebpf_dropped: u64,
     pub kernel_oom_victims: u64,
     pub rss_bytes: u64,
@@ -124,7 +149,8 @@ pub type SharedRef = Arc<RwLock<Shared>>;
 #[derive(Debug)]
 pub struct ReleaseRequest {
     pub cgroup: String,
-    pub reply: oneshot::Sender<Result<Vec<crate::act::Report>, String>>,
+    pub hold_off_sec: u64,
+    pub reply: oneshot::Sender<Result<Released, String>>,
 }
 
 /// Binds `path` (mode 0600, its directory created 0755). A stale socket left by a dead
@@ -227,19 +253,23 @@ async fn answer(
         Request::Status => read(&|s| Response::ok(&s.status)),
         Request::Explain => read(&|s| Response::ok(&s.state)),
         Request::Top => read(&|s| Response::ok(&s.top)),
-        Request::Release { cgroup } => {
+        Request::Release {
+            cgroup,
+            hold_off_sec,
+        } => {
             let (tx, rx) = oneshot::channel();
-            if releases
-                .send(ReleaseRequest { cgroup, reply: tx })
-                .await
-                .is_err()
-            {
+            let req = ReleaseRequest {
+                cgroup,
+                hold_off_sec,
+                reply: tx,
+            };
+            if releases.send(req).await.is_err() {
                 return Response::err("the agent is stopping");
             }
             match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                Ok(Ok(Ok(reports))) => {
-                    info!(n = reports.len(), "manual release done");
-                    Response::ok(reports)
+                Ok(Ok(Ok(done))) => {
+                    info!(n = done.reports.len(), "manual release done");
+                    Response::ok(done)
                 }
                 Ok(Ok(Err(e))) => Response::err(e),
                 Ok(Err(_)) | Err(_) => Response::err("the agent did not answer within 10 s"),
@@ -317,20 +347,12 @@ pub fn status_command(args: &crate::cli::StatusArgs) -> std::process::ExitCode {
 pub fn release_command(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode {
     let req = Request::Release {
         cgroup: args.cgroup.clone(),
+        hold_off_sec: args.hold_off.as_secs(),
     };
-    match request(&args.socket, &req).map(serde_json::from_value::<Vec<crate::act::Report>>) {
-        Ok(Ok(reports)) => {
-            if reports.is_empty() {
-                println!("{}: ladder reset (nothing was applied yet)", args.cgroup);
-            }
-            let mut failed = false;
-            for r in reports {
-                println!("{} (rule {:?}): {}", r.cgroup, r.rule, r.done);
-                for e in &r.errors {
-                    failed = true;
-                    println!("  failed: {e}");
-                }
-            }
+    match request(&args.socket, &req).map(serde_json::from_value::<Released>) {
+        Ok(Ok(released)) => {
+            print!("{}", released_text(&released));
+            let failed = released.reports.iter().any(|r| !r.errors.is_empty());
             if failed {
                 std::process::ExitCode::FAILURE
             } else {
@@ -340,6 +362,39 @@ pub fn release_command(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode
         Ok(Err(e)) => fail(&format!("bad answer from the agent: {e}")),
         Err(e) => fail(&e),
     }
+}
+
+/// What `cgsentry release` prints.
+#[must_use]
+pub fn released_text(r: &Released) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if r.reports.is_empty() {
+        let _ = writeln!(o, "{}: ladder reset (nothing was applied yet)", r.cgroup);
+    }
+    for rep in &r.reports {
+        let _ = writeln!(o, "{} (rule {:?}): {}", rep.cgroup, rep.rule, rep.done);
+        for e in &rep.errors {
+            let _ = writeln!(o, "  failed: {e}");
+        }
+    }
+    if r.hold_off_sec > 0 {
+        let _ = writeln!(
+            o,
+            "{}: held off for {}: findings are still reported, no ladder starts on it until \
+             then (`cgsentry release {} --hold-off 0` lifts it)",
+            r.cgroup,
+            humantime::format_duration(Duration::from_secs(r.hold_off_sec)),
+            r.cgroup
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "{}: not held off: a finding still present starts its ladder again",
+            r.cgroup
+        );
+    }
+    o
 }
 
 /// `cgsentry status` as text.
@@ -401,6 +456,14 @@ pub fn status_text(s: &Status, now_ms: u128) -> String {
         s.notifications_sent, s.notifications_failed, s.notifications_suppressed
     );
     let _ = writeln!(o, "findings now: {}", s.findings);
+    actions_text(&mut o, s, now_ms);
+    o
+}
+
+/// `status`'s active actions and hold-offs.
+fn actions_text(o: &mut String, s: &Status, now_ms: u128) {
+    use std::fmt::Write as _;
+    let age = |ms: u128| format!("{:.1} s ago", now_ms.saturating_sub(ms) as f64 / 1000.0);
     if s.active.is_empty() {
         let _ = writeln!(o, "active actions: none");
     } else {
@@ -435,7 +498,16 @@ pub fn status_text(s: &Status, now_ms: u128) -> String {
             );
         }
     }
-    o
+    for h in &s.held_off {
+        let _ = writeln!(
+            o,
+            "held off by the operator: {} for {:.0} s more (findings reported, no ladder) — \
+             `cgsentry release {} --hold-off 0` lifts it",
+            crate::report::printable(&h.cgroup),
+            h.seconds_left,
+            h.cgroup
+        );
+    }
 }
 
 #[cfg(test)]
@@ -474,7 +546,11 @@ mod tests {
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
                 let answer = if r.cgroup == "/x" {
-                    Ok(Vec::new())
+                    Ok(Released {
+                        cgroup: r.cgroup,
+                        reports: Vec::new(),
+                        hold_off_sec: r.hold_off_sec,
+                    })
                 } else {
                     Err(format!("nothing applied to {}", r.cgroup))
                 };
@@ -488,19 +564,28 @@ mod tests {
                     &p,
                     &Request::Release {
                         cgroup: "/x".into(),
+                        hold_off_sec: 600,
                     },
                 ),
                 request(
                     &p,
                     &Request::Release {
                         cgroup: "/y".into(),
+                        hold_off_sec: 0,
                     },
                 ),
             )
         })
         .await
         .unwrap();
-        assert_eq!(ok.unwrap(), serde_json::json!([]));
+        // The hold-off reaches the loop.
+        let ok: Released = serde_json::from_value(ok.unwrap()).unwrap();
+        assert_eq!((ok.cgroup.as_str(), ok.hold_off_sec), ("/x", 600));
+        assert!(
+            released_text(&ok).contains("/x: held off for 10m"),
+            "{}",
+            released_text(&ok)
+        );
         assert_eq!(err.unwrap_err(), "nothing applied to /y");
 
         let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
@@ -626,9 +711,17 @@ mod tests {
                 updated_ms: 9000,
                 ..Active::default()
             }],
+            held_off: vec![HeldOff {
+                cgroup: "/train".into(),
+                seconds_left: 59.6,
+            }],
             ..Status::default()
         };
         let t = status_text(&s, 11_000);
+        assert!(
+            t.contains("held off by the operator: /train for 60 s more"),
+            "{t}"
+        );
         assert!(t.contains("pid 42"), "{t}");
         assert!(t.contains("/pool: 1 step(s) of rule \"explosion\""), "{t}");
         assert!(t.contains("`cgsentry release /pool`"), "{t}");

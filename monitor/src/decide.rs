@@ -10,7 +10,10 @@
 //! and, after as long again without the finding and without the cgroup pressing on its
 //! cap ([`Decider::hold`]), [`ReleaseStage::Full`], which undoes everything. A finding
 //! that comes back while relaxed re-takes the last step at once. Protected cgroups get `notify` decisions only, saying
-//! what was held back and why. The act stage (containment) carries decisions out.
+//! what was held back and why. A cgroup the operator released (`cgsentry release`) is
+//! held off for the time asked ([`Decider::hold_off`]): its findings are still made and
+//! reported, but no ladder starts on it until then. The act stage (containment) carries
+//! decisions out.
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
@@ -96,9 +99,19 @@ pub struct Outcome {
     pub releases: Vec<Release>,
 }
 
+/// A cgroup the operator released and asked to be left alone until `until`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldOff {
+    pub cgroup: String,
+    /// Agent-clock seconds: when it was released, and when ladders may start again.
+    pub since: f64,
+    pub until: f64,
+}
+
 #[derive(Debug, Default)]
 pub struct Decider {
     states: HashMap<(CgroupId, String), LadderState>,
+    held_off: HashMap<CgroupId, HeldOff>,
 }
 
 impl Decider {
@@ -116,6 +129,7 @@ impl Decider {
         findings: &[(Finding, Vec<ProcessRef<'_>>)],
     ) -> Outcome {
         let mut out = Outcome::default();
+        self.held_off.retain(|_, h| t < h.until);
         // A relaxed cgroup still growing or stalling in reclaim is not quiet, whichever
         // rule saw it: fully releasing its caps now would hand it to the leak ladder,
         // which starts over from notify and ends in a freeze (seen in the VM: a pool
@@ -127,6 +141,9 @@ impl Decider {
             }
         }
         for (finding, processes) in findings {
+            if self.held_off.contains_key(&finding.cgroup_id) {
+                continue; // the operator's word, for as long as they asked
+            }
             let Some(rule) = policy.rule_for(finding, processes) else {
                 continue;
             };
@@ -264,6 +281,34 @@ impl Decider {
         self.states.retain(|(cg, _), _| *cg != id);
     }
 
+    /// The operator released cgroup `id` at `t`: no ladder starts on it for `for_sec`
+    /// seconds (0: none is held off; a finding still there starts over at once).
+    pub fn hold_off(&mut self, id: CgroupId, cgroup: &str, t: f64, for_sec: f64) {
+        if for_sec > 0.0 {
+            self.held_off.insert(
+                id,
+                HeldOff {
+                    cgroup: cgroup.to_owned(),
+                    since: t,
+                    until: t + for_sec,
+                },
+            );
+        } else {
+            self.held_off.remove(&id);
+        }
+    }
+
+    /// Cgroups held off after a manual release (some may have lapsed since the last tick).
+    pub fn held_off(&self) -> impl Iterator<Item = (&CgroupId, &HeldOff)> {
+        self.held_off.iter()
+    }
+
+    /// Until when cgroup `id` is held off (agent clock), if it is.
+    #[must_use]
+    pub fn held_off_until(&self, id: CgroupId) -> Option<f64> {
+        self.held_off.get(&id).map(|h| h.until)
+    }
+
     /// Forgets every ladder on the cgroup at `path` (whatever its id).
     pub fn forget_path(&mut self, path: &str) {
         self.states.retain(|_, s| s.cgroup != path);
@@ -384,6 +429,34 @@ ladder = [
             }
         }
         log
+    }
+
+    /// A manual release with a hold-off: no step while it lasts, though the finding
+    /// persists; then the ladder starts over, its first step after its own delay; a
+    /// hold-off of 0 holds nothing.
+    #[test]
+    fn a_held_off_cgroup_gets_no_ladder_until_the_hold_lapses() {
+        let pol = policy(LADDER, false);
+        let mut d = Decider::default();
+        let f = leak("/app");
+        let log: Vec<(u32, Action)> = (0..40)
+            .flat_map(|s| {
+                if s == 7 {
+                    // What `release_manual` does: forget the ladders, hold the cgroup off.
+                    d.forget(f.cgroup_id);
+                    d.hold_off(f.cgroup_id, &f.cgroup, f64::from(s), 20.0);
+                    assert_eq!(d.held_off_until(f.cgroup_id), Some(27.0));
+                }
+                let o = d.tick(f64::from(s), &pol, &[(f.clone(), vec![p("python")])]);
+                o.decisions.into_iter().map(move |d| (s, d.action))
+            })
+            .collect();
+        let (notify, throttle) = (Action::Notify, Action::Throttle);
+        let want = [(0, notify), (5, throttle), (27, notify), (32, throttle)];
+        assert_eq!(log, [&want[..], &[(37, Action::Freeze)]].concat());
+        assert_eq!(d.held_off().count(), 0, "lapsed holds are dropped");
+        d.hold_off(f.cgroup_id, &f.cgroup, 40.0, 0.0);
+        assert_eq!(d.held_off_until(f.cgroup_id), None);
     }
 
     #[test]

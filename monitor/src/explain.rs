@@ -36,6 +36,10 @@ pub struct Judged {
     /// not hold (later rules win, so these would otherwise have applied).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_unmet: Vec<String>,
+    /// Released by the operator with a hold-off: no ladder starts before this second
+    /// (agent clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_off_until: Option<f64>,
     /// Container and pod of the finding's cgroup, read from its path.
     #[serde(default, skip_serializing_if = "crate::identity::Identity::is_empty")]
     pub identity: crate::identity::Identity,
@@ -113,6 +117,7 @@ pub fn judge_all(
                 .map(|r| r.name.clone())
                 .collect();
             Judged {
+                held_off_until: decider.held_off_until(f.cgroup_id),
                 identity: crate::identity::of(&f.cgroup),
                 finding: f.clone(),
                 rule: verdict.rule,
@@ -330,6 +335,16 @@ fn render_one(out: &mut String, state: &State, j: &Judged) {
     if j.rule.is_some() && !j.severe_enough {
         let _ = writeln!(out, "  below the rule's min_severity: nothing will be done");
     }
+    if let Some(until) = j.held_off_until {
+        let _ = writeln!(
+            out,
+            "  held off: released by the operator; no ladder starts for {:.0} s more \
+             (`cgsentry release {} --hold-off 0` lifts it)",
+            (until - state.t).max(0.0),
+            f.cgroup
+        );
+        return;
+    }
     if let Some(l) = &j.ladder {
         let _ = writeln!(
             out,
@@ -479,6 +494,11 @@ mod tests {
     }
 
     fn state_after(secs: u32, comms: &[&str]) -> State {
+        state_held_off(secs, comms, None)
+    }
+
+    /// The state after `secs` ticks; `hold_off`: (second, seconds) of a manual release.
+    fn state_held_off(secs: u32, comms: &[&str], hold_off: Option<(u32, f64)>) -> State {
         let text = "[[protect]]\nname = \"sshd\"\ncomm = \"^sshd$\"\n\n[[rule]]\nname = \"leaks\"\nfinding = \"leak\"\ncgroup = \"/app/**\"\n\
                     ladder = [{action = \"notify\"}, {action = \"throttle\", after_sec = 30, memory_high_percent = 100}, {action = \"freeze\", after_sec = 60}]\n";
         let (p, r) =
@@ -495,6 +515,12 @@ mod tests {
         let findings = vec![(finding("/app/worker"), procs)];
         let mut decisions = Vec::new();
         for s in 0..=secs {
+            if let Some((at, for_sec)) = hold_off
+                && at == s
+            {
+                decider.forget(9);
+                decider.hold_off(9, "/app/worker", f64::from(s), for_sec);
+            }
             let o = decider.tick(f64::from(s), &policy, &findings);
             decisions.extend(o.decisions.into_iter().map(|d| Logged {
                 at: f64::from(s),
@@ -513,6 +539,26 @@ mod tests {
             decisions,
             releases: vec![],
         }
+    }
+
+    /// Released with a hold-off: said, with the time left and how to lift it; no
+    /// ladder, no next step.
+    #[test]
+    fn explains_a_hold_off() {
+        let state = state_held_off(40, &["python3"], Some((35, 600.0)));
+        let text = render(&state, Some("/app"), 10_500);
+        assert!(
+            text.contains("held off: released by the operator; no ladder starts for 595 s more"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`cgsentry release /app/worker --hold-off 0`"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("next:") && !text.contains("ladder:"),
+            "{text}"
+        );
     }
 
     #[test]

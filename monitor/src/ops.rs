@@ -249,6 +249,7 @@ impl Ops {
                 policy_errors: j.policy_errors.clone(),
                 findings: j.findings.len(),
                 active: applied.clone(),
+                held_off: guard.held_off(),
                 ebpf_dropped: snap.ebpf.dropped(),
                 kernel_oom_victims: snap.ebpf.oom_victims,
                 rss_bytes: me.rss_bytes,
