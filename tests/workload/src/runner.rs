@@ -310,6 +310,43 @@ fn avail_before(series: &[Value], at: Duration) -> Option<u64> {
         .and_then(|s| s["avail_mib"].as_u64())
 }
 
+/// memory.high below max.
+fn is_capped(rel: &str) -> bool {
+    std::fs::read_to_string(cgroup_dir(rel).join("memory.high")).is_ok_and(|v| v.trim() != "max")
+}
+
+/// Runs the scenario's operator command once its condition holds (see
+/// [`crate::scenario::Operator`]); true once it has run.
+fn operator_step(
+    op: &crate::scenario::Operator,
+    elapsed: Duration,
+    metrics: &mut serde_json::Map<String, Value>,
+) -> bool {
+    if !is_capped(&op.when_capped) {
+        return false;
+    }
+    let shown = format!("cgsentry {}", op.command.join(" "));
+    match Command::new("/bin/cgsentry").args(&op.command).output() {
+        Ok(out) => {
+            let code = out.status.code().unwrap_or(-1);
+            say(&format!(
+                "operator: `{shown}` at {:.1} s: exit {code}",
+                elapsed.as_secs_f64()
+            ));
+            for l in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .chain(String::from_utf8_lossy(&out.stderr).lines())
+            {
+                say(&format!("operator:   {l}"));
+            }
+            metrics.insert("operator_exit".into(), json!(code));
+        }
+        Err(e) => say(&format!("operator: cannot run `{shown}`: {e}")),
+    }
+    metrics.insert("operator_s".into(), json!(elapsed.as_secs_f64()));
+    true
+}
+
 fn is_frozen(rel: &str) -> bool {
     std::fs::read_to_string(cgroup_dir(rel).join("cgroup.events"))
         .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
@@ -403,8 +440,12 @@ pub fn vm_run(path: &Path) -> Result<()> {
     // Children still there after a SIGKILL (see [`REAP_WITHIN`]).
     let mut stuck: Vec<String> = Vec::new();
     let mut restart_metrics = serde_json::Map::new();
+    let mut operator = scenario.agent.as_ref().and_then(|a| a.operator.as_ref());
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
+        if operator.is_some_and(|op| operator_step(op, elapsed, &mut restart_metrics)) {
+            operator = None;
+        }
         drops.retain(|d| {
             if elapsed.as_secs_f64() < d.at_s {
                 return true;
@@ -594,6 +635,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
         .iter()
         .map(|r| (r.cgroup.clone(), is_frozen(&r.cgroup)))
         .collect();
+    let capped_at_end: BTreeMap<String, bool> = running
+        .iter()
+        .map(|r| (r.cgroup.clone(), is_capped(&r.cgroup)))
+        .collect();
     let oom_kills = read_kv("/proc/vmstat", "oom_kill")
         .unwrap_or(0)
         .saturating_sub(oom_start);
@@ -656,6 +701,10 @@ pub fn vm_run(path: &Path) -> Result<()> {
         metrics.insert(
             format!("frozen_at_end:{}", r.cgroup),
             json!(frozen_at_end[&r.cgroup]),
+        );
+        metrics.insert(
+            format!("capped_at_end:{}", r.cgroup),
+            json!(capped_at_end[&r.cgroup]),
         );
         metrics.insert(
             format!("memory_peak_mib:{}", r.cgroup),

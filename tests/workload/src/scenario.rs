@@ -96,6 +96,18 @@ pub struct Agent {
     pub cgroup: String,
     /// Kill the agent with SIGKILL mid-containment and start it again.
     pub restart: Option<Restart>,
+    /// A `cgsentry` command run once, as an operator would, while the agent runs.
+    pub operator: Option<Operator>,
+}
+
+/// `cgsentry <command>` (for instance `release /leak --hold-off 60s`) run once, as soon
+/// as `when_capped`'s memory.high is below max (the agent has throttled it). Metrics:
+/// `operator_exit` (its exit code), `operator_s` (when, since the run started).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    pub when_capped: String,
+    pub command: Vec<String>,
 }
 
 /// A guard other than cgsentry: `program args` in `cgroup`, started before the
