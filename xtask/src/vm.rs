@@ -482,6 +482,11 @@ pub fn guard_files_mib(files: &[&str]) -> Result<u32> {
     Ok(u32::try_from(bytes.div_ceil(1 << 20))?)
 }
 
+/// Tracepoint subsystems the keeper holds open for the VM's life (every one the agent's
+/// probes attach to, `monitor/src/probes.rs`): the agent's attach and detach then patch
+/// no kernel text, which can wedge QEMU's multi-threaded TCG (`tests/workload/src/keeper.rs`).
+const KEPT_SUBSYSTEMS: &str = "sched vmscan oom";
+
 fn init_script(swap: bool) -> String {
     let mut modules = String::new();
     if swap {
@@ -505,6 +510,7 @@ fn init_script(swap: bool) -> String {
          echo '+cpu +memory +pids +io +cpuset' > /sys/fs/cgroup/cgroup.subtree_control\n\
          export PATH=/bin\n\
          {modules}\
+         /bin/workload keep-tracepoints {KEPT_SUBSYSTEMS} &\n\
          /bin/workload vm-run /scenario.toml\n\
          echo \"VM-EXIT $?\"\n\
          poweroff -f\n"
@@ -1051,5 +1057,26 @@ mod tests {
         assert!(init.contains("swapon /dev/vda"));
         assert!(!init_script(false).contains("insmod"));
         assert!(init.contains("/bin/workload vm-run /scenario.toml"));
+        assert!(init.contains("/bin/workload keep-tracepoints sched vmscan oom &"));
+    }
+
+    /// Every tracepoint subsystem the agent attaches to is held by the keeper.
+    #[test]
+    fn the_keeper_holds_every_subsystem_the_agent_uses() {
+        let probes = include_str!("../../monitor/src/probes.rs");
+        let kept: Vec<&str> = KEPT_SUBSYSTEMS.split(' ').collect();
+        let mut used = 0;
+        for (i, _) in probes.match_indices("tracepoints: &[") {
+            let list = &probes[i..i + probes[i..].find(']').unwrap()];
+            for part in list.split("(\"").skip(1) {
+                let sub = part.split('"').next().unwrap();
+                assert!(kept.contains(&sub), "{sub} is not kept: {KEPT_SUBSYSTEMS}");
+                used += 1;
+            }
+        }
+        assert!(
+            used >= 10,
+            "the probe list was not found ({used} tracepoints)"
+        );
     }
 }

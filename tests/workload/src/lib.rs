@@ -7,6 +7,7 @@
 )]
 pub mod behaviours;
 pub mod cgroup;
+pub mod keeper;
 pub mod mem;
 pub mod runner;
 pub mod scenario;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use cgsentry_workload::{behaviours, runner};
+use cgsentry_workload::{behaviours, keeper, runner};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -86,6 +86,18 @@ enum Cmd {
     },
     /// Run a scenario file inside the VM and print `RESULT {json}`.
     VmRun { scenario: PathBuf },
+    /// In the VM, before anything else: hold every tracepoint of SUBSYSTEMS open and
+    /// CFS bandwidth on until power-off, so that no kernel text is patched mid-scenario
+    /// (it can wedge QEMU's multi-threaded TCG; see the source).
+    KeepTracepoints {
+        #[arg(required = true)]
+        subsystems: Vec<String>,
+        #[arg(long, default_value = "/sys/kernel/tracing")]
+        tracefs: PathBuf,
+        /// The capped, empty cgroup that keeps CFS bandwidth in use.
+        #[arg(long, default_value = "/sys/fs/cgroup/vm-keeper")]
+        cgroup: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -128,5 +140,10 @@ fn run(command: Cmd) -> Result<()> {
             processes,
         } => behaviours::park(&root, cgroups, processes),
         Cmd::VmRun { scenario } => runner::vm_run(&scenario),
+        Cmd::KeepTracepoints {
+            subsystems,
+            tracefs,
+            cgroup,
+        } => keeper::keep(&tracefs, &subsystems, &cgroup),
     }
 }
