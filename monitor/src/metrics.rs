@@ -53,6 +53,8 @@ pub struct SelfStats {
     pub policy_rules: usize,
     pub policy_errors: usize,
     pub gpu_available: bool,
+    /// Cgroups the operator released with a hold-off still running.
+    pub held_off: Vec<crate::control::HeldOff>,
 }
 
 /// Resident set size of this process, bytes (`/proc/self/statm`).
@@ -298,6 +300,16 @@ impl Metrics {
         );
         for (l, n) in &self.actions {
             ac.get_or_create(l).inc_by(*n);
+        }
+        let held = gauge_family(
+            &mut reg,
+            "held_off_seconds",
+            "Seconds left of an operator's hold-off (`cgsentry release --hold-off`): no ladder starts on the cgroup until then",
+            None,
+        );
+        for h in &me.held_off {
+            held.get_or_create(&cgroup_labels(&h.cgroup))
+                .set(h.seconds_left);
         }
 
         // Machine.
@@ -649,6 +661,31 @@ mod tests {
         m.update(&snap(&[("/b", 0.0)]), &j, &me, false);
         let text = m.update(&snap(&[("/a", 100.0)]), &j, &me, true).unwrap();
         assert_eq!(line(&text, "/a").as_deref(), Some("0.1"));
+    }
+
+    /// An operator's hold-off is a gauge of the seconds left, labelled like the cgroup's
+    /// other series; none, no series.
+    #[test]
+    fn hold_offs_are_exported() {
+        let mut m = Metrics::default();
+        let mut me = SelfStats::default();
+        let text = m
+            .update(&snap(&[("/train", 0.0)]), &Judgement::default(), &me, true)
+            .unwrap();
+        assert!(!text.contains("cgsentry_held_off_seconds{"), "{text}");
+        me.held_off = vec![crate::control::HeldOff {
+            cgroup: "/kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/cri-containerd-3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e.scope".into(),
+            seconds_left: 59.5,
+        }];
+        let text = m
+            .update(&snap(&[("/train", 0.0)]), &Judgement::default(), &me, true)
+            .unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cgsentry_held_off_seconds{"))
+            .unwrap_or_else(|| panic!("no hold-off series in\n{text}"));
+        assert!(line.ends_with(" 59.5"), "{line}");
+        assert!(line.contains("runtime=\"containerd\""), "{line}");
     }
 
     /// A scrape asks for a rendering and gets the one the next tick makes; a tick with

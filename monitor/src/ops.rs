@@ -225,6 +225,7 @@ impl Ops {
             policy_rules: policy.rule.len(),
             policy_errors: j.policy_errors.len(),
             gpu_available: snap.gpu.is_some(),
+            held_off: guard.held_off(),
         };
         // Counted every tick, rendered only for a waiting scrape.
         if let Some(exp) = &self.out.exposition
@@ -249,7 +250,7 @@ impl Ops {
                 policy_errors: j.policy_errors.clone(),
                 findings: j.findings.len(),
                 active: applied.clone(),
-                held_off: guard.held_off(),
+                held_off: me.held_off.clone(),
                 ebpf_dropped: snap.ebpf.dropped(),
                 kernel_oom_victims: snap.ebpf.oom_victims,
                 rss_bytes: me.rss_bytes,
