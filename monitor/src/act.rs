@@ -527,15 +527,15 @@ impl Actuator {
         &self.journal.entries
     }
 
-    /// Hold-offs still running by the wall clock.
+    /// Hold-offs still running by the wall clock: each cgroup with its seconds left.
     #[must_use]
-    pub fn held_off(&self) -> Vec<HeldOffEntry> {
+    pub fn held_off(&self) -> Vec<(&str, f64)> {
         let now = now_ms();
         self.journal
             .held_off
             .iter()
             .filter(|h| h.until_ms > now)
-            .cloned()
+            .map(|h| (h.cgroup.as_str(), (h.until_ms - now) as f64 / 1000.0))
             .collect()
     }
 

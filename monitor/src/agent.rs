@@ -125,12 +125,10 @@ impl Guard {
     /// Hold-offs a previous agent granted that still run (by the wall clock) and whose
     /// cgroups still exist.
     fn restore_hold_offs(&mut self) {
-        let now = crate::eventlog::now_ms();
-        for h in self.actuator.held_off() {
-            if let Some(id) = cgroup_id(self.actuator.writer(), &h.cgroup) {
-                let left = h.until_ms.saturating_sub(now) as f64 / 1000.0;
-                info!(cgroup = %h.cgroup, seconds_left = left, "hold-off from the journal kept");
-                self.decider.hold_off(id, &h.cgroup, self.t, left);
+        for (cgroup, left) in self.actuator.held_off() {
+            if let Some(id) = cgroup_id(self.actuator.writer(), cgroup) {
+                info!(cgroup = %cgroup, seconds_left = left, "hold-off from the journal kept");
+                self.decider.hold_off(id, cgroup, self.t, left);
             }
         }
     }

@@ -103,8 +103,7 @@ pub struct Outcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeldOff {
     pub cgroup: String,
-    /// Agent-clock seconds: when it was released, and when ladders may start again.
-    pub since: f64,
+    /// Agent-clock second when ladders may start again.
     pub until: f64,
 }
 
@@ -289,7 +288,6 @@ impl Decider {
                 id,
                 HeldOff {
                     cgroup: cgroup.to_owned(),
-                    since: t,
                     until: t + for_sec,
                 },
             );

@@ -439,11 +439,12 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut restart = Restart::Waiting;
     // Children still there after a SIGKILL (see [`REAP_WITHIN`]).
     let mut stuck: Vec<String> = Vec::new();
-    let mut restart_metrics = serde_json::Map::new();
+    // What the run's events (agent restart, operator) add to the result.
+    let mut run_metrics = serde_json::Map::new();
     let mut operator = scenario.agent.as_ref().and_then(|a| a.operator.as_ref());
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
-        if operator.is_some_and(|op| operator_step(op, elapsed, &mut restart_metrics)) {
+        if operator.is_some_and(|op| operator_step(op, elapsed, &mut run_metrics)) {
             operator = None;
         }
         drops.retain(|d| {
@@ -529,7 +530,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
                         st.map_or_else(|| "?".into(), describe),
                         elapsed.as_secs_f64()
                     ));
-                    restart_metrics.insert("agent_killed_s".into(), json!(elapsed.as_secs_f64()));
+                    run_metrics.insert("agent_killed_s".into(), json!(elapsed.as_secs_f64()));
                     restart = Restart::Killed(elapsed);
                 }
                 Restart::Killed(at) if elapsed.saturating_sub(at).as_secs_f64() >= r.after_s => {
@@ -542,11 +543,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
                         r.when_frozen,
                         is_frozen(&r.when_frozen)
                     ));
-                    restart_metrics.insert(
+                    run_metrics.insert(
                         format!("frozen_at_restart:{}", r.when_frozen),
                         json!(is_frozen(&r.when_frozen)),
                     );
-                    restart_metrics.insert("agent_restarts".into(), json!(1));
+                    run_metrics.insert("agent_restarts".into(), json!(1));
                     restart = Restart::Done;
                 }
                 _ => {}
@@ -724,7 +725,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
     for (metric, v) in heartbeat {
         metrics.insert(metric.into(), json!(v));
     }
-    metrics.extend(restart_metrics);
+    metrics.extend(run_metrics);
     if let Some(agent) = &agent {
         agent_metrics(
             &mut metrics,
