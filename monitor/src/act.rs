@@ -14,10 +14,10 @@
 //! brings zbus and a second nix, and its writes are neither verified nor bounded in
 //! time. The files involved are few and their formats simple (cgroup-v2.rst).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -67,27 +67,62 @@ pub enum ActError {
     Read { path: PathBuf, source: io::Error },
     #[error("journal {path}: {source}")]
     Journal { path: PathBuf, source: io::Error },
+    #[error("{path}: {why}; {value:?} is written when it returns")]
+    Busy {
+        path: PathBuf,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{path}: cannot start a writer thread: {source}")]
+    Thread { path: PathBuf, source: io::Error },
 }
 
 fn gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
+/// At most this many `memory.high` writes blocked in the kernel at once (each holds a
+/// thread; the unit allows the agent 64 tasks).
+const MAX_BLOCKED_WRITERS: usize = 8;
+
+/// `memory.high` writes in flight: one thread per file at most, and the value the next
+/// caller wanted, written by that thread once its write returns (the latest wins).
+#[derive(Clone, Debug, Default)]
+struct InFlight(Arc<Mutex<HashMap<PathBuf, Option<String>>>>);
+
 /// Writes cgroup v2 control files under an injectable root.
 #[derive(Clone, Debug)]
 pub struct Writer {
     root: PathBuf,
+    inflight: InFlight,
 }
 
 impl Writer {
     #[must_use]
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            inflight: InFlight::default(),
+        }
     }
 
+    /// `memory.high` writes still blocked in the kernel.
+    #[must_use]
+    pub fn blocked_writes(&self) -> usize {
+        self.inflight.0.lock().map_or(0, |m| m.len())
+    }
+
+    /// The directory of cgroup `rel` (a [`crate::cgroupfs::path_text`]).
     #[must_use]
     pub fn dir(&self, rel: &str) -> PathBuf {
-        self.root.join(rel.trim_start_matches('/'))
+        crate::cgroupfs::fs_path(&self.root, rel)
+    }
+
+    /// The cgroup's id (the inode of its directory); `None` when it is gone.
+    #[must_use]
+    pub fn id_of(&self, rel: &str) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(self.dir(rel)).ok().map(|m| m.ino())
     }
 
     /// A control file's content, trimmed; `None` when the cgroup or file is gone.
@@ -195,16 +230,65 @@ impl Writer {
         self.set_memory_high_raw(rel, &(bytes / page * page).to_string())
     }
 
+    /// Writes `memory.high` on a helper thread and waits for it up to
+    /// [`MEMORY_HIGH_TIMEOUT`]. One thread per file at most: while a write to this
+    /// file is still blocked, the value is handed to that thread (written when its
+    /// write returns) instead of starting another; and no more than
+    /// [`MAX_BLOCKED_WRITERS`] at once — a thread that cannot start is an error, never
+    /// a panic.
     fn set_memory_high_raw(&self, rel: &str, value: &str) -> Result<(), ActError> {
+        let path = self.dir(rel).join("memory.high");
+        {
+            let Ok(mut map) = self.inflight.0.lock() else {
+                return self.write_verified(rel, "memory.high", value, value);
+            };
+            if let Some(next) = map.get_mut(&path) {
+                *next = Some(value.to_owned());
+                return Err(ActError::Busy {
+                    path,
+                    value: value.to_owned(),
+                    why: "an earlier write is still blocked in the kernel (reclaiming)",
+                });
+            }
+            if map.len() >= MAX_BLOCKED_WRITERS {
+                return Err(ActError::Busy {
+                    path,
+                    value: value.to_owned(),
+                    why: "too many memory.high writes are blocked in the kernel; not written",
+                });
+            }
+            map.insert(path.clone(), None);
+        }
         let (tx, rx) = mpsc::channel();
         let me = self.clone();
-        let (rel_owned, v) = (rel.to_owned(), value.to_owned());
-        std::thread::spawn(move || {
-            let _ = tx.send(me.write_verified(&rel_owned, "memory.high", &v, &v));
-        });
+        let (rel_owned, first, key) = (rel.to_owned(), value.to_owned(), path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cgsentry-memhigh".into())
+            .spawn(move || {
+                let mut value = first;
+                loop {
+                    let r = me.write_verified(&rel_owned, "memory.high", &value, &value);
+                    let _ = tx.send(r); // the first caller may have stopped waiting
+                    let Ok(mut map) = me.inflight.0.lock() else {
+                        return;
+                    };
+                    if let Some(next) = map.get_mut(&key).and_then(Option::take) {
+                        value = next;
+                    } else {
+                        map.remove(&key);
+                        return;
+                    }
+                }
+            });
+        if let Err(source) = spawned {
+            if let Ok(mut map) = self.inflight.0.lock() {
+                map.remove(&path);
+            }
+            return Err(ActError::Thread { path, source });
+        }
         rx.recv_timeout(MEMORY_HIGH_TIMEOUT).unwrap_or_else(|_| {
             Err(ActError::Timeout {
-                path: self.dir(rel).join("memory.high"),
+                path,
                 value: value.to_owned(),
                 secs: MEMORY_HIGH_TIMEOUT.as_secs(),
             })
@@ -258,6 +342,13 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether this cgroup itself was frozen (`cgroup.freeze` is 1; its descendants
+    /// are frozen with it, but not set).
+    #[must_use]
+    pub fn is_frozen(&self, rel: &str) -> bool {
+        self.read(rel, "cgroup.freeze").ok().flatten().as_deref() == Some("1")
     }
 
     /// Processes (tgids) in the cgroup; empty when it is gone.
@@ -354,6 +445,9 @@ impl Writer {
     ) -> Result<usize, ActError> {
         let mut n = 0;
         for pid in self.procs(rel)? {
+            if untouchable(pid) {
+                continue;
+            }
             let Ok(raw) = i32::try_from(pid) else {
                 continue;
             };
@@ -380,6 +474,11 @@ impl Writer {
     }
 }
 
+/// PID 1 and this agent: never signalled or moved, whichever cgroup they are found in.
+fn untouchable(pid: u32) -> bool {
+    pid == 1 || pid == std::process::id()
+}
+
 /// A process moved into quarantine, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Moved {
@@ -387,10 +486,32 @@ pub struct Moved {
     pub from: String,
 }
 
+/// Control files the actuator changes: the only ones a journal may name to restore
+/// (a journal is data; it never chooses which files root writes).
+pub const RESTORABLE: [&str; 6] = [
+    "cpu.max",
+    "cpu.weight",
+    "memory.high",
+    "memory.max",
+    "memory.swap.max",
+    "pids.max",
+];
+
 /// What cgsentry has done to one cgroup under one rule, and how to undo it.
+///
+/// Written to the journal before each step is carried out (the intent: the originals
+/// of the files it will change, the cgroup it will freeze, the quarantine it will
+/// create), and again after, so that whatever the agent did — even if it was killed in
+/// the middle — a restarted agent knows of it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
     pub cgroup: String,
+    /// The cgroup's id (the inode of its directory) when it was first acted on: a
+    /// cgroup made since at the same path (a restarted service, the next CI job) is
+    /// another one, and nothing of this entry is ever done to it. `None` in journals
+    /// written before ids were kept.
+    #[serde(default)]
+    pub cgroup_id: Option<u64>,
     pub rule: String,
     pub finding: FindingKind,
     /// Ladder steps taken (for a restarted agent to re-adopt the ladder).
@@ -399,11 +520,19 @@ pub struct Applied {
     pub originals: BTreeMap<String, String>,
     /// The quarantine cgroup, once created.
     pub quarantine: Option<String>,
+    /// Its id, once created.
+    #[serde(default)]
+    pub quarantine_id: Option<u64>,
     pub moved: Vec<Moved>,
     /// The cgroup we froze (the offender's or its quarantine).
     pub frozen: Option<String>,
-    /// SIGTERM sent; SIGKILL due at this wall-clock time (ms since the epoch).
+    /// SIGTERM sent; SIGKILL due at this wall-clock time (ms since the epoch), for a
+    /// restarted agent. The running agent goes by `kill_deadline`.
     pub kill_due_ms: Option<u128>,
+    /// When the SIGKILL is due, by the monotonic clock (a wall-clock step neither
+    /// hastens nor delays it).
+    #[serde(skip)]
+    pub kill_deadline: Option<Instant>,
     /// First release stage done: thawed, memory.high widened; limits still on.
     #[serde(default)]
     pub relaxed: bool,
@@ -416,6 +545,28 @@ impl Applied {
     #[must_use]
     pub fn target(&self) -> &str {
         self.quarantine.as_deref().unwrap_or(&self.cgroup)
+    }
+
+    /// The id this entry recorded for `cgroup` (its offender or its quarantine).
+    fn recorded_id(&self, cgroup: &str) -> Option<u64> {
+        if cgroup == self.cgroup {
+            self.cgroup_id
+        } else if self.quarantine.as_deref() == Some(cgroup) {
+            self.quarantine_id
+        } else {
+            None
+        }
+    }
+
+    /// Whether `cgroup` is still the one this entry acted on: it exists, and its id is
+    /// the one recorded (an entry from before ids were kept trusts the path).
+    fn still_ours(&self, w: &Writer, cgroup: &str) -> bool {
+        let is_ours = cgroup == self.cgroup || self.quarantine.as_deref() == Some(cgroup);
+        match (is_ours, w.id_of(cgroup), self.recorded_id(cgroup)) {
+            (false, _, _) | (true, None, _) => false,
+            (true, Some(now), Some(then)) => now == then,
+            (true, Some(_), None) => true,
+        }
     }
 }
 
@@ -470,12 +621,17 @@ pub struct Actuator {
     path: PathBuf,
     journal: Journal,
     quarantine_parent: String,
+    /// Cgroups never acted on ([`crate::safety`]): the last line of defence, whatever
+    /// a decision says.
+    never: BTreeMap<String, String>,
 }
 
 /// Share of the machine's spare memory a relaxed offender may grow into.
 pub const RELAX_SHARE: f64 = 0.5;
 
-/// `cgsentry.slice/quarantine-<name>` for an offender's path.
+/// `cgsentry.slice/quarantine-<name>` for an offender's path: the path with `-` for
+/// `/`, its last [`QUARANTINE_NAME_MAX`] bytes when longer (a cgroup name is at most
+/// 255 bytes).
 #[must_use]
 pub fn quarantine_path(parent: &str, cgroup: &str) -> String {
     let name: String = cgroup
@@ -483,10 +639,15 @@ pub fn quarantine_path(parent: &str, cgroup: &str) -> String {
         .chars()
         .map(|c| if c == '/' { '-' } else { c })
         .collect();
+    let mut cut = name.len().saturating_sub(QUARANTINE_NAME_MAX);
+    while !name.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let name = &name[cut..];
     format!(
         "/{}/quarantine-{}",
         parent.trim_matches('/'),
-        if name.is_empty() { "root" } else { &name }
+        if name.is_empty() { "root" } else { name }
     )
 }
 
@@ -514,7 +675,30 @@ impl Actuator {
             path,
             journal,
             quarantine_parent: quarantine_parent.to_owned(),
+            never: crate::safety::Safety::default()
+                .never_set()
+                .map(|(c, why)| (c.to_owned(), why.to_owned()))
+                .collect(),
         }
+    }
+
+    /// The never-act set from now on (the root always stays in it).
+    pub fn set_safety(&mut self, safety: &crate::safety::Safety) {
+        self.never = safety
+            .never_set()
+            .map(|(c, why)| (c.to_owned(), why.to_owned()))
+            .collect();
+        self.never
+            .entry("/".into())
+            .or_insert_with(|| "the root cgroup".into());
+    }
+
+    /// Why `cgroup` must not be acted on, if it must not.
+    fn refused(&self, cgroup: &str) -> Option<String> {
+        let key = if cgroup.is_empty() { "/" } else { cgroup };
+        self.never
+            .get(key)
+            .map(|why| format!("refused: {key} is never acted on ({why})"))
     }
 
     /// Where new quarantine cgroups go (a policy reload may change it).
@@ -588,7 +772,23 @@ impl Actuator {
         std::fs::rename(&tmp, &self.path).map_err(err)
     }
 
-    fn entry(&mut self, d: &Decision) -> &mut Applied {
+    /// The entry of `d`'s cgroup and rule, for the cgroup as it is now (`id`): an
+    /// entry left from an earlier cgroup at the same path is undone where it still can
+    /// be (its quarantine) and replaced.
+    fn entry(&mut self, d: &Decision, id: u64) -> (usize, Option<Report>) {
+        let mut stale = None;
+        if let Some(i) = self
+            .journal
+            .entries
+            .iter()
+            .position(|a| a.cgroup == d.cgroup && a.rule == d.rule)
+            && self.journal.entries[i]
+                .cgroup_id
+                .is_some_and(|then| then != id)
+        {
+            let old = self.journal.entries.remove(i);
+            stale = Some(undo(&self.w, &old));
+        }
         let i = self
             .journal
             .entries
@@ -597,21 +797,25 @@ impl Actuator {
             .unwrap_or_else(|| {
                 self.journal.entries.push(Applied {
                     cgroup: d.cgroup.clone(),
+                    cgroup_id: Some(id),
                     rule: d.rule.clone(),
                     finding: d.finding,
                     steps_taken: 0,
                     originals: BTreeMap::new(),
                     quarantine: None,
+                    quarantine_id: None,
                     moved: Vec::new(),
                     frozen: None,
                     kill_due_ms: None,
+                    kill_deadline: None,
                     relaxed: false,
                     dry_run: d.dry_run,
                     updated_ms: now_ms(),
                 });
                 self.journal.entries.len() - 1
             });
-        &mut self.journal.entries[i]
+        self.journal.entries[i].cgroup_id.get_or_insert(id);
+        (i, stale)
     }
 
     /// Saves a file's current content as the original to restore, once.
@@ -625,46 +829,56 @@ impl Actuator {
         Ok(())
     }
 
-    /// Limits of a step on `target`, originals remembered first.
+    /// The files a step's limits change, in the order they are written.
+    fn limit_files(step: &Step, memory_current: Option<u64>) -> Vec<&'static str> {
+        [
+            (step.swap_max_mib.is_some(), "memory.swap.max"),
+            (step.pids_max.is_some(), "pids.max"),
+            (step.cpu_max_percent.is_some(), "cpu.max"),
+            (step.cpu_weight.is_some(), "cpu.weight"),
+            (
+                step.memory_high_percent.is_some() && memory_current.is_some(),
+                "memory.high",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, f)| on.then_some(f))
+        .collect()
+    }
+
+    /// Limits of a step on `target` (originals remembered and journaled before).
     fn limits(
         w: &Writer,
-        a: &mut Applied,
         target: &str,
         step: &Step,
         memory_current: Option<u64>,
         done: &mut Vec<String>,
         errors: &mut Vec<String>,
     ) {
-        let mut set = |file: &str, what: String, write: &dyn Fn() -> Result<(), ActError>| {
-            match Self::remember(w, a, target, file).and_then(|()| write()) {
-                Ok(()) => done.push(what),
-                Err(e) => errors.push(e.to_string()),
-            }
+        let mut set = |what: String, r: Result<(), ActError>| match r {
+            Ok(()) => done.push(what),
+            Err(e) => errors.push(e.to_string()),
         };
         // No more swap first: a memory.high below the usage then reclaims only what can
         // go without I/O and returns at once, instead of paging the offender out onto a
         // slow disk (in the writer's own context). Then no more tasks.
         if let Some(mib) = step.swap_max_mib {
             set(
-                "memory.swap.max",
                 format!("memory.swap.max {mib} MiB"),
-                &|| w.set_swap_max(target, mib),
+                w.set_swap_max(target, mib),
             );
         }
         if let Some(n) = step.pids_max {
-            set("pids.max", format!("pids.max {n}"), &|| {
-                w.set_pids_max(target, Some(n))
-            });
+            set(format!("pids.max {n}"), w.set_pids_max(target, Some(n)));
         }
         if let Some(p) = step.cpu_max_percent {
-            set("cpu.max", format!("cpu.max {p} %"), &|| {
-                w.set_cpu_max(target, Some(p))
-            });
+            set(format!("cpu.max {p} %"), w.set_cpu_max(target, Some(p)));
         }
         if let Some(weight) = step.cpu_weight {
-            set("cpu.weight", format!("cpu.weight {weight}"), &|| {
-                w.set_cpu_weight(target, weight)
-            });
+            set(
+                format!("cpu.weight {weight}"),
+                w.set_cpu_weight(target, weight),
+            );
         }
         if let (Some(p), Some(mem)) = (step.memory_high_percent, memory_current) {
             #[expect(
@@ -674,15 +888,19 @@ impl Actuator {
             )]
             let bytes = (mem as f64 * p / 100.0) as u64;
             set(
-                "memory.high",
                 format!("memory.high {} MiB", bytes >> 20),
-                &|| w.set_memory_high(target, bytes),
+                w.set_memory_high(target, bytes),
             );
         }
     }
 
     /// Carries out one decision. `memory_current` is the offender's memory now (for
     /// `memory_high_percent`). Never fails as a whole: what went wrong is in the report.
+    ///
+    /// The intent is journaled before anything is written: the originals of the files
+    /// the step changes, the cgroup it freezes, the quarantine it creates, the kill it
+    /// starts. A journal that cannot be written is reported and the step carried out
+    /// all the same (containing the offender matters more than the record).
     pub fn apply(&mut self, d: &Decision, memory_current: Option<u64>) -> Report {
         let mut done = Vec::new();
         let mut errors = Vec::new();
@@ -701,113 +919,140 @@ impl Actuator {
         if d.action == Action::Notify {
             return report(vec!["notified".into()], errors);
         }
+        if let Some(why) = self.refused(&d.cgroup) {
+            return report(Vec::new(), vec![why]);
+        }
         if d.dry_run {
             return report(
                 vec![format!("would {:?}: {:?}", d.action, d.params)],
                 errors,
             );
         }
-        let writer = self.w.clone();
-        let parent = self.quarantine_parent.clone();
-        let entry = self.entry(d);
-        entry.steps_taken = entry.steps_taken.max(d.step + 1);
-        entry.relaxed = false; // a step taken again (a relapse) tightens again
-        entry.updated_ms = now_ms();
-        match d.action {
-            Action::Notify => {}
-            Action::Throttle => {
-                let target = entry.target().to_owned();
-                Self::limits(
-                    &writer,
-                    entry,
-                    &target,
-                    &d.params,
-                    memory_current,
-                    &mut done,
-                    &mut errors,
-                );
-            }
-            Action::Quarantine => {
-                let q = quarantine_path(&parent, &d.cgroup);
-                match writer.create(&q) {
-                    Ok(()) => {
-                        entry.quarantine = Some(q.clone());
-                        Self::limits(
-                            &writer,
-                            entry,
-                            &q,
-                            &d.params,
-                            memory_current,
-                            &mut done,
-                            &mut errors,
-                        );
-                        let (moved, vanished) =
-                            move_all(&writer, &d.cgroup, &q, &mut entry.moved, &mut errors);
-                        done.push(format!(
-                            "moved {moved} processes to {q} ({vanished} exited mid-move)"
-                        ));
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-            Action::Freeze => {
-                let target = entry.target().to_owned();
-                match writer.set_frozen(&target, true) {
-                    Ok(settled) => {
-                        entry.frozen = Some(target.clone());
-                        done.push(if settled {
-                            format!("froze {target}")
-                        } else {
-                            format!("freezing {target} (not settled within 1 s)")
-                        });
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-            Action::Kill => {
-                let target = entry.target().to_owned();
-                let grace = d.params.grace_sec.unwrap_or(10);
-                if entry.frozen.is_some() {
-                    // A frozen task cannot act on SIGTERM: thaw first.
-                    if let Err(e) = writer.set_frozen(&target, false) {
-                        errors.push(e.to_string());
-                    }
-                    entry.frozen = None;
-                }
-                match writer.signal_all(&target, nix::sys::signal::Signal::SIGTERM) {
-                    Ok(n) => done.push(format!("SIGTERM to {n} processes; SIGKILL in {grace} s")),
-                    Err(e) => errors.push(e.to_string()),
-                }
-                entry.kill_due_ms = Some(now_ms() + u128::from(grace) * 1000);
-            }
+        let Some(id) = self.w.id_of(&d.cgroup) else {
+            let path = self.w.dir(&d.cgroup);
+            return report(Vec::new(), vec![ActError::Gone { path }.to_string()]);
+        };
+        let (i, stale) = self.entry(d, id);
+        if let Some(r) = stale {
+            done.push(format!(
+                "an entry left from an earlier cgroup at this path was dropped ({})",
+                r.done
+            ));
         }
+        let intent = self.intend(i, d, memory_current, &mut errors);
+        if let Err(e) = self.save() {
+            errors.push(format!("{e} (carried out all the same)"));
+        }
+        let writer = self.w.clone();
+        carry_out(
+            &writer,
+            &mut self.journal.entries[i],
+            intent,
+            d,
+            memory_current,
+            &mut done,
+            &mut errors,
+        );
         if let Err(e) = self.save() {
             errors.push(e.to_string());
         }
         report(done, errors)
     }
 
-    /// Escalates kills whose grace period ended.
+    /// Records in entry `i` what step `d` is about to do (the journal is saved next,
+    /// before anything is written) and returns it.
+    fn intend(
+        &mut self,
+        i: usize,
+        d: &Decision,
+        memory_current: Option<u64>,
+        errors: &mut Vec<String>,
+    ) -> Intent {
+        let taken: Vec<String> = self
+            .journal
+            .entries
+            .iter()
+            .filter_map(|a| a.quarantine.clone())
+            .collect();
+        let parent = self.quarantine_parent.clone();
+        let writer = &self.w;
+        let entry = &mut self.journal.entries[i];
+        entry.steps_taken = entry.steps_taken.max(d.step + 1);
+        entry.relaxed = false; // a step taken again (a relapse) tightens again
+        entry.updated_ms = now_ms();
+        match d.action {
+            Action::Notify => Intent::None,
+            Action::Throttle => {
+                let target = entry.target().to_owned();
+                for f in Self::limit_files(&d.params, memory_current) {
+                    if let Err(e) = Self::remember(writer, entry, &target, f) {
+                        errors.push(e.to_string());
+                    }
+                }
+                Intent::Throttle(target)
+            }
+            Action::Quarantine => {
+                let q = entry.quarantine.clone().unwrap_or_else(|| {
+                    free_quarantine_path(&parent, &d.cgroup, |q| taken.iter().any(|t| t == q))
+                });
+                entry.quarantine = Some(q.clone());
+                Intent::Quarantine(q)
+            }
+            Action::Freeze => {
+                let target = entry.target().to_owned();
+                entry.frozen = Some(target.clone());
+                Intent::Freeze(target)
+            }
+            Action::Kill => {
+                let grace = d.params.grace_sec.unwrap_or(10);
+                entry.kill_due_ms = Some(now_ms() + u128::from(grace) * 1000);
+                entry.kill_deadline = Some(Instant::now() + Duration::from_secs(grace));
+                Intent::Kill(entry.target().to_owned(), grace)
+            }
+        }
+    }
+
+    /// Escalates kills whose grace period ended (by the monotonic clock), to the same
+    /// cgroup only: one made since at the same path is left alone.
     pub fn tick(&mut self) -> Vec<Report> {
-        let now = now_ms();
+        let now = Instant::now();
         let mut out = Vec::new();
         for a in &mut self.journal.entries {
-            if a.kill_due_ms.is_some_and(|due| due <= now) {
+            if a.kill_deadline.is_some_and(|due| due <= now) {
+                a.kill_deadline = None;
                 a.kill_due_ms = None;
                 let target = a.target().to_owned();
-                let errors = self
-                    .w
-                    .kill_all(&target)
-                    .err()
-                    .map(|e| e.to_string())
-                    .into_iter()
-                    .collect();
+                let (done, errors) = if !a.still_ours(&self.w, &target) {
+                    (
+                        format!(
+                            "grace over: {target} is gone or was replaced since; nothing killed"
+                        ),
+                        Vec::new(),
+                    )
+                } else if let Some(why) = self.never.get(&target) {
+                    (
+                        "grace over: nothing killed".to_owned(),
+                        vec![format!("refused: {target} is never acted on ({why})")],
+                    )
+                } else {
+                    let errors = self
+                        .w
+                        .kill_all(&target)
+                        .err()
+                        .map(|e| e.to_string())
+                        .into_iter()
+                        .collect();
+                    (
+                        format!("grace over: killed what was left in {target}"),
+                        errors,
+                    )
+                };
                 out.push(Report {
                     cgroup: a.cgroup.clone(),
                     rule: a.rule.clone(),
                     action: "kill".into(),
                     dry_run: false,
-                    done: format!("grace over: killed what was left in {target}"),
+                    done,
                     errors,
                 });
             }
@@ -836,6 +1081,17 @@ impl Actuator {
         Some(report)
     }
 
+    /// Undoes every entry of the journal (`cgsentry release --all`, and before an
+    /// uninstall): nothing of cgsentry's stays on the machine.
+    pub fn release_all(&mut self) -> Vec<Report> {
+        let entries = std::mem::take(&mut self.journal.entries);
+        let reports = entries.iter().map(|a| undo(&self.w, a)).collect();
+        if let Err(e) = self.save() {
+            warn!("{e}");
+        }
+        reports
+    }
+
     /// First stage of a release: the behaviour stopped while contained, so the offender
     /// gets room to finish its work — without being let loose on the machine again.
     /// Thaws it and widens a `memory.high` we set to its memory now plus
@@ -853,7 +1109,7 @@ impl Actuator {
         let a = &mut self.journal.entries[i];
         let target = a.target().to_owned();
         let capped = a.originals.contains_key(&key(&target, "memory.high"));
-        if a.relaxed || (a.frozen.is_none() && !capped) {
+        if a.relaxed || (a.frozen.is_none() && !capped) || !a.still_ours(&self.w, &target) {
             return self.release(r);
         }
         let (mut done, mut errors) = (Vec::new(), Vec::new());
@@ -917,21 +1173,297 @@ impl Actuator {
             .collect()
     }
 
-    /// At start: entries whose cgroups are gone are dropped; the rest are returned for
-    /// the caller to re-adopt (continue their ladders) or release.
-    pub fn reconcile(&mut self) -> Vec<Applied> {
+    /// At start: what a previous agent journaled, checked against the cgroups as they
+    /// are now. An entry whose cgroup and quarantine are both gone is dropped; one
+    /// whose cgroup was replaced by another at the same path (its id differs) is undone
+    /// where it still can be (its quarantine: thawed, processes moved to the nearest
+    /// cgroup above the old one) and dropped, never applied to the new cgroup; the rest
+    /// are returned for the caller to re-adopt (continue their ladders) or release. A
+    /// SIGKILL still due is due by the monotonic clock from now, within its grace.
+    pub fn reconcile(&mut self) -> (Vec<Applied>, Vec<Report>) {
         let w = self.w.clone();
         let before = self.journal.entries.len();
-        self.journal.entries.retain(|a| {
-            w.dir(&a.cgroup).exists() || a.quarantine.as_ref().is_some_and(|q| w.dir(q).exists())
-        });
-        if self.journal.entries.len() != before
+        let mut reports = Vec::new();
+        let now = now_ms();
+        let mut keep = Vec::new();
+        for mut a in std::mem::take(&mut self.journal.entries) {
+            let cgroup_there = w.id_of(&a.cgroup);
+            let quarantine_there = a.quarantine.as_ref().and_then(|q| w.id_of(q));
+            let replaced =
+                matches!((cgroup_there, a.cgroup_id), (Some(now), Some(then)) if now != then);
+            if replaced {
+                let mut r = undo(&w, &a);
+                r.action = "reconcile".into();
+                r.done = format!(
+                    "{} was replaced by a new cgroup since it was acted on: nothing of this entry \
+                     is applied to the new one; {}",
+                    a.cgroup, r.done
+                );
+                reports.push(r);
+                continue;
+            }
+            if cgroup_there.is_none() && quarantine_there.is_none() {
+                continue;
+            }
+            // Journals from before ids were kept: the path is all there is.
+            if a.cgroup_id.is_none() {
+                a.cgroup_id = cgroup_there;
+            }
+            if a.quarantine_id.is_none() {
+                a.quarantine_id = quarantine_there;
+            }
+            if let Some(due) = a.kill_due_ms {
+                let left = Duration::from_millis(
+                    u64::try_from(due.saturating_sub(now)).unwrap_or(u64::MAX),
+                );
+                a.kill_deadline = Some(Instant::now() + left.min(MAX_GRACE_ON_RESTART));
+            }
+            keep.push(a);
+        }
+        self.journal.entries = keep;
+        if (self.journal.entries.len() != before || !reports.is_empty())
             && let Err(e) = self.save()
         {
             warn!("{e}");
         }
-        self.journal.entries.clone()
+        (self.journal.entries.clone(), reports)
     }
+
+    /// At start: what looks like cgsentry's work that no journal entry explains (the
+    /// journal was lost, or another agent's): frozen cgroups (reported, never thawed:
+    /// something else — systemd, a container runtime — may have frozen them) and
+    /// `quarantine-*` cgroups under the quarantine parent (thawed, their processes
+    /// moved back to the cgroup they were named after when it still exists, removed
+    /// when empty). `cgroups` is every cgroup of the tree.
+    #[must_use]
+    pub fn orphans(&self, cgroups: &[&str]) -> Vec<Report> {
+        let explained = |c: &str| {
+            self.journal.entries.iter().any(|a| {
+                a.cgroup == c
+                    || a.quarantine.as_deref() == Some(c)
+                    || a.frozen.as_deref() == Some(c)
+            })
+        };
+        let parent = format!("/{}/", self.quarantine_parent.trim_matches('/'));
+        let mut out = Vec::new();
+        for &c in cgroups {
+            if explained(c) {
+                continue;
+            }
+            let in_quarantine = c
+                .strip_prefix(&parent)
+                .is_some_and(|name| name.starts_with("quarantine-") && !name.contains('/'));
+            if in_quarantine {
+                out.push(self.release_orphan(c, cgroups));
+            } else if self.w.is_frozen(c) {
+                out.push(Report {
+                    cgroup: c.to_owned(),
+                    rule: String::new(),
+                    action: "orphan".into(),
+                    dry_run: false,
+                    done: format!(
+                        "{c} is frozen and no journal entry says cgsentry froze it: left as it is \
+                         (`echo 0 > {}/cgroup.freeze` thaws it)",
+                        self.w.dir(c).display()
+                    ),
+                    errors: Vec::new(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Thaws an unexplained quarantine cgroup, moves its processes back to the cgroup
+    /// its name stands for (when one of `cgroups` has that quarantine name) and removes
+    /// it once empty.
+    fn release_orphan(&self, q: &str, cgroups: &[&str]) -> Report {
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        let origin = cgroups
+            .iter()
+            .filter(|c| !c.starts_with(q))
+            .find(|c| quarantine_path(&self.quarantine_parent, c) == q)
+            .map(|c| (*c).to_owned());
+        if self.w.is_frozen(q) {
+            match self.w.set_frozen(q, false) {
+                Ok(_) => done.push(format!("thawed {q}")),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let Some(origin) = &origin {
+            let n = move_back(&self.w, q, |_| origin.clone(), &mut errors);
+            done.push(format!("moved {n} processes back to {origin}"));
+            match self.w.remove(q) {
+                Ok(true) => done.push(format!("removed {q}")),
+                Ok(false) => errors.push(format!("{q} still has processes; left in place")),
+                Err(e) => errors.push(e.to_string()),
+            }
+        } else {
+            done.push(format!(
+                "the cgroup {q} was made for no longer exists: its processes stay in {q}, thawed"
+            ));
+        }
+        Report {
+            cgroup: q.to_owned(),
+            rule: String::new(),
+            action: "orphan".into(),
+            dry_run: false,
+            done: format!(
+                "quarantine cgroup that no journal entry explains: {}",
+                done.join(", ")
+            ),
+            errors,
+        }
+    }
+}
+
+/// Does what [`Actuator::intend`] recorded.
+fn carry_out(
+    writer: &Writer,
+    entry: &mut Applied,
+    intent: Intent,
+    d: &Decision,
+    memory_current: Option<u64>,
+    done: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    match intent {
+        Intent::None => {}
+        Intent::Throttle(target) => {
+            Actuator::limits(writer, &target, &d.params, memory_current, done, errors);
+        }
+        Intent::Quarantine(q) => {
+            quarantine(writer, entry, &q, &d.params, memory_current, done, errors);
+        }
+        Intent::Freeze(target) => match writer.set_frozen(&target, true) {
+            Ok(settled) => done.push(if settled {
+                format!("froze {target}")
+            } else {
+                format!("freezing {target} (not settled within 1 s)")
+            }),
+            Err(e) => errors.push(e.to_string()),
+        },
+        Intent::Kill(target, grace) => {
+            if entry.frozen.take().is_some() {
+                // A frozen task cannot act on SIGTERM: thaw first.
+                if let Err(e) = writer.set_frozen(&target, false) {
+                    errors.push(e.to_string());
+                }
+            }
+            match writer.signal_all(&target, nix::sys::signal::Signal::SIGTERM) {
+                Ok(n) => done.push(format!("SIGTERM to {n} processes; SIGKILL in {grace} s")),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+}
+
+/// What a step will do, decided (and journaled) before it is done.
+enum Intent {
+    None,
+    Throttle(String),
+    Quarantine(String),
+    Freeze(String),
+    Kill(String, u64),
+}
+
+/// A SIGKILL a previous agent left due is due within this long of a restart at most.
+const MAX_GRACE_ON_RESTART: Duration = Duration::from_mins(10);
+
+/// The longest quarantine name kept from the offender's path (a cgroup name is at
+/// most 255 bytes; room is left for a suffix).
+const QUARANTINE_NAME_MAX: usize = 200;
+
+/// [`quarantine_path`], or with `-2`, `-3`… when `taken` says another offender (one
+/// whose path maps to the same name: `/a-b` and `/a/b`) has it.
+fn free_quarantine_path(parent: &str, cgroup: &str, taken: impl Fn(&str) -> bool) -> String {
+    let base = quarantine_path(parent, cgroup);
+    if !taken(&base) {
+        return base;
+    }
+    (2..=4096)
+        .map(|n| format!("{base}-{n}"))
+        .find(|q| !taken(q))
+        .unwrap_or(base)
+}
+
+/// Creates the quarantine cgroup `q` for the entry's offender, inside the offender's
+/// own limits (the smallest `memory.max`, `memory.high`, `memory.swap.max`, `pids.max`
+/// and `cpu.max` of its cgroup and ancestors: a process moved out of a service or a
+/// pod must not escape the limits it had there), with the step's limits on top, and
+/// moves the offender's processes there.
+fn quarantine(
+    w: &Writer,
+    entry: &mut Applied,
+    q: &str,
+    step: &Step,
+    memory_current: Option<u64>,
+    done: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    if let Err(e) = w.create(q) {
+        errors.push(e.to_string());
+        return;
+    }
+    entry.quarantine_id = w.id_of(q);
+    let kept: Vec<String> = origin_limits(w, &entry.cgroup)
+        .into_iter()
+        .filter_map(
+            |(file, value)| match w.write_verified(q, file, &value, &value) {
+                Ok(()) => Some(format!("{file} {value}")),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    None
+                }
+            },
+        )
+        .collect();
+    if !kept.is_empty() {
+        done.push(format!("kept the offender's limits: {}", kept.join(", ")));
+    }
+    Actuator::limits(w, q, step, memory_current, done, errors);
+    let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
+    done.push(format!(
+        "moved {moved} processes to {q} ({vanished} exited mid-move)"
+    ));
+}
+
+/// The tightest of each limit over `cgroup` and its ancestors (the root has none):
+/// what a quarantine cgroup must keep so that moving a process does not lift them.
+fn origin_limits(w: &Writer, cgroup: &str) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let chain: Vec<String> = {
+        let mut v = Vec::new();
+        let mut p = cgroup.trim_end_matches('/').to_owned();
+        while !p.is_empty() {
+            v.push(p.clone());
+            p.truncate(p.rfind('/').unwrap_or(0));
+        }
+        v
+    };
+    for file in ["memory.max", "memory.high", "memory.swap.max", "pids.max"] {
+        let least = chain
+            .iter()
+            .filter_map(|c| w.read(c, file).ok().flatten()?.parse::<u64>().ok())
+            .min();
+        if let Some(v) = least {
+            out.push((file, v.to_string()));
+        }
+    }
+    // cpu.max: the smallest share of a CPU ("quota period"), as it is written.
+    let least = chain
+        .iter()
+        .filter_map(|c| {
+            let text = w.read(c, "cpu.max").ok().flatten()?;
+            let (quota, period) = text.split_once(' ')?;
+            let (q, p): (u64, u64) = (quota.parse().ok()?, period.parse().ok()?);
+            (p > 0).then_some((q as f64 / p as f64, text))
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((_, text)) = least {
+        out.push(("cpu.max", text));
+    }
+    out
 }
 
 /// Moves every process of `from` to `to` (a few passes: processes fork while we move).
@@ -958,7 +1490,7 @@ fn move_all(
             break;
         }
         last.clone_from(&pids);
-        for pid in pids {
+        for pid in pids.into_iter().filter(|&p| !untouchable(p)) {
             match w.move_pid(to, pid) {
                 Ok(true) => {
                     n += 1;
@@ -975,30 +1507,104 @@ fn move_all(
     (n, vanished)
 }
 
+/// A journal's cgroup path as something to write into: `/`-led, no `.` or `..`
+/// component, no empty component.
+fn sane_cgroup(path: &str) -> bool {
+    path.starts_with('/')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Moves every process of `q` to where `dest` says (its cgroup of origin), or the
+/// nearest cgroup above that exists and takes processes (a cgroup that enables
+/// controllers for its children takes none: EBUSY); returns how many moved.
+fn move_back(w: &Writer, q: &str, dest: impl Fn(u32) -> String, errors: &mut Vec<String>) -> usize {
+    let mut n = 0;
+    for pid in w.procs(q).unwrap_or_default() {
+        if untouchable(pid) {
+            continue;
+        }
+        let mut target = dest(pid);
+        if !sane_cgroup(&target) {
+            errors.push(format!(
+                "journal names {target:?} as an origin: not a cgroup path"
+            ));
+            target = "/".into();
+        }
+        loop {
+            let exists = target == "/" || w.dir(&target).is_dir();
+            if exists {
+                match w.move_pid(&target, pid) {
+                    Ok(true) => {
+                        n += 1;
+                        break;
+                    }
+                    Ok(false) => break, // exited
+                    Err(ActError::Write { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY) && target != "/" => {}
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if target == "/" {
+                break;
+            }
+            let up = target.rfind('/').map_or("/", |i| &target[..i]);
+            target = if up.is_empty() {
+                "/".into()
+            } else {
+                up.to_owned()
+            };
+        }
+    }
+    n
+}
+
+/// Undoes an entry where its cgroups are still the ones it acted on (same id): a new
+/// cgroup at the same path is never thawed, moved into or given the old one's limits.
+/// Only files of [`RESTORABLE`] on the entry's own cgroups are restored, whatever the
+/// journal says.
 fn undo(w: &Writer, a: &Applied) -> Report {
     let mut done = Vec::new();
     let mut errors = Vec::new();
+    let origin_ours = a.still_ours(w, &a.cgroup);
     if let Some(f) = &a.frozen {
-        match w.set_frozen(f, false) {
-            Ok(_) => done.push(format!("thawed {f}")),
-            Err(ActError::Gone { .. }) => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    if let Some(q) = &a.quarantine {
-        // Everything in quarantine goes back: moved processes to where they came from,
-        // children born in quarantine to the offender's cgroup.
-        let back: BTreeMap<u32, &str> = a.moved.iter().map(|m| (m.pid, m.from.as_str())).collect();
-        let mut n = 0;
-        for pid in w.procs(q).unwrap_or_default() {
-            let dest = back.get(&pid).copied().unwrap_or(&a.cgroup);
-            let dest = if w.dir(dest).exists() { dest } else { "/" };
-            match w.move_pid(dest, pid) {
-                Ok(true) => n += 1,
-                Ok(false) => {}
+        if a.still_ours(w, f) {
+            match w.set_frozen(f, false) {
+                Ok(_) => done.push(format!("thawed {f}")),
+                Err(ActError::Gone { .. }) => {}
                 Err(e) => errors.push(e.to_string()),
             }
+        } else if w.id_of(f).is_some() {
+            done.push(format!("{f} is another cgroup now: not thawed"));
         }
+    }
+    if let Some(q) = a.quarantine.as_deref().filter(|q| a.still_ours(w, q)) {
+        // Everything in quarantine goes back: moved processes to where they came from,
+        // children born in quarantine to the offender's cgroup; to the cgroup above
+        // when that one is gone or was replaced.
+        let back: BTreeMap<u32, &str> = a.moved.iter().map(|m| (m.pid, m.from.as_str())).collect();
+        let parent_of = |c: &str| c.rfind('/').map_or("/", |i| &c[..i]).to_owned();
+        let home = if origin_ours {
+            a.cgroup.clone()
+        } else {
+            parent_of(&a.cgroup)
+        };
+        let n = move_back(
+            w,
+            q,
+            |pid| match back.get(&pid) {
+                Some(from) if sane_cgroup(from) && (*from != a.cgroup || origin_ours) => {
+                    (*from).to_owned()
+                }
+                _ => home.clone(),
+            },
+            &mut errors,
+        );
         done.push(format!("moved {n} processes back"));
         match w.remove(q) {
             Ok(true) => done.push(format!("removed {q}")),
@@ -1013,11 +1619,26 @@ fn undo(w: &Writer, a: &Applied) -> Report {
         if a.quarantine.as_deref() == Some(cgroup) {
             continue; // removed with the quarantine cgroup
         }
+        if cgroup != a.cgroup || !RESTORABLE.contains(&file) {
+            errors.push(format!(
+                "journal asks to restore {file} of {cgroup}: not a file cgsentry changes there; ignored"
+            ));
+            continue;
+        }
+        if !origin_ours {
+            continue;
+        }
         match w.restore(cgroup, file, original) {
             Ok(()) => done.push(format!("{file} restored to {original}")),
             Err(ActError::Gone { .. }) => {}
             Err(e) => errors.push(e.to_string()),
         }
+    }
+    if !origin_ours && w.id_of(&a.cgroup).is_some() {
+        done.push(format!(
+            "{} is a new cgroup now: its limits were left as they are",
+            a.cgroup
+        ));
     }
     Report {
         cgroup: a.cgroup.clone(),
@@ -1075,6 +1696,7 @@ mod tests {
             params,
             dry_run: false,
             protected_by: vec![],
+            refused: None,
             reason: "test".into(),
         }
     }
@@ -1338,7 +1960,7 @@ mod tests {
         let r = act.apply(&d, None);
         assert_eq!(r.errors.len(), 1, "{r:?}");
         assert!(r.errors[0].contains("gone"), "{r:?}");
-        assert!(act.reconcile().is_empty(), "nothing left to adopt");
+        assert!(act.reconcile().0.is_empty(), "nothing left to adopt");
         assert!(
             Actuator::open(dir.path(), &journal, "x")
                 .entries()
@@ -1362,5 +1984,448 @@ mod tests {
             "/cgsentry.slice/quarantine-user.slice-job-1"
         );
         assert_eq!(quarantine_path("/a/b/", "/"), "/a/b/quarantine-root");
+    }
+
+    /// A pid no process has (above the kernel's `pid_max` limit): a test that reaches
+    /// `kill(2)` must never signal a real process of the machine running it.
+    const NO_SUCH_PID: &str = "4194305";
+
+    /// A cgroup of the fake tree made anew at the same path: another inode (the old
+    /// directory is kept aside, so that the filesystem cannot reuse its inode number —
+    /// cgroupfs never does: cgroup ids are unique since boot).
+    fn replace_app(dir: &Path) {
+        let aside = (0..100)
+            .map(|n| dir.join(format!("app.old{n}")))
+            .find(|p| !p.exists())
+            .unwrap();
+        std::fs::rename(dir.join("app"), aside).unwrap();
+        std::fs::create_dir(dir.join("app")).unwrap();
+        for (f, v) in [
+            ("memory.high", "max"),
+            ("pids.max", "max"),
+            ("cgroup.procs", NO_SUCH_PID),
+            ("cgroup.freeze", "0"),
+        ] {
+            std::fs::write(dir.join("app").join(f), v).unwrap();
+        }
+    }
+
+    /// The intent is on disk before the write: the freeze of a cgroup whose
+    /// `cgroup.freeze` blocks (a FIFO nobody reads yet) finds the journal already
+    /// naming what it freezes. An agent killed in the middle leaves a record.
+    #[test]
+    fn the_intent_is_journaled_before_anything_is_written() {
+        let (dir, _w) = tree();
+        let freeze = dir.path().join("app/cgroup.freeze");
+        std::fs::remove_file(&freeze).unwrap();
+        nix::unistd::mkfifo(&freeze, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let journal = dir.path().join("j");
+        let root = dir.path().to_owned();
+        let j = journal.clone();
+        let worker = std::thread::spawn(move || {
+            let mut act = Actuator::open(&root, &j, "cgsentry.slice");
+            act.apply(&decision(Action::Freeze, 0, step(Action::Freeze)), None)
+        });
+        // The writer is blocked opening the FIFO: the journal must say it already.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let recorded = loop {
+            let on_disk = std::fs::read(journal.join("journal.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Journal>(&b).ok());
+            if let Some(j) = on_disk.filter(|j| !j.entries.is_empty()) {
+                break j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no intent journaled before the write"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(recorded.entries[0].frozen.as_deref(), Some("/app"));
+        assert!(recorded.entries[0].cgroup_id.is_some());
+        // Let the write through (read it), then answer its read-back.
+        let wrote = std::fs::read_to_string(&freeze).unwrap();
+        assert_eq!(wrote, "1");
+        std::fs::write(&freeze, "1").unwrap();
+        let r = worker.join().unwrap();
+        assert!(r.errors.is_empty(), "{r:?}");
+    }
+
+    /// A cgroup removed and made again at the same path (a restarted service, the next
+    /// CI job) is another cgroup: the release restores nothing into it, a restarted
+    /// agent drops the entry, and a kill whose grace ends then kills nothing.
+    #[test]
+    fn a_replaced_cgroup_is_never_touched() {
+        let (dir, w) = tree();
+        std::fs::write(dir.path().join("app/cgroup.procs"), NO_SUCH_PID).unwrap();
+        let journal = dir.path().join("j");
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        let cap = Step {
+            pids_max: Some(8),
+            ..step(Action::Throttle)
+        };
+        let r = act.apply(&decision(Action::Throttle, 0, cap), None);
+        assert!(r.errors.is_empty(), "{r:?}");
+        replace_app(dir.path());
+        std::fs::write(w.dir("/app").join("pids.max"), "77").unwrap();
+        // A restarted agent: the entry names a cgroup that is not there any more.
+        let mut again = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        let (adopt, reports) = again.reconcile();
+        assert!(adopt.is_empty(), "{adopt:?}");
+        assert!(
+            reports[0].done.contains("replaced by a new cgroup"),
+            "{reports:?}"
+        );
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("77"));
+
+        // The same from the running agent's release.
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j2"), "cgsentry.slice");
+        act.apply(
+            &decision(
+                Action::Throttle,
+                0,
+                Step {
+                    pids_max: Some(8),
+                    ..step(Action::Throttle)
+                },
+            ),
+            None,
+        );
+        replace_app(dir.path());
+        std::fs::write(w.dir("/app").join("pids.max"), "77").unwrap();
+        let release = Release {
+            cgroup_id: 1,
+            cgroup: "/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
+            steps_taken: 1,
+            quiet_sec: 120.0,
+            dry_run: false,
+        };
+        let r = act.release(&release).unwrap();
+        assert!(r.done.contains("is a new cgroup now"), "{r:?}");
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("77"));
+
+        // A kill: SIGTERM sent (to no real process), then the cgroup is replaced before
+        // the grace ends: the new one is not killed.
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j3"), "cgsentry.slice");
+        let kill = Step {
+            grace_sec: Some(0),
+            ..step(Action::Kill)
+        };
+        let r = act.apply(&decision(Action::Kill, 0, kill), None);
+        assert!(r.done.contains("SIGKILL in 0 s"), "{r:?}");
+        replace_app(dir.path());
+        let reports = act.tick();
+        assert_eq!(reports.len(), 1);
+        assert!(
+            reports[0]
+                .done
+                .contains("was replaced since; nothing killed"),
+            "{reports:?}"
+        );
+        assert!(
+            !w.dir("/app").join("cgroup.kill").exists(),
+            "the new cgroup was killed"
+        );
+
+        // Not replaced: killed (cgroup.kill written).
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j4"), "cgsentry.slice");
+        let kill = Step {
+            grace_sec: Some(0),
+            ..step(Action::Kill)
+        };
+        act.apply(&decision(Action::Kill, 0, kill), None);
+        let reports = act.tick();
+        assert!(
+            reports[0].done.contains("killed what was left"),
+            "{reports:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(w.dir("/app").join("cgroup.kill")).unwrap(),
+            "1"
+        );
+    }
+
+    /// A journal is data: only files cgsentry changes, on the entry's own cgroup, are
+    /// ever restored from it.
+    #[test]
+    fn only_known_control_files_are_restored() {
+        let (dir, w) = tree();
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        std::fs::write(dir.path().join("other/memory.high"), "123").unwrap();
+        let journal = dir.path().join("j");
+        std::fs::create_dir(&journal).unwrap();
+        let id = w.id_of("/app");
+        let forged = serde_json::json!({
+            "version": 1,
+            "entries": [{
+                "cgroup": "/app", "cgroup_id": id, "rule": "r", "finding": "leak",
+                "steps_taken": 1,
+                "originals": {
+                    "/app\tpids.max": "max",
+                    "/app\tcgroup.procs": "1",
+                    "/app\t../../escape": "x",
+                    "/other\tmemory.high": "max"
+                },
+                "quarantine": null, "moved": [], "frozen": null, "kill_due_ms": null,
+                "dry_run": false, "updated_ms": 0
+            }]
+        });
+        std::fs::write(journal.join("journal.json"), forged.to_string()).unwrap();
+        std::fs::write(w.dir("/app").join("pids.max"), "8").unwrap();
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        let reports = act.release_all();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("max"));
+        assert_eq!(
+            w.read("/app", "cgroup.procs").unwrap().as_deref(),
+            Some("101\n102")
+        );
+        assert_eq!(
+            w.read("/other", "memory.high").unwrap().as_deref(),
+            Some("123")
+        );
+        assert!(!dir.path().join("escape").exists());
+        assert_eq!(reports[0].errors.len(), 3, "{reports:?}");
+        assert!(act.entries().is_empty());
+    }
+
+    /// A SIGKILL still due in a journal is due by the monotonic clock from the restart,
+    /// within bounds: a wall clock set a day ahead or back changes nothing drastic.
+    #[test]
+    fn kill_deadlines_go_by_the_monotonic_clock() {
+        let (dir, w) = tree();
+        let journal = dir.path().join("j");
+        std::fs::create_dir(&journal).unwrap();
+        let day: u128 = 86_400_000;
+        let entry = |cgroup: &str, due: u128| {
+            serde_json::json!({
+                "cgroup": cgroup, "cgroup_id": w.id_of(cgroup), "rule": "r", "finding": "leak",
+                "steps_taken": 3, "originals": {}, "quarantine": null, "moved": [],
+                "frozen": null, "kill_due_ms": due, "dry_run": false, "updated_ms": 0
+            })
+        };
+        std::fs::create_dir(dir.path().join("later")).unwrap();
+        let j = serde_json::json!({
+            "version": 1,
+            "entries": [entry("/app", now_ms() + day), entry("/later", now_ms().saturating_sub(day))]
+        });
+        std::fs::write(journal.join("journal.json"), j.to_string()).unwrap();
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        let before = Instant::now();
+        let (adopt, _) = act.reconcile();
+        assert_eq!(adopt.len(), 2);
+        let far = act.entries()[0].kill_deadline.unwrap();
+        assert!(far <= before + MAX_GRACE_ON_RESTART + Duration::from_secs(1));
+        assert!(far >= before + MAX_GRACE_ON_RESTART.saturating_sub(Duration::from_secs(5)));
+        let past = act.entries()[1].kill_deadline.unwrap();
+        assert!(past <= Instant::now(), "already due");
+    }
+
+    /// Quarantine keeps the offender inside its service's (or pod's) limits: the
+    /// tightest of its own and its ancestors'.
+    #[test]
+    fn quarantine_keeps_the_origin_limits() {
+        let (dir, w) = tree();
+        let svc = dir.path().join("svc");
+        std::fs::create_dir_all(svc.join("app")).unwrap();
+        for (f, v) in [
+            ("memory.max", "536870912"),
+            ("pids.max", "100"),
+            ("cpu.max", "50000 100000"),
+        ] {
+            std::fs::write(svc.join(f), v).unwrap();
+        }
+        for (f, v) in [
+            ("memory.max", "max"),
+            ("pids.max", "40"),
+            ("cpu.max", "max 100000"),
+            ("cgroup.procs", "101\n"),
+        ] {
+            std::fs::write(svc.join("app").join(f), v).unwrap();
+        }
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let mut d = decision(Action::Quarantine, 0, step(Action::Quarantine));
+        d.cgroup = "/svc/app".into();
+        let r = act.apply(&d, None);
+        let q = "/cgsentry.slice/quarantine-svc-app";
+        assert!(r.done.contains("kept the offender's limits"), "{r:?}");
+        assert_eq!(
+            w.read(q, "memory.max").unwrap().as_deref(),
+            Some("536870912")
+        );
+        assert_eq!(w.read(q, "pids.max").unwrap().as_deref(), Some("40"));
+        assert_eq!(
+            w.read(q, "cpu.max").unwrap().as_deref(),
+            Some("50000 100000")
+        );
+        assert_eq!(act.entries()[0].quarantine_id, w.id_of(q));
+
+        // The offender's cgroup is gone by the release: its processes go to the
+        // nearest cgroup above it.
+        std::fs::remove_dir_all(svc.join("app")).unwrap();
+        std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
+        let release = Release {
+            cgroup_id: 1,
+            cgroup: "/svc/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
+            steps_taken: 1,
+            quiet_sec: 120.0,
+            dry_run: false,
+        };
+        let r = act.release(&release).unwrap();
+        assert!(r.done.contains("moved 1 processes back"), "{r:?}");
+        assert_eq!(
+            std::fs::read_to_string(svc.join("cgroup.procs")).unwrap(),
+            "101"
+        );
+    }
+
+    /// Two offenders whose paths give the same quarantine name get two quarantines.
+    #[test]
+    fn quarantine_names_never_collide() {
+        let (dir, w) = tree();
+        for p in ["a-b", "a/b"] {
+            std::fs::create_dir_all(dir.path().join(p)).unwrap();
+            std::fs::write(dir.path().join(p).join("cgroup.procs"), "").unwrap();
+        }
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        for c in ["/a-b", "/a/b"] {
+            let mut d = decision(Action::Quarantine, 0, step(Action::Quarantine));
+            d.cgroup = c.into();
+            act.apply(&d, None);
+        }
+        let qs: Vec<&str> = act
+            .entries()
+            .iter()
+            .filter_map(|a| a.quarantine.as_deref())
+            .collect();
+        assert_eq!(
+            qs,
+            [
+                "/cgsentry.slice/quarantine-a-b",
+                "/cgsentry.slice/quarantine-a-b-2"
+            ]
+        );
+        assert_eq!(act.origin_of(qs[1]), Some("/a/b"));
+        assert!(w.dir(qs[1]).is_dir());
+        // A name too long for a cgroup keeps its tail.
+        let long = format!("/{}", "x".repeat(300));
+        let q = quarantine_path("cgsentry.slice", &long);
+        assert_eq!(
+            q.rsplit('/').next().unwrap().len(),
+            "quarantine-".len() + QUARANTINE_NAME_MAX
+        );
+    }
+
+    /// Work that looks like cgsentry's with no journal behind it: a quarantine cgroup
+    /// is thawed and emptied back into the cgroup it was named after; a frozen cgroup
+    /// is reported and left frozen.
+    #[test]
+    fn unexplained_quarantines_are_released_and_frozen_cgroups_reported() {
+        let (dir, w) = tree();
+        let q = "/cgsentry.slice/quarantine-app";
+        std::fs::create_dir_all(w.dir(q)).unwrap();
+        std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
+        std::fs::write(w.dir(q).join("cgroup.freeze"), "1").unwrap();
+        std::fs::write(w.dir(q).join("cgroup.events"), "frozen 0\n").unwrap();
+        std::fs::create_dir(dir.path().join("paused")).unwrap();
+        std::fs::write(dir.path().join("paused/cgroup.freeze"), "1").unwrap();
+        let act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let all = ["/", "/app", "/paused", "/cgsentry.slice", q];
+        let reports = act.orphans(&all);
+        assert_eq!(reports.len(), 2, "{reports:#?}");
+        let quarantine = reports.iter().find(|r| r.cgroup == q).unwrap();
+        assert!(quarantine.done.contains("thawed"), "{quarantine:?}");
+        assert!(
+            quarantine.done.contains("moved 1 processes back to /app"),
+            "{quarantine:?}"
+        );
+        assert_eq!(
+            w.read("/app", "cgroup.procs").unwrap().as_deref(),
+            Some("101")
+        );
+        assert_eq!(w.read(q, "cgroup.freeze").unwrap().as_deref(), Some("0"));
+        let paused = reports.iter().find(|r| r.cgroup == "/paused").unwrap();
+        assert!(paused.done.contains("left as it is"), "{paused:?}");
+        assert_eq!(
+            w.read("/paused", "cgroup.freeze").unwrap().as_deref(),
+            Some("1")
+        );
+    }
+
+    /// Whatever a decision says, the root and the never-act set are refused here too.
+    #[test]
+    fn the_actuator_refuses_the_never_act_set() {
+        let (dir, w) = tree();
+        std::fs::write(dir.path().join("cgroup.procs"), NO_SUCH_PID).unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        for action in [
+            Action::Throttle,
+            Action::Freeze,
+            Action::Kill,
+            Action::Quarantine,
+        ] {
+            let mut d = decision(
+                action,
+                0,
+                Step {
+                    pids_max: Some(1),
+                    ..step(action)
+                },
+            );
+            d.cgroup = "/".into();
+            let r = act.apply(&d, None);
+            assert!(
+                r.errors[0].starts_with("refused: / is never acted on"),
+                "{r:?}"
+            );
+        }
+        act.set_safety(&crate::safety::Safety::new(Some("/app"), None, None));
+        let r = act.apply(&decision(Action::Freeze, 0, step(Action::Freeze)), None);
+        assert!(r.errors[0].contains("cgsentry's own cgroup"), "{r:?}");
+        assert_eq!(
+            w.read("/app", "cgroup.freeze").unwrap().as_deref(),
+            Some("0")
+        );
+        assert!(!dir.path().join("cgroup.kill").exists());
+        assert!(act.entries().is_empty());
+    }
+
+    /// One `memory.high` writer per file: while a write is blocked in the kernel (a
+    /// FIFO nobody reads here), another write to the file starts no thread; its value
+    /// is written by the blocked one when it returns.
+    #[test]
+    fn one_blocked_memory_high_writer_per_file() {
+        let (dir, w) = tree();
+        let high = w.dir("/app").join("memory.high");
+        std::fs::remove_file(&high).unwrap();
+        nix::unistd::mkfifo(&high, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = w.set_memory_high("/app", 100 << 20).unwrap_err();
+        assert!(matches!(e, ActError::Timeout { .. }), "{e}");
+        assert_eq!(w.blocked_writes(), 1);
+        let started = Instant::now();
+        let e = w.set_memory_high("/app", 50 << 20).unwrap_err();
+        assert!(matches!(e, ActError::Busy { .. }), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "no wait, no thread"
+        );
+        assert_eq!(w.blocked_writes(), 1);
+        // The kernel returns: the first value, its read-back, then the latest value.
+        let page = procfs::page_size();
+        for mib in [100u64, 50] {
+            let want = ((mib << 20) / page * page).to_string();
+            assert_eq!(std::fs::read_to_string(&high).unwrap(), want);
+            std::fs::write(&high, &want).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while w.blocked_writes() > 0 {
+            assert!(Instant::now() < deadline, "the writer did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(dir);
     }
 }

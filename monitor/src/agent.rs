@@ -1,6 +1,9 @@
 //! `cgsentry run`: preflight, load, then one snapshot per tick until a signal or
 //! `--ticks` ends it. Dropping the collector detaches every program.
-use std::io::Write as _;
+use std::{
+    collections::{HashMap, HashSet},
+    io::Write as _,
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -68,6 +71,13 @@ pub struct Guard {
     events: Vec<(String, serde_json::Value)>,
     /// The last tick's view (what `explain` shows).
     state: State,
+    /// Where `/proc/self/cgroup` and `/proc/1/cgroup` are read (the never-act set), and
+    /// the processes policies match on.
+    proc_root: std::path::PathBuf,
+    warned_no_self: bool,
+    reader: CgroupReader,
+    /// User names, resolved off the loop.
+    users: crate::procinfo::UserNames,
 }
 
 fn log_report(r: &act::Report) {
@@ -113,6 +123,10 @@ impl Guard {
             loaded_once: false,
             events: Vec::new(),
             state: State::default(),
+            proc_root: "/proc".into(),
+            warned_no_self: false,
+            reader: CgroupReader::new(cgroup_root),
+            users: crate::procinfo::UserNames::start(),
         };
         g.reload("start");
         g.actuator
@@ -133,8 +147,17 @@ impl Guard {
         }
     }
 
+    /// What a previous agent journaled is re-adopted, undone or dropped (see
+    /// [`Actuator::reconcile`]); then what looks like cgsentry's work with no journal
+    /// entry behind it is reported or released ([`Actuator::orphans`]).
     fn reconcile(&mut self) {
-        for a in self.actuator.reconcile() {
+        let (adopt, cleaned) = self.actuator.reconcile();
+        self.reconciled.extend(cleaned); // logged with the first tick's actions
+        let tree = self.reader.walk();
+        let all: Vec<&str> = tree.values().map(String::as_str).collect();
+        let orphans = self.actuator.orphans(&all);
+        self.reconciled.extend(orphans);
+        for a in adopt {
             let rule = self.policy.rule.iter().find(|r| r.name == a.rule);
             let id = cgroup_id(self.actuator.writer(), &a.cgroup);
             if let (Some(rule), Some(id)) = (rule, id) {
@@ -303,10 +326,89 @@ impl Guard {
         std::mem::take(&mut self.events)
     }
 
+    /// The user-name resolver the agent's other readers share.
+    #[must_use]
+    pub fn user_names(&self) -> crate::procinfo::UserNames {
+        self.users.clone()
+    }
+
     /// Available memory the detectors count as none left, percent of RAM.
     #[must_use]
     pub fn reserve_percent(&self) -> f64 {
         self.detector.config().leak.reserve_percent
+    }
+
+    /// What is never acted on this tick: the root, this agent's cgroup and PID 1's
+    /// (read now: a service manager may move either) with their ancestors, the
+    /// quarantine parent; and which of `cgroups` (this tick's findings') have child
+    /// cgroups.
+    fn safety<'a>(&mut self, cgroups: impl Iterator<Item = &'a str>) -> crate::safety::Safety {
+        let me = crate::cgroupfs::cgroup_of_pid(&self.proc_root, std::process::id());
+        let init = crate::cgroupfs::cgroup_of_pid(&self.proc_root, 1);
+        if me.is_none() && !self.warned_no_self {
+            warn!(
+                "cannot read this agent's own cgroup under {}: only the root, init.scope \
+                 and the quarantine parent are known to be never acted on",
+                self.proc_root.display()
+            );
+            self.warned_no_self = true;
+        }
+        let mut safety = crate::safety::Safety::new(
+            me.as_deref(),
+            init.as_deref(),
+            Some(&self.policy.quarantine_parent),
+        );
+        let w = self.actuator.writer();
+        safety.set_parents(
+            cgroups
+                .filter(|c| {
+                    w.read(c, "cgroup.stat").ok().flatten().is_some_and(|stat| {
+                        crate::cgroupfs::parse_keyed(&stat)
+                            .ok()
+                            .and_then(|k| k.get("nr_descendants").copied())
+                            .is_some_and(|n| n > 0)
+                    })
+                })
+                .map(str::to_owned),
+        );
+        safety
+    }
+
+    /// What protect entries and rules match on, read now from /proc for the findings'
+    /// cgroups only (and only when some entry matches on processes): every process of
+    /// the cgroup where the finding's processes live (`live_in`; of its subtree for a
+    /// parent), with its real uid; and the cgroups not read whole.
+    fn process_facts<'a>(
+        &self,
+        findings: &[crate::detect::Finding],
+        live_in: &'a [String],
+        safety: &crate::safety::Safety,
+    ) -> (
+        HashMap<&'a str, Vec<crate::procinfo::ProcFacts>>,
+        HashSet<&'a str>,
+    ) {
+        let mut facts = HashMap::new();
+        let mut unread = HashSet::new();
+        if !self.policy.needs_processes() {
+            return (facts, unread);
+        }
+        for (f, dir) in findings.iter().zip(live_in) {
+            if facts.contains_key(dir.as_str()) {
+                continue;
+            }
+            let (list, complete) = crate::procinfo::read_cgroup(
+                &self.proc_root,
+                &self.reader,
+                dir,
+                safety.is_parent(&f.cgroup),
+                &self.users,
+            );
+            if !complete {
+                unread.insert(dir.as_str());
+            }
+            facts.insert(dir.as_str(), list);
+        }
+        (facts, unread)
     }
 
     /// Carries out a tick's decisions and releases (and the start-up reconcile's
@@ -344,6 +446,9 @@ impl Guard {
         self.fingerprint = fingerprint(&self.config, &self.policy.policies_dir);
         match policy::load(&self.config) {
             Ok(set) => {
+                for w in set.warnings() {
+                    warn!("{w}");
+                }
                 info!(
                     why,
                     files = set.files.len(),
@@ -419,32 +524,39 @@ impl Guard {
     /// decided.
     pub fn on_snapshot(&mut self, snap: &Snapshot, interval_ms: u64) -> report::Judgement {
         self.t += snap.interval_ns as f64 / 1e9;
-        let findings = self.detector.observe(snap);
+        let mut findings = self.detector.observe(snap);
+        // Where each finding's processes are now: a quarantined offender's are in its
+        // quarantine cgroup, which the finding names before it is mapped back.
+        let mut live_in: Vec<String> = Vec::with_capacity(findings.len());
+        for f in &mut findings {
+            live_in.push(f.cgroup.clone());
+            // A quarantined offender is still the offender: its ladder continues.
+            if let Some(origin) = self.actuator.origin_of(&f.cgroup).map(str::to_owned) {
+                if let Some(id) = cgroup_id(self.actuator.writer(), &origin) {
+                    f.cgroup_id = id;
+                }
+                f.summary = format!("{} (in quarantine {})", f.summary, f.cgroup);
+                f.cgroup = origin;
+            }
+        }
+        let safety = self.safety(findings.iter().map(|f| f.cgroup.as_str()));
+        let (facts, unread) = self.process_facts(&findings, &live_in, &safety);
         let with_procs: Vec<(crate::detect::Finding, Vec<ProcessRef<'_>>)> = findings
             .into_iter()
-            .map(|mut f| {
-                let procs = snap
-                    .processes
-                    .iter()
-                    .filter(|p| p.cgroup.as_deref() == Some(f.cgroup.as_str()))
-                    .map(|p| ProcessRef {
-                        comm: &p.comm,
-                        exe: p.exe.as_deref(),
-                        user: p.user.as_deref(),
-                        uid: p.uid,
-                    })
-                    .collect();
-                // A quarantined offender is still the offender: its ladder continues.
-                if let Some(origin) = self.actuator.origin_of(&f.cgroup).map(str::to_owned) {
-                    if let Some(id) = cgroup_id(self.actuator.writer(), &origin) {
-                        f.cgroup_id = id;
-                    }
-                    f.summary = format!("{} (in quarantine {})", f.summary, f.cgroup);
-                    f.cgroup = origin;
+            .zip(&live_in)
+            .map(|(f, dir)| {
+                let mut procs: Vec<ProcessRef<'_>> = facts
+                    .get(dir.as_str())
+                    .map(|l| l.iter().map(crate::procinfo::ProcFacts::as_ref).collect())
+                    .unwrap_or_default();
+                if unread.contains(dir.as_str()) {
+                    procs.push(ProcessRef::UNREAD);
                 }
                 (f, procs)
             })
             .collect();
+        self.actuator.set_safety(&safety);
+        self.decider.set_safety(safety);
         // A relaxed offender still working against its cap is not quiet yet.
         for cgroup in self.actuator.pressing() {
             if let Some(id) = cgroup_id(self.actuator.writer(), &cgroup) {
@@ -545,6 +657,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &env.cgroup_root,
         &args.journal_dir,
     );
+    collector.set_user_names(guard.user_names());
     let interval_ms = u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX);
     let (mut ops, mut releases) = start_outputs(&args).await;
     ops.record(

@@ -3,10 +3,105 @@
 //! "the cgroup went away mid-read" (`ENOENT`, `ENODEV`) as `Ok(None)`, never a failure.
 use std::{
     collections::HashMap,
+    ffi::OsStr,
     io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
+
+/// Cgroup paths as text, losslessly.
+///
+/// A cgroup name is any bytes but `/` and NUL: whoever may create a cgroup (a delegated
+/// user, a container runtime) picks them. The agent keys, prints, journals and matches
+/// paths as text, so a path becomes text this way and back to the exact bytes before any
+/// file is touched:
+///
+/// - `%` becomes `%25`;
+/// - a byte that is not part of valid UTF-8, and every byte of a control character
+///   (C0, DEL, C1) or of an invisible or direction-changing format character (zero-width
+///   spaces and joiners, bidi embeddings, overrides and isolates, the BOM) becomes `%XX`;
+/// - everything else stays as it is.
+///
+/// The mapping is injective (`%` itself is escaped), so two cgroups never share a text,
+/// and the text is safe to print: no newline, escape sequence or reordering can reach a
+/// terminal, a log line or a JSON consumer. Real names — systemd's units with their own
+/// `\x2d` escapes, container ids, pod slices — have none of these and read unchanged;
+/// `%` is not valid in a systemd unit name. Where a text is turned back into a path
+/// ([`fs_path`]), a `%` not followed by two hex digits stays a `%` (an operator's typing).
+#[must_use]
+pub fn path_text(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '%' || needs_escape(c) {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    push_escaped(&mut out, b);
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for &b in chunk.invalid() {
+            push_escaped(&mut out, b);
+        }
+    }
+    out
+}
+
+fn push_escaped(out: &mut String, b: u8) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "%{b:02X}");
+}
+
+/// Characters a printed path must not carry as they are: controls, and the format
+/// characters that hide text or reorder it on screen.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{061C}'
+        )
+}
+
+/// The exact bytes a [`path_text`] stands for.
+#[must_use]
+pub fn text_bytes(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2))
+            && let (Some(h), Some(l)) = (hex(h), hex(l))
+        {
+            #[expect(clippy::cast_possible_truncation, reason = "two hex digits")]
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The directory of the cgroup whose path text is `rel` ("/" or "" is the root) under
+/// the hierarchy mounted at `root`: the one place where a cgroup's text becomes a
+/// filesystem path again.
+#[must_use]
+pub fn fs_path(root: &Path, rel: &str) -> PathBuf {
+    let rel = rel.trim_start_matches('/');
+    if !rel.contains('%') {
+        return root.join(rel);
+    }
+    root.join(OsStr::from_bytes(&text_bytes(rel)))
+}
 
 /// A failure to read or parse a cgroup file. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +235,11 @@ impl CgroupReader {
         &self.root
     }
 
-    /// Absolute directory of the cgroup `rel` ("/" or "" is the root cgroup).
+    /// Absolute directory of the cgroup `rel` ("/" or "" is the root cgroup; a
+    /// [`path_text`]).
     #[must_use]
     pub fn dir(&self, rel: &str) -> PathBuf {
-        self.root.join(rel.trim_start_matches('/'))
+        fs_path(&self.root, rel)
     }
 
     fn read(&self, rel: &str, file: &str) -> Result<Option<(PathBuf, String)>, CgroupError> {
@@ -298,7 +394,7 @@ impl CgroupReader {
             };
             for entry in entries.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let name = path_text(entry.file_name().as_bytes());
                     let child = if rel == "/" {
                         format!("/{name}")
                     } else {
@@ -312,20 +408,28 @@ impl CgroupReader {
     }
 }
 
-/// The v2 cgroup of a process, from `/proc/<pid>/cgroup`'s `0::<path>` line.
-/// `None` when the process is gone or has no v2 entry.
+/// The v2 cgroup of a process, from `/proc/<pid>/cgroup`'s `0::<path>` line, as a
+/// [`path_text`]. `None` when the process is gone or has no v2 entry.
 #[must_use]
 pub fn cgroup_of_pid(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    parse_proc_cgroup(&text)
+    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    parse_proc_cgroup(&bytes)
 }
 
-/// Parses the `0::<path>` line of a `/proc/<pid>/cgroup` file.
+/// Parses the `0::<path>` line of a `/proc/<pid>/cgroup` file (the path's bytes as
+/// they are: a cgroup name may hold any byte but `/` and NUL, a newline included, which
+/// the kernel prints raw; the v2 line is the last one).
 #[must_use]
-pub fn parse_proc_cgroup(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_end_matches(" (deleted)").to_owned())
+pub fn parse_proc_cgroup(bytes: &[u8]) -> Option<String> {
+    let at = if bytes.starts_with(b"0::") {
+        0
+    } else {
+        bytes.windows(4).position(|w| w == b"\n0::")? + 1
+    };
+    let mut path = &bytes[at + 3..];
+    path = path.strip_suffix(b"\n").unwrap_or(path);
+    path = path.strip_suffix(b" (deleted)").unwrap_or(path);
+    Some(path_text(path))
 }
 
 /// Resolves cgroup ids to paths from a walk of the tree. The walk is redone when an
@@ -544,16 +648,89 @@ mod tests {
 
     #[test]
     fn proc_cgroup_lines() {
-        let hybrid = "12:pids:/\n4:memory:/x\n0::/user.slice/a b\n";
+        let hybrid = b"12:pids:/\n4:memory:/x\n0::/user.slice/a b\n";
         assert_eq!(
             parse_proc_cgroup(hybrid).as_deref(),
             Some("/user.slice/a b")
         );
         assert_eq!(
-            parse_proc_cgroup("0::/gone (deleted)\n").as_deref(),
+            parse_proc_cgroup(b"0::/gone (deleted)\n").as_deref(),
             Some("/gone")
         );
-        assert_eq!(parse_proc_cgroup("1:cpu:/\n"), None);
-        assert_eq!(parse_proc_cgroup(""), None);
+        assert_eq!(parse_proc_cgroup(b"1:cpu:/\n"), None);
+        assert_eq!(parse_proc_cgroup(b""), None);
+        // Any bytes, a newline and an invalid UTF-8 byte included, as the kernel prints.
+        assert_eq!(
+            parse_proc_cgroup(b"0::/a\xffb\nc\n").as_deref(),
+            Some("/a%FFb%0Ac")
+        );
+    }
+
+    /// Every byte string survives text and back; the text has nothing a terminal or a
+    /// log line would act on; real names (systemd's own escapes, unicode) are unchanged.
+    #[test]
+    fn path_text_is_lossless_and_printable() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"/system.slice/sshd.service", "/system.slice/sshd.service"),
+            (
+                b"/system.slice/systemd-fsck@dev-disk-by\\x2duuid-1.service",
+                "/system.slice/systemd-fsck@dev-disk-by\\x2duuid-1.service",
+            ),
+            ("/user.slice/caf\u{e9}".as_bytes(), "/user.slice/caf\u{e9}"),
+            (b"/x\"} 1\ny", "/x\"} 1%0Ay"),
+            (b"/bad\xff\xfe", "/bad%FF%FE"),
+            (b"/100%", "/100%25"),
+            (b"/%41", "/%2541"),
+            (b"/esc\x1b[31m", "/esc%1B[31m"),
+            ("/rtl\u{202e}gpj.exe".as_bytes(), "/rtl%E2%80%AEgpj.exe"),
+            ("/c1\u{85}".as_bytes(), "/c1%C2%85"),
+        ];
+        for (raw, text) in cases {
+            assert_eq!(path_text(raw), *text, "{raw:?}");
+            assert_eq!(text_bytes(text), *raw, "{text}");
+        }
+        // A % the encoder would not have written is the operator's own: kept.
+        assert_eq!(text_bytes("/a%zz%4"), b"/a%zz%4");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_round_trip(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let text = path_text(&raw);
+            proptest::prop_assert_eq!(text_bytes(&text), raw);
+            proptest::prop_assert!(!text.chars().any(char::is_control));
+        }
+
+        #[test]
+        fn distinct_bytes_distinct_texts(
+            a in proptest::collection::vec(proptest::num::u8::ANY, 0..16),
+            b in proptest::collection::vec(proptest::num::u8::ANY, 0..16),
+        ) {
+            proptest::prop_assume!(a != b);
+            proptest::prop_assert_ne!(path_text(&a), path_text(&b));
+        }
+    }
+
+    /// A cgroup whose name is not UTF-8 is found by the walk under a text that leads
+    /// back to it: its files are read, not reported as gone.
+    #[test]
+    fn walk_keeps_names_that_are_not_utf8() {
+        let (dir, reader) = tree();
+        let raw = OsStr::from_bytes(b"job\xff\nx");
+        std::fs::create_dir(dir.path().join("a").join(raw)).unwrap();
+        std::fs::write(
+            dir.path().join("a").join(raw).join("memory.current"),
+            "42\n",
+        )
+        .unwrap();
+        let walked = reader.walk();
+        let text = walked
+            .values()
+            .find(|p| p.starts_with("/a/job"))
+            .expect("walked")
+            .clone();
+        assert_eq!(text, "/a/job%FF%0Ax");
+        assert_eq!(reader.read_u64(&text, "memory.current").unwrap(), Some(42));
+        assert_eq!(reader.dir(&text), dir.path().join("a").join(raw));
     }
 }

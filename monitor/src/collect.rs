@@ -515,7 +515,7 @@ pub struct Collector {
     pending: BTreeMap<u32, u64>,
     last_scan: Option<Instant>,
     ticks: u64,
-    users: HashMap<u32, Option<String>>,
+    users: crate::procinfo::UserNames,
     page_size: u64,
     ticks_per_s: f64,
     start: Instant,
@@ -545,7 +545,7 @@ impl Collector {
             pending: BTreeMap::new(),
             last_scan: None,
             ticks: 0,
-            users: HashMap::new(),
+            users: crate::procinfo::UserNames::default(),
             page_size: procfs::page_size(),
             ticks_per_s: procfs::ticks_per_second() as f64,
             start: Instant::now(),
@@ -583,6 +583,12 @@ impl Collector {
                     .and_then(|path| self.index.id_of(&path)),
             })
             .collect())
+    }
+
+    /// Where user names come from (resolved off the loop; see
+    /// [`crate::procinfo::UserNames`]).
+    pub fn set_user_names(&mut self, users: crate::procinfo::UserNames) {
+        self.users = users;
     }
 
     /// The probes whose maps this collector reads.
@@ -929,20 +935,14 @@ impl Collector {
         let (exe, uid, user) = if let Some(k) = known {
             (k.exe.clone(), k.uid, k.user.clone())
         } else {
-            let uid = p.uid().ok();
-            let user = uid.and_then(|uid| {
-                self.users
-                    .entry(uid)
-                    .or_insert_with(|| {
-                        nix::unistd::User::from_uid(uid.into())
-                            .ok()
-                            .flatten()
-                            .map(|u| u.name)
-                    })
-                    .clone()
-            });
+            // The real uid, not the owner of /proc/PID (root for a non-dumpable process).
+            let uid = crate::procinfo::real_uid(&self.proc_root, pid);
+            let user = uid.and_then(|uid| self.users.name(uid));
             (
-                p.exe().ok().map(|e| e.to_string_lossy().into_owned()),
+                p.exe().ok().map(|e| {
+                    use std::os::unix::ffi::OsStrExt as _;
+                    crate::cgroupfs::path_text(e.as_os_str().as_bytes())
+                }),
                 uid,
                 user,
             )

@@ -22,6 +22,7 @@ use crate::{
     cgroupfs::CgroupId,
     detect::{Finding, FindingKind},
     policy::{Action, PolicySet, ProcessRef, Step},
+    safety::Safety,
 };
 
 /// One step to take now.
@@ -41,6 +42,11 @@ pub struct Decision {
     pub dry_run: bool,
     /// Protect entries that held an intervening step back to `notify`.
     pub protected_by: Vec<String>,
+    /// Why a safety invariant held an intervening step back to `notify` (the root, the
+    /// agent's own cgroup and its ancestors, init, the quarantine parent, a parent
+    /// cgroup under a rule without `scope = "subtree"`: see [`crate::safety`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Why, in one line: the finding's summary and the ladder's position.
     pub reason: String,
 }
@@ -111,9 +117,21 @@ pub struct HeldOff {
 pub struct Decider {
     states: HashMap<(CgroupId, String), LadderState>,
     held_off: HashMap<CgroupId, HeldOff>,
+    safety: Safety,
 }
 
 impl Decider {
+    /// What is never acted on (and which cgroups are parents) from now on.
+    pub fn set_safety(&mut self, safety: Safety) {
+        self.safety = safety;
+    }
+
+    /// What is never acted on, as last set.
+    #[must_use]
+    pub fn safety(&self) -> &Safety {
+        &self.safety
+    }
+
     /// Ladders in progress.
     pub fn states(&self) -> impl Iterator<Item = &LadderState> {
         self.states.values()
@@ -197,7 +215,8 @@ impl Decider {
             if t - since < wait {
                 continue;
             }
-            let (action, protected_by, held) = protection(policy, finding, processes, step);
+            let (action, protected_by, refused, held) =
+                held_back(&self.safety, policy, rule.scope, finding, processes, step);
             out.decisions.push(Decision {
                 cgroup_id: finding.cgroup_id,
                 cgroup: finding.cgroup.clone(),
@@ -208,6 +227,7 @@ impl Decider {
                 params: step.clone(),
                 dry_run,
                 protected_by,
+                refused,
                 reason: format!(
                     "{}: {} — rule {:?} step {}/{}{held}",
                     finding.kind,
@@ -311,6 +331,30 @@ impl Decider {
     pub fn forget_path(&mut self, path: &str) {
         self.states.retain(|_, s| s.cgroup != path);
     }
+}
+
+/// The action a step becomes on this cgroup: itself, or `notify` when a safety
+/// invariant refuses it (with why) or a protect entry holds (with the entries); and a
+/// note for the reason saying what was held back.
+fn held_back(
+    safety: &Safety,
+    policy: &PolicySet,
+    scope: crate::safety::Scope,
+    finding: &Finding,
+    processes: &[ProcessRef<'_>],
+    step: &Step,
+) -> (Action, Vec<String>, Option<String>, String) {
+    let refused = step
+        .action
+        .intervenes()
+        .then(|| safety.refusal(&finding.cgroup, scope))
+        .flatten();
+    if let Some(why) = refused {
+        let held = format!(" ({:?} held back: {why})", step.action);
+        return (Action::Notify, Vec::new(), Some(why), held);
+    }
+    let (action, by, held) = protection(policy, finding, processes, step);
+    (action, by, None, held)
 }
 
 /// The action a step becomes on this cgroup: itself, or `notify` when a protect entry
@@ -624,7 +668,11 @@ ladder = [
     fn protection_holds_every_intervening_step_back_to_notify() {
         let pol = policy(LADDER, false);
         let mut d = Decider::default();
-        let procs = vec![p("python"), p("sshd")];
+        let root = |comm| ProcessRef {
+            uid: Some(0),
+            ..p(comm)
+        };
+        let procs = vec![root("sshd"), root("sshd")];
         let mut all = Vec::new();
         for s in 0..12 {
             all.extend(
@@ -642,6 +690,86 @@ ladder = [
             "{}",
             all[1].reason
         );
+    }
+
+    /// Whatever the policy says (`/**` matches the root too), no intervening step is
+    /// taken on the root, the agent's cgroup or its ancestors, or a parent cgroup under
+    /// a rule without `scope = "subtree"`: each is held back to notify with the reason.
+    #[test]
+    fn safety_holds_every_intervening_step_back_on_the_never_act_set() {
+        let subtree = LADDER.replace(
+            "release_after_quiet_sec = 10",
+            "release_after_quiet_sec = 10\nscope = \"subtree\"",
+        );
+        for (text, cgroup, parent, want) in [
+            (LADDER, "/", false, "the root cgroup"),
+            (&subtree as &str, "/", false, "the root cgroup"),
+            (
+                LADDER,
+                "/system.slice",
+                false,
+                "holds cgsentry's own cgroup",
+            ),
+            (
+                &subtree,
+                "/system.slice",
+                false,
+                "holds cgsentry's own cgroup",
+            ),
+            (
+                LADDER,
+                "/system.slice/cgsentry.service",
+                false,
+                "cgsentry's own cgroup",
+            ),
+            (LADDER, "/init.scope", false, "PID 1"),
+            (LADDER, "/cgsentry.slice", false, "quarantine parent"),
+            (LADDER, "/user.slice", true, "scope = \"subtree\""),
+        ] {
+            let pol = policy(text, false);
+            let mut d = Decider::default();
+            let mut safety = Safety::new(
+                Some("/system.slice/cgsentry.service"),
+                Some("/init.scope"),
+                Some("cgsentry.slice"),
+            );
+            if parent {
+                safety.set_parents([cgroup.to_owned()]);
+            }
+            d.set_safety(safety);
+            let all: Vec<Decision> = (0..12)
+                .flat_map(|s| {
+                    d.tick(f64::from(s), &pol, &[(leak(cgroup), vec![])])
+                        .decisions
+                })
+                .collect();
+            assert_eq!(all.len(), 3, "{cgroup}: the ladder still climbs, reported");
+            assert!(
+                all.iter().all(|d| d.action == Action::Notify),
+                "{cgroup}: {all:#?}"
+            );
+            let why = all[1].refused.as_deref().unwrap_or_default();
+            assert!(why.contains(want), "{cgroup}: {why}");
+            assert!(
+                all[1].reason.contains("Throttle held back"),
+                "{}",
+                all[1].reason
+            );
+        }
+        // The same parent under a rule that opts in is acted on.
+        let pol = policy(&subtree, false);
+        let mut d = Decider::default();
+        let mut safety = Safety::default();
+        safety.set_parents(["/user.slice".to_owned()]);
+        d.set_safety(safety);
+        let actions: Vec<Action> = (0..12)
+            .flat_map(|s| {
+                d.tick(f64::from(s), &pol, &[(leak("/user.slice"), vec![])])
+                    .decisions
+            })
+            .map(|d| d.action)
+            .collect();
+        assert_eq!(actions, [Action::Notify, Action::Throttle, Action::Freeze]);
     }
 
     #[test]

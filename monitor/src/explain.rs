@@ -43,6 +43,10 @@ pub struct Judged {
     /// Container and pod of the finding's cgroup, read from its path.
     #[serde(default, skip_serializing_if = "crate::identity::Identity::is_empty")]
     pub identity: crate::identity::Identity,
+    /// Why no step beyond `notify` is taken on this cgroup whatever the rule says (a
+    /// safety invariant: see [`crate::safety`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A decision with the agent-clock second it was taken.
@@ -117,6 +121,7 @@ pub fn judge_all(
                 .map(|r| r.name.clone())
                 .collect();
             Judged {
+                refused: rule.and_then(|r| decider.safety().refusal(&f.cgroup, r.scope)),
                 held_off_until: decider.held_off_until(f.cgroup_id),
                 identity: crate::identity::of(&f.cgroup),
                 finding: f.clone(),
@@ -332,6 +337,9 @@ fn render_one(out: &mut String, state: &State, j: &Judged) {
             j.protected_by.join(", ")
         );
     }
+    if let Some(why) = &j.refused {
+        let _ = writeln!(out, "  not acted on (only notify): {why}");
+    }
     if j.rule.is_some() && !j.severe_enough {
         let _ = writeln!(out, "  below the rule's min_severity: nothing will be done");
     }
@@ -509,6 +517,7 @@ mod tests {
             .iter()
             .map(|c| ProcessRef {
                 comm: c,
+                uid: Some(0),
                 ..ProcessRef::default()
             })
             .collect();
@@ -620,10 +629,53 @@ mod tests {
 
     #[test]
     fn explains_protection_and_staleness() {
-        let state = state_after(5, &["python3", "sshd"]);
+        let state = state_after(5, &["sshd"]);
         let text = render(&state, None, 60_000);
         assert!(text.contains("protected by: sshd (only notify)"), "{text}");
         assert!(text.contains("the state is stale"), "{text}");
+        // Every process must match: a python3 beside sshd is not protected by it.
+        let text = render(&state_after(5, &["python3", "sshd"]), None, 10_000);
+        assert!(!text.contains("protected by"), "{text}");
+    }
+
+    /// A finding on a cgroup that is never acted on says so, with why, and its
+    /// decisions are notifications.
+    #[test]
+    fn explains_why_a_cgroup_is_never_acted_on() {
+        let text = "[[rule]]\nname = \"leaks\"\nfinding = \"leak\"\ncgroup = \"/**\"\n\
+                    ladder = [{action = \"throttle\", memory_high_percent = 100}]\n";
+        let (p, r) = parse_policy_file(Path::new("10-all.toml"), text).unwrap();
+        let policy = merge(MainConfig::default(), vec![("10-all.toml".into(), p, r)]);
+        let mut decider = Decider::default();
+        let mut safety = crate::safety::Safety::new(
+            Some("/system.slice/cgsentry.service"),
+            None,
+            Some("cgsentry.slice"),
+        );
+        safety.set_parents(["/user.slice".to_owned()]);
+        decider.set_safety(safety);
+        let findings = vec![
+            (finding("/system.slice"), vec![]),
+            (finding("/user.slice"), vec![]),
+        ];
+        let o = decider.tick(0.0, &policy, &findings);
+        assert!(
+            o.decisions.iter().all(|d| d.action == Action::Notify),
+            "{o:?}"
+        );
+        let state = State {
+            t: 0.0,
+            timestamp_ms: 1000,
+            findings: judge_all(&findings, &policy, &decider),
+            ..State::default()
+        };
+        let out = render(&state, None, 1000);
+        for want in [
+            "not acted on (only notify): /system.slice is never acted on: it holds cgsentry's own cgroup /system.slice/cgsentry.service",
+            "not acted on (only notify): /user.slice has child cgroups",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
     }
 
     #[test]

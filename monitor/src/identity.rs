@@ -14,7 +14,8 @@
 //!   processes (`crio-conmon-…`, `libpod-conmon-…`) are not containers.
 //!
 //! A cgroup below a container (`…/cri-containerd-<id>.scope/init.scope`) carries its
-//! container's identity; the last container and pod on the path win.
+//! container's identity; the last container and pod on the path win. The `QoS` class is a
+//! pod's: the kubelet's `QoS` parent slices themselves have none.
 use serde::{Deserialize, Serialize};
 
 /// Who a cgroup belongs to. Every field is optional: a system service has none.
@@ -152,6 +153,13 @@ pub fn of(path: &str) -> Identity {
         }
         parent_is_docker = c == "docker";
     }
+    // A QoS class belongs to pods: the kubelet's QoS parents (`kubepods.slice`,
+    // `kubepods-besteffort.slice`) hold every pod of their class and are no pod
+    // themselves. Giving them the class let a `qos_class` rule act on all those pods at
+    // once.
+    if id.pod_uid.is_none() {
+        id.qos_class = None;
+    }
     id
 }
 
@@ -241,14 +249,18 @@ mod tests {
                 format!("/machine.slice/libpod-conmon-{CID}.scope"),
                 Identity::default(),
             ),
-            (
-                "/kubepods.slice".into(),
-                id(None, false, false, Some("guaranteed")),
-            ),
+            // The kubelet's QoS parents are no pod: a `qos_class` rule must match the
+            // pods of that class, never the slice that holds them all.
+            ("/kubepods.slice".into(), Identity::default()),
             (
                 "/kubepods.slice/kubepods-burstable.slice".into(),
-                id(None, false, false, Some("burstable")),
+                Identity::default(),
             ),
+            (
+                "/kubepods.slice/kubepods-besteffort.slice".into(),
+                Identity::default(),
+            ),
+            ("/kubepods/besteffort".into(), Identity::default()),
         ];
         for (path, want) in cases {
             assert_eq!(of(&path), want, "{path}");

@@ -26,6 +26,8 @@ pub mod ops;
 pub mod policy;
 pub mod preflight;
 pub mod probes;
+pub mod procinfo;
 pub mod report;
+pub mod safety;
 pub mod top;
 pub mod watch;

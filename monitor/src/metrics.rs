@@ -92,8 +92,43 @@ fn cgroup_labels(path: &str) -> Labels {
     l
 }
 
+/// A label value as the text format wants it: prometheus-client writes values as they
+/// are given, so a cgroup named `x"} 1` (or holding a backslash) would end the label
+/// and forge a series. Newlines never reach here (cgroup texts escape them), but are
+/// escaped all the same.
+#[must_use]
+pub fn escape_label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A registered family whose label values are escaped on the way in: the only way
+/// metrics here get labels, so no value can be forgotten.
+struct Fam<M>(Family<Labels, M>);
+
+impl<M: Clone> Fam<M>
+where
+    Family<Labels, M>: Clone,
+{
+    fn get_or_create(&self, labels: &Labels) -> M {
+        let escaped: Labels = labels
+            .iter()
+            .map(|(k, v)| (k.clone(), escape_label_value(v)))
+            .collect();
+        self.0.get_or_create_owned(&escaped)
+    }
+}
+
 /// A labelled family registered under `name` (with `unit`, when given).
-fn family<M>(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Family<Labels, M>
+fn family<M>(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Fam<M>
 where
     M: Default,
     Family<Labels, M>: prometheus_client::registry::Metric + Clone,
@@ -103,19 +138,14 @@ where
         Some(u) => reg.register_with_unit(name, help, u, f.clone()),
         None => reg.register(name, help, f.clone()),
     }
-    f
+    Fam(f)
 }
 
-fn gauge_family(
-    reg: &mut Registry,
-    name: &str,
-    help: &str,
-    unit: Option<Unit>,
-) -> Family<Labels, GaugeF> {
+fn gauge_family(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Fam<GaugeF> {
     family(reg, name, help, unit)
 }
 
-fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Fam<Counter> {
     family(reg, name, help, None)
 }
 

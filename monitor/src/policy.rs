@@ -41,16 +41,19 @@ pub struct Diagnostic {
     pub line: usize,
     pub col: usize,
     pub message: String,
+    /// A warning: the set is accepted, the operator should look.
+    pub warning: bool,
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}:{}:{}: {}",
+            "{}:{}:{}: {}{}",
             self.file.display(),
             self.line,
             self.col,
+            if self.warning { "warning: " } else { "" },
             self.message
         )
     }
@@ -72,14 +75,25 @@ struct FileCtx<'a> {
 }
 
 impl FileCtx<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+    fn diagnostic(
+        &self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        warning: bool,
+    ) -> Diagnostic {
         let (line, col) = line_col(self.text, span.start);
-        self.diags.push(Diagnostic {
+        Diagnostic {
             file: self.path.to_owned(),
             line,
             col,
             message: message.into(),
-        });
+            warning,
+        }
+    }
+
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let d = self.diagnostic(&span, message, false);
+        self.diags.push(d);
     }
 
     fn toml_error(&mut self, e: &toml::de::Error) {
@@ -179,6 +193,7 @@ struct RawRule {
     pod_uid: Option<Spanned<String>>,
     qos_class: Option<Spanned<String>>,
     dry_run: Option<bool>,
+    scope: Option<Spanned<String>>,
     min_severity: Option<Spanned<String>>,
     cooldown_sec: Option<u64>,
     release_after_quiet_sec: Option<u64>,
@@ -222,7 +237,10 @@ struct RawMain {
 // ---- validated, effective policy ----
 
 /// Which cgroups (and processes in them) an entry applies to. Every given criterion
-/// must hold; process criteria hold when any process of the cgroup matches.
+/// must hold. Process criteria (`comm`, `exe`, `user`, `uid`) hold for a rule when any
+/// process of the cgroup matches (the offender is somewhere in it); for a protect entry
+/// only when every process of the cgroup matches, and with the entry's `uid`/`user` —
+/// root when it names none — as the real uid (see [`Matcher::protects`]).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Matcher {
     /// Glob on the cgroup path: `*` stays within one level, `**` crosses levels
@@ -259,9 +277,23 @@ struct Compiled {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcessRef<'a> {
     pub comm: &'a str,
+    /// `/proc/PID/exe` (a path text).
     pub exe: Option<&'a str>,
     pub user: Option<&'a str>,
+    /// The real uid (`/proc/PID/status`), never the owner of `/proc/PID`.
     pub uid: Option<u32>,
+}
+
+impl ProcessRef<'_> {
+    /// A process that is there but could not be read (too many to read in a tick, or
+    /// its cgroup's process list unreadable): it matches no process criterion, so a
+    /// protect entry that needs every process of the cgroup does not hold.
+    pub const UNREAD: ProcessRef<'static> = ProcessRef {
+        comm: "",
+        exe: None,
+        user: None,
+        uid: None,
+    };
 }
 
 impl Matcher {
@@ -300,15 +332,74 @@ impl Matcher {
             })
     }
 
-    /// Whether the cgroup at `path`, holding `processes`, matches.
-    #[must_use]
-    pub fn matches(&self, path: &str, processes: &[ProcessRef<'_>]) -> bool {
+    fn cgroup_matches(&self, path: &str) -> bool {
         self.compiled
             .cgroup
             .as_ref()
             .is_none_or(|g| g.is_match(path))
             && self.identity_matches(path)
+    }
+
+    /// Whether a rule's criteria hold for the cgroup at `path`, holding `processes`:
+    /// process criteria when any process matches.
+    #[must_use]
+    pub fn matches(&self, path: &str, processes: &[ProcessRef<'_>]) -> bool {
+        self.cgroup_matches(path)
             && (!self.has_process_criteria() || processes.iter().any(|p| self.process_matches(p)))
+    }
+
+    /// Whether a protect entry's criteria hold for the cgroup at `path`, holding
+    /// `processes` (all of them: a process that could not be read is
+    /// [`ProcessRef::UNREAD`]). Process criteria must hold for every process, and each
+    /// must run with the entry's `uid`/`user` as its real uid — uid 0 when the entry
+    /// names neither. So a process naming itself `sshd`, or an unprivileged copy of
+    /// `/usr/sbin/sshd`, protects nothing; and a cgroup that holds a protected program
+    /// next to others (an SSH login's session scope, where the root `sshd` of the
+    /// session sits beside the user's shell and jobs) is not protected by it. An empty
+    /// cgroup is not protected by process criteria.
+    #[must_use]
+    pub fn protects(&self, path: &str, processes: &[ProcessRef<'_>]) -> bool {
+        if !self.cgroup_matches(path) {
+            return false;
+        }
+        if !self.has_process_criteria() {
+            return true;
+        }
+        let owner_named = self.uid.is_some() || self.user.is_some();
+        !processes.is_empty()
+            && processes
+                .iter()
+                .all(|p| self.process_matches(p) && (owner_named || p.uid == Some(0)))
+    }
+
+    /// Warnings about a protect entry that an unprivileged user could satisfy or that
+    /// depends on more than the kernel's word.
+    fn protect_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.comm.is_some() && self.exe.is_none() {
+            out.push(
+                "this protect entry matches a process name (comm): a process chooses its \
+                 own name (prctl, a copied binary), so only the real uid stands behind it; \
+                 add `exe = \"^/path/to/program$\"`, or protect the service by `cgroup`"
+                    .to_owned(),
+            );
+        }
+        if self.has_process_criteria() && self.uid.is_none() && self.user.is_none() {
+            out.push(
+                "process criteria in a protect entry hold only for processes whose real \
+                 uid is 0 (root) when it names no `uid`/`user`, and only when every \
+                 process of the cgroup matches"
+                    .to_owned(),
+            );
+        }
+        if self.user.is_some() && self.uid.is_none() {
+            out.push(
+                "`user` needs the name service (NSS): until a name resolves it does not \
+                 match; `uid = N` holds without it"
+                    .to_owned(),
+            );
+        }
+        out
     }
 }
 
@@ -320,6 +411,9 @@ pub struct Protect {
     pub matcher: Matcher,
     /// The file it came from.
     pub source: PathBuf,
+    /// What `cgsentry check` warns about this entry, at its position.
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// One step of a ladder.
@@ -357,6 +451,9 @@ pub struct Rule {
     #[serde(flatten)]
     pub matcher: Matcher,
     pub dry_run: bool,
+    /// Whether the rule may act on a cgroup with child cgroups (`subtree`) or only on
+    /// cgroups without (`cgroup`, the default; a parent's finding is then reported).
+    pub scope: crate::safety::Scope,
     pub min_severity: Severity,
     pub cooldown_sec: u64,
     /// Undo everything once the finding has been absent this long.
@@ -660,6 +757,23 @@ fn validate_ladder(ctx: &mut FileCtx<'_>, raw: Spanned<Vec<RawStep>>, cooldown: 
     ladder
 }
 
+fn validate_scope(ctx: &mut FileCtx<'_>, raw: Option<Spanned<String>>) -> crate::safety::Scope {
+    let Some(s) = raw else {
+        return crate::safety::Scope::default();
+    };
+    crate::safety::Scope::parse(s.get_ref()).unwrap_or_else(|| {
+        ctx.error(
+            s.span(),
+            format!(
+                "unknown scope {:?}: expected one of {} (\"subtree\" lets the rule act on a cgroup with child cgroups)",
+                s.get_ref(),
+                crate::safety::Scope::NAMES
+            ),
+        );
+        crate::safety::Scope::default()
+    })
+}
+
 fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
     let finding_span = raw.finding.span();
     let finding = parse_kind(raw.finding.get_ref());
@@ -700,6 +814,7 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
             qos_class: raw.qos_class,
         },
     );
+    let scope = validate_scope(ctx, raw.scope);
     let cooldown = raw.cooldown_sec.unwrap_or(DEFAULT_COOLDOWN_SEC);
     let ladder = validate_ladder(ctx, raw.ladder, cooldown);
     if let Some(kind) = finding.filter(|k| k.notify_only())
@@ -743,6 +858,7 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
         exec,
         matcher,
         dry_run: raw.dry_run.unwrap_or(false),
+        scope,
         min_severity,
         cooldown_sec: cooldown,
         release_after_quiet_sec: raw.release_after_quiet_sec.unwrap_or(DEFAULT_RELEASE_SEC),
@@ -821,9 +937,9 @@ pub fn parse_policy_file(
     let protect: Vec<Protect> = raw
         .protect
         .into_iter()
-        .map(|p| Protect {
-            name: p.name.get_ref().clone(),
-            matcher: compile_matcher(
+        .map(|p| {
+            let span = p.comm.as_ref().map_or_else(|| p.name.span(), Spanned::span);
+            let matcher = compile_matcher(
                 &mut ctx,
                 RawWho {
                     cgroup: p.cgroup,
@@ -836,8 +952,18 @@ pub fn parse_policy_file(
                     pod_uid: p.pod_uid,
                     qos_class: p.qos_class,
                 },
-            ),
-            source: path.to_owned(),
+            );
+            let warnings = matcher
+                .protect_warnings()
+                .into_iter()
+                .map(|w| ctx.diagnostic(&span, w, true))
+                .collect();
+            Protect {
+                name: p.name.get_ref().clone(),
+                matcher,
+                source: path.to_owned(),
+                warnings,
+            }
         })
         .collect();
     let mut rules = Vec::new();
@@ -953,6 +1079,7 @@ fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostic {
         line: 0,
         col: 0,
         message: format!("cannot read: {e}"),
+        warning: false,
     }
 }
 
@@ -1129,12 +1256,20 @@ pub fn check(args: &crate::cli::CheckArgs) -> std::process::ExitCode {
                     }
                 }
             }
+            let warnings: Vec<&Diagnostic> = set.warnings().collect();
+            for w in &warnings {
+                eprintln!("{w}");
+            }
             eprintln!(
-                "ok: {} policy file(s), {} protect entries, {} rules{}",
+                "ok: {} policy file(s), {} protect entries, {} rules{}{}",
                 set.files.len(),
                 set.protect.len(),
                 set.rule.len(),
-                if set.dry_run { " (dry run)" } else { "" }
+                if set.dry_run { " (dry run)" } else { "" },
+                match warnings.len() {
+                    0 => String::new(),
+                    n => format!(", {n} warning(s)"),
+                }
             );
             std::process::ExitCode::SUCCESS
         }
@@ -1161,13 +1296,29 @@ pub struct Verdict {
 }
 
 impl PolicySet {
-    /// The protect entries matching a cgroup and its processes.
+    /// The protect entries holding for a cgroup and its processes (all of them; see
+    /// [`Matcher::protects`]).
     #[must_use]
     pub fn protected_by(&self, path: &str, processes: &[ProcessRef<'_>]) -> Vec<&Protect> {
         self.protect
             .iter()
-            .filter(|p| p.matcher.matches(path, processes))
+            .filter(|p| p.matcher.protects(path, processes))
             .collect()
+    }
+
+    /// What `cgsentry check` warns about (the set is in force all the same).
+    pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.protect.iter().flat_map(|p| &p.warnings)
+    }
+
+    /// Whether any entry of this set matches on processes (else the agent need not
+    /// read them for a finding).
+    #[must_use]
+    pub fn needs_processes(&self) -> bool {
+        self.protect
+            .iter()
+            .any(|p| p.matcher.has_process_criteria())
+            || self.rule.iter().any(|r| r.matcher.has_process_criteria())
     }
 
     /// The rule for a finding: the last rule for its kind that matches its cgroup.
@@ -1599,8 +1750,22 @@ after_sec = 5
         let v = set.judge(&f, &[proc("python3")]);
         assert_eq!(v.rule.as_deref(), Some("pools"));
         assert!(v.protected_by.is_empty() && v.severe_enough);
-        // The same cgroup with sshd in it: still the rule, but protected.
-        let v = set.judge(&f, &[proc("python3"), proc("sshd")]);
+        // Holding nothing but root's python3 and sshd: still the rule (any process
+        // matches it), and not protected (not every process is an sshd).
+        let root = |comm| ProcessRef {
+            uid: Some(0),
+            ..proc(comm)
+        };
+        let v = set.judge(&f, &[root("python3"), root("sshd")]);
+        assert_eq!(v.rule.as_deref(), Some("pools"));
+        assert!(v.protected_by.is_empty(), "{:?}", v.protected_by);
+        // Nothing but root's sshd: protected.
+        let sshd_only = finding(
+            FindingKind::Explosion,
+            "/system.slice/ssh.service",
+            Severity::Critical,
+        );
+        let v = set.judge(&sshd_only, &[root("sshd"), root("sshd")]);
         assert_eq!(v.protected_by, vec!["sshd".to_owned()]);
         // Outside the glob, or no python: no rule.
         let outside = finding(
@@ -1619,6 +1784,133 @@ after_sec = 5
         assert!(set.judge(&deep, &[proc("python3")]).rule.is_some());
         let weak = finding(FindingKind::Explosion, "/user.slice/a", Severity::Hint);
         assert!(!set.judge(&weak, &[proc("python3")]).severe_enough);
+    }
+
+    /// Protection holds only on what an unprivileged user cannot forge: every process
+    /// of the cgroup must match, with the real uid the entry names (root when none).
+    #[test]
+    fn protection_cannot_be_forged() {
+        let text = r#"
+[[protect]]
+name = "by name"
+comm = "^sshd$"
+
+[[protect]]
+name = "by program"
+exe = "^/usr/sbin/sshd$"
+uid = 0
+
+[[protect]]
+name = "postgres"
+user = "postgres"
+exe = "^/usr/lib/postgresql/"
+
+[[protect]]
+name = "by cgroup"
+cgroup = "/system.slice/ssh.service"
+"#;
+        let (protect, rules) = parse(text).unwrap();
+        let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
+        let pr = |comm: &'static str,
+                  exe: Option<&'static str>,
+                  uid: u32,
+                  user: Option<&'static str>| ProcessRef {
+            comm,
+            exe,
+            user,
+            uid: Some(uid),
+        };
+        let names = |cgroup: &str, procs: &[ProcessRef<'_>]| -> Vec<String> {
+            set.protected_by(cgroup, procs)
+                .into_iter()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        let sshd = Some("/usr/sbin/sshd");
+        let cases: Vec<(&str, Vec<ProcessRef<'_>>, Vec<&str>)> = vec![
+            // A user's process that calls itself sshd (prctl, or `cp /bin/bash ~/sshd`).
+            (
+                "/user.slice/u.scope",
+                vec![pr("sshd", Some("/home/u/sshd"), 1000, Some("u"))],
+                vec![],
+            ),
+            // The real program, started by an unprivileged user.
+            (
+                "/user.slice/u.scope",
+                vec![pr("sshd", sshd, 1000, Some("u"))],
+                vec![],
+            ),
+            // An SSH login's session scope: the session's root sshd beside the user's jobs.
+            (
+                "/user.slice/user-1000.slice/session-4.scope",
+                vec![
+                    pr("sshd", sshd, 0, Some("root")),
+                    pr("bash", Some("/usr/bin/bash"), 1000, Some("u")),
+                ],
+                vec![],
+            ),
+            // The daemon alone in its service.
+            (
+                "/system.slice/ssh.service",
+                vec![pr("sshd", sshd, 0, Some("root"))],
+                vec!["by name", "by program", "by cgroup"],
+            ),
+            // A root process named sshd running something else: the name entry alone.
+            (
+                "/system.slice/x.service",
+                vec![pr("sshd", Some("/tmp/x"), 0, None)],
+                vec!["by name"],
+            ),
+            // The named user, resolved; unresolved (NSS not answered yet): no match.
+            (
+                "/system.slice/postgresql.service",
+                vec![pr(
+                    "postgres",
+                    Some("/usr/lib/postgresql/15/bin/postgres"),
+                    110,
+                    Some("postgres"),
+                )],
+                vec!["postgres"],
+            ),
+            (
+                "/system.slice/postgresql.service",
+                vec![pr(
+                    "postgres",
+                    Some("/usr/lib/postgresql/15/bin/postgres"),
+                    110,
+                    None,
+                )],
+                vec![],
+            ),
+            // Empty, or a process that could not be read: process criteria cannot hold.
+            ("/system.slice/x.service", vec![], vec![]),
+            (
+                "/system.slice/x.service",
+                vec![pr("sshd", sshd, 0, None), ProcessRef::UNREAD],
+                vec![],
+            ),
+        ];
+        for (cgroup, procs, want) in cases {
+            assert_eq!(names(cgroup, &procs), want, "{cgroup} {procs:?}");
+        }
+    }
+
+    /// `check` warns (with the position) about protect entries that go by what a
+    /// process says of itself; the set is accepted all the same.
+    #[test]
+    fn check_warns_about_forgeable_protection() {
+        let text = "[[protect]]\nname = \"x\"\ncomm = \"^sshd$\"\n\n[[protect]]\nname = \"y\"\ncgroup = \"/system.slice/ssh.service\"\n";
+        let (protect, rules) = parse(text).unwrap();
+        let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
+        let warnings: Vec<String> = set.warnings().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(
+            warnings[0].starts_with(
+                "p.toml:3:8: warning: this protect entry matches a process name (comm)"
+            ),
+            "{warnings:#?}"
+        );
+        assert!(warnings[1].contains("real uid is 0"), "{warnings:#?}");
     }
 
     #[test]
@@ -1647,7 +1939,16 @@ after_sec = 5
             "{:?}",
             set.rule
         );
-        assert!(set.protect.iter().any(|p| p.name == "init"));
+        assert!(set.protect.iter().any(|p| p.name == "sshd"));
+        // Nothing shipped is forgeable: the defaults protect by cgroup only.
+        assert_eq!(set.warnings().count(), 0);
+        assert!(
+            set.protect
+                .iter()
+                .all(|p| p.matcher.comm.is_none() && p.matcher.cgroup.is_some()),
+            "{:?}",
+            set.protect
+        );
         assert_eq!(set.policies_dir, dir.path().join("policies.d"));
         std::fs::write(&main, "policies_dir = \"/elsewhere\"\ndry_run = true\n").unwrap();
         let set = builtin(&main);
