@@ -9,9 +9,12 @@
 /// [`CgroupStats`].
 pub const CGROUP_STATS_MAP: &str = "CGROUP_STATS";
 /// Default capacity of [`CGROUP_STATS_MAP`]. Per-CPU maps preallocate
-/// capacity × CPUs × 160 B (4096 entries: 1.3 MiB on 2 CPUs, 42 MiB on 64). Updates for
-/// new cgroups beyond it are dropped and counted in [`Stat::CgroupMapFull`]; the agent
-/// removes entries of deleted cgroups every tick.
+/// capacity × CPUs × 160 B (4096 entries: 1.3 MiB on 2 CPUs, 42 MiB on 64). The map is
+/// an LRU hash: a new cgroup beyond it evicts the one least recently updated (any user
+/// can create thousands of cgroups; a full map must not blind the agent to the next
+/// one). New entries are counted in [`Stat::CgroupInserts`], so the agent tells
+/// evictions apart (inserts − its own deletions − entries now); it removes entries of
+/// deleted cgroups every tick.
 pub const CGROUP_STATS_MAX_ENTRIES: u32 = 4096;
 
 /// Per-CPU array with one [`CpuSlice`]: what runs on this CPU since when.
@@ -225,17 +228,21 @@ pub enum Stat {
     EventsLost = 4,
     /// The kernel OOM killer chose a victim (`oom:mark_victim`).
     OomVictims = 5,
+    /// A new cgroup entered [`CGROUP_STATS_MAP`] (a cgroup seen for the first time, or
+    /// again after its entry was evicted or deleted).
+    CgroupInserts = 6,
 }
 
 impl Stat {
     /// Every stat, in id order.
-    pub const ALL: [Stat; 6] = [
+    pub const ALL: [Stat; 7] = [
         Stat::CgroupMapFull,
         Stat::ClockBackwards,
         Stat::ReadError,
         Stat::UpdateError,
         Stat::EventsLost,
         Stat::OomVictims,
+        Stat::CgroupInserts,
     ];
     /// Number of slots in [`STATS_MAP`].
     #[expect(
@@ -254,6 +261,7 @@ impl Stat {
             Stat::UpdateError => "update_error",
             Stat::EventsLost => "events_lost",
             Stat::OomVictims => "oom_victims",
+            Stat::CgroupInserts => "cgroup_inserts",
         }
     }
 }

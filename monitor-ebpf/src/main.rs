@@ -28,7 +28,7 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::{map, tracepoint},
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
@@ -37,9 +37,11 @@ use monitor_common::{
     EventKind, PID_SLOTS, PidStamp, ProcEvent, Stat, offsets, runq_bucket,
 };
 
+/// LRU: when full, a new cgroup evicts the least recently updated one instead of
+/// being dropped (thousands of idle cgroups must not blind the agent to the next one).
 #[map(name = "CGROUP_STATS")]
-static CGROUP_STATS: PerCpuHashMap<u64, CgroupStats> =
-    PerCpuHashMap::with_max_entries(CGROUP_STATS_MAX_ENTRIES, 0);
+static CGROUP_STATS: LruPerCpuHashMap<u64, CgroupStats> =
+    LruPerCpuHashMap::with_max_entries(CGROUP_STATS_MAX_ENTRIES, 0);
 
 #[map(name = "CPU_SLICE")]
 static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
@@ -127,7 +129,10 @@ fn with_stats(cgroup: u64, f: impl FnOnce(&mut CgroupStats)) -> Result<(), Stat>
         } else {
             Stat::UpdateError
         }
-    })
+    })?;
+    // The new-entry path only (rare): the agent counts evictions from this.
+    count(Stat::CgroupInserts);
+    Ok(())
 }
 
 #[inline(always)]
@@ -191,7 +196,7 @@ fn report(ctx: &TracePointContext, stat: Stat) -> u32 {
             Stat::ReadError => warn!(ctx, "a tracepoint record was unreadable"),
             Stat::UpdateError => warn!(ctx, "a cgroup map update failed"),
             Stat::EventsLost => warn!(ctx, "lifecycle ring buffer full: events lost"),
-            Stat::OomVictims => {}
+            Stat::OomVictims | Stat::CgroupInserts => {}
         }
     }
     0

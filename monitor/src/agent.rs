@@ -287,6 +287,31 @@ impl Guard {
         })
     }
 
+    /// `cgsentry release --all`: every cgroup with something applied is released as
+    /// [`Guard::release_manual`] does, and held off for `hold_off_sec`.
+    pub fn release_all(&mut self, hold_off_sec: u64) -> crate::control::Released {
+        let mut cgroups: Vec<String> = self
+            .actuator
+            .entries()
+            .iter()
+            .map(|a| a.cgroup.clone())
+            .chain(self.decider.states().map(|s| s.cgroup.clone()))
+            .collect();
+        cgroups.sort();
+        cgroups.dedup();
+        let mut all = crate::control::Released {
+            cgroup: format!("(all: {} cgroup(s))", cgroups.len()),
+            reports: Vec::new(),
+            hold_off_sec,
+        };
+        for c in cgroups {
+            if let Ok(r) = self.release_manual(&c, hold_off_sec) {
+                all.reports.extend(r.reports);
+            }
+        }
+        all
+    }
+
     /// Cgroups held off after a manual release, with the seconds left.
     #[must_use]
     pub fn held_off(&self) -> Vec<crate::control::HeldOff> {
@@ -301,6 +326,12 @@ impl Guard {
             .collect();
         v.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
         v
+    }
+
+    /// What is never acted on (as of the last tick).
+    #[must_use]
+    pub fn safety(&self) -> &crate::safety::Safety {
+        self.decider.safety()
     }
 
     /// The policy in force.
@@ -342,7 +373,7 @@ impl Guard {
     /// (read now: a service manager may move either) with their ancestors, the
     /// quarantine parent; and which of `cgroups` (this tick's findings') have child
     /// cgroups.
-    fn safety<'a>(&mut self, cgroups: impl Iterator<Item = &'a str>) -> crate::safety::Safety {
+    fn safety_now<'a>(&mut self, cgroups: impl Iterator<Item = &'a str>) -> crate::safety::Safety {
         let me = crate::cgroupfs::cgroup_of_pid(&self.proc_root, std::process::id());
         let init = crate::cgroupfs::cgroup_of_pid(&self.proc_root, 1);
         if me.is_none() && !self.warned_no_self {
@@ -539,7 +570,7 @@ impl Guard {
                 f.cgroup = origin;
             }
         }
-        let safety = self.safety(findings.iter().map(|f| f.cgroup.as_str()));
+        let safety = self.safety_now(findings.iter().map(|f| f.cgroup.as_str()));
         let (facts, unread) = self.process_facts(&findings, &live_in, &safety);
         let with_procs: Vec<(crate::detect::Finding, Vec<ProcessRef<'_>>)> = findings
             .into_iter()
@@ -636,6 +667,7 @@ impl Guard {
     reason = "start-up, then the loop and its select arms"
 )]
 pub async fn run(args: RunArgs) -> Result<()> {
+    raise_file_limit();
     let env = preflight::prepare()?;
     let options = LoadOptions {
         cgroup_map_capacity: args.cgroup_map_capacity,
@@ -647,10 +679,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         proc_scan_every: args.proc_scan_every,
     };
     let mut collector = Collector::new(probes, index, "/proc", collect_options);
-    let mut gpu = match args.nvml_lib.as_deref() {
+    let mut gpu = crate::gpu::GpuWorker::start(match args.nvml_lib.as_deref() {
         Some(p) if p.as_os_str() == "off" => GpuCollector::off(),
         lib => GpuCollector::open(lib, std::path::Path::new("/proc")),
-    };
+    });
     let mut guard = Guard::new(
         args.config.clone(),
         args.state_dir.clone(),
@@ -671,6 +703,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "dry_run": guard.policy().dry_run,
         }),
     );
+
+    // systemd (Type=notify): started once the programs are attached and the journal
+    // reconciled; from now on each finished tick keeps the watchdog (WatchdogSec) fed,
+    // so a loop stuck anywhere gets the agent restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("watching"),
+    ]);
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -720,7 +761,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             started.elapsed().as_secs_f64(),
         );
         let text = if args.json {
-            report::json(&snap, &judgement)? + "\n"
+            report::json(&snap, &judgement, args.json_top)? + "\n"
         } else {
             report::table(&snap, args.top) + &report::findings(&judgement) + "\n"
         };
@@ -736,10 +777,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             return Err(e).context("writing to stdout");
         }
         done += 1;
+        if watchdog.is_some() {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+        }
         if args.ticks.is_some_and(|n| done >= n) {
             break;
         }
     }
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     drop(collector);
     info!("eBPF programs detached");
     ops.record("agent_stopped", &serde_json::json!({ "ticks": done }));
@@ -747,9 +792,36 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Tells systemd (when it started us with a notify socket; nothing otherwise).
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// The soft limit on open files up to the hard one: one descriptor per cgroup
+/// directory walked, per control file read, per connection served. A limit reached
+/// blinds the walk (a subtree skipped) — the default soft limit (1024) is a number any
+/// user reaches with connections to the metrics port or a tree of cgroups.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
 /// `cgsentry release`, carried out between ticks.
 fn manual_release(guard: &mut Guard, ops: &mut crate::ops::Ops, r: crate::control::ReleaseRequest) {
-    let result = guard.release_manual(&r.cgroup, r.hold_off_sec);
+    let result = match &r.cgroup {
+        Some(cgroup) => guard.release_manual(cgroup, r.hold_off_sec),
+        None => Ok(guard.release_all(r.hold_off_sec)),
+    };
     if let Err(e) = &result {
         ops.record(
             "error",
@@ -1081,6 +1153,56 @@ mod tests {
         assert_eq!(held.len(), 1, "{held:?}");
         assert_eq!(held[0].cgroup, "/batch");
         assert!(held[0].seconds_left > 3590.0, "{held:?}");
+    }
+
+    /// `cgsentry release --all`: every cgroup with something applied is released and
+    /// held off; nothing stays applied.
+    #[test]
+    fn release_all_undoes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = Guard::new(
+            dir.path().join("absent.toml"),
+            dir.path().join("state"),
+            dir.path(),
+            &dir.path().join("j"),
+        );
+        for c in ["a", "b"] {
+            std::fs::create_dir(dir.path().join(c)).unwrap();
+            std::fs::write(dir.path().join(c).join("pids.max"), "max").unwrap();
+            let d = crate::decide::Decision {
+                cgroup_id: 0,
+                cgroup: format!("/{c}"),
+                finding: crate::detect::FindingKind::Explosion,
+                rule: "r".into(),
+                step: 0,
+                action: crate::policy::Action::Throttle,
+                params: crate::policy::Step {
+                    action: crate::policy::Action::Throttle,
+                    after_sec: 0,
+                    cpu_max_percent: None,
+                    memory_high_percent: None,
+                    pids_max: Some(8),
+                    swap_max_mib: None,
+                    cpu_weight: None,
+                    grace_sec: None,
+                },
+                dry_run: false,
+                protected_by: vec![],
+                refused: None,
+                reason: String::new(),
+            };
+            let r = g.actuator.apply(&d, None);
+            assert!(r.errors.is_empty(), "{r:?}");
+        }
+        assert_eq!(g.applied().len(), 2);
+        let r = g.release_all(60);
+        assert_eq!(r.reports.len(), 2, "{r:?}");
+        assert!(g.applied().is_empty());
+        for c in ["a", "b"] {
+            let v = std::fs::read_to_string(dir.path().join(c).join("pids.max")).unwrap();
+            assert_eq!(v, "max");
+        }
+        assert_eq!(g.held_off().len(), 2);
     }
 
     /// Without any configuration the agent runs with no rules rather than not at all.

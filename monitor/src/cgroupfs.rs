@@ -11,7 +11,7 @@ use std::{
 
 /// Cgroup paths as text, losslessly.
 ///
-/// A cgroup name is any bytes but `/` and NUL: whoever may create a cgroup (a delegated
+/// A cgroup name is any bytes but `/`, NUL and newline: whoever may create a cgroup (a delegated
 /// user, a container runtime) picks them. The agent keys, prints, journals and matches
 /// paths as text, so a path becomes text this way and back to the exact bytes before any
 /// file is touched:
@@ -54,9 +54,10 @@ fn push_escaped(out: &mut String, b: u8) {
     let _ = write!(out, "%{b:02X}");
 }
 
-/// Characters a printed path must not carry as they are: controls, and the format
+/// Characters a printed name must not carry as they are: controls, and the format
 /// characters that hide text or reorder it on screen.
-fn needs_escape(c: char) -> bool {
+#[must_use]
+pub fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
@@ -417,8 +418,8 @@ pub fn cgroup_of_pid(proc_root: &Path, pid: u32) -> Option<String> {
 }
 
 /// Parses the `0::<path>` line of a `/proc/<pid>/cgroup` file (the path's bytes as
-/// they are: a cgroup name may hold any byte but `/` and NUL, a newline included, which
-/// the kernel prints raw; the v2 line is the last one).
+/// they are: a cgroup name may hold any byte but `/`, NUL and the newline the kernel
+/// refuses in names; the v2 line is the last one).
 #[must_use]
 pub fn parse_proc_cgroup(bytes: &[u8]) -> Option<String> {
     let at = if bytes.starts_with(b"0::") {
@@ -716,7 +717,7 @@ mod tests {
     #[test]
     fn walk_keeps_names_that_are_not_utf8() {
         let (dir, reader) = tree();
-        let raw = OsStr::from_bytes(b"job\xff\nx");
+        let raw = OsStr::from_bytes(b"job\xff\x1b[31mx");
         std::fs::create_dir(dir.path().join("a").join(raw)).unwrap();
         std::fs::write(
             dir.path().join("a").join(raw).join("memory.current"),
@@ -729,7 +730,7 @@ mod tests {
             .find(|p| p.starts_with("/a/job"))
             .expect("walked")
             .clone();
-        assert_eq!(text, "/a/job%FF%0Ax");
+        assert_eq!(text, "/a/job%FF%1B[31mx");
         assert_eq!(reader.read_u64(&text, "memory.current").unwrap(), Some(42));
         assert_eq!(reader.dir(&text), dir.path().join("a").join(raw));
     }

@@ -47,7 +47,7 @@ cgsentry explain 4242             # the cgroup of process 4242"
     /// (--hold-off): its findings are still reported, but no ladder starts on it until
     /// then; after that a finding still present starts its ladder from the first step.
     #[command(
-        after_help = "Examples:\n  cgsentry release /system.slice/batch.service\n  cgsentry release /system.slice/train.service --hold-off 2h   # a run the operator vouches for\n  cgsentry release /system.slice/batch.service --hold-off 0    # undo only; lift a hold-off"
+        after_help = "Examples:\n  cgsentry release /system.slice/batch.service\n  cgsentry release /system.slice/train.service --hold-off 2h   # a run the operator vouches for\n  cgsentry release /system.slice/batch.service --hold-off 0    # undo only; lift a hold-off\n  cgsentry release --all                                       # everything, on every cgroup\n  systemctl stop cgsentry && cgsentry release --all --offline  # from the journal, no agent"
     )]
     Release(ReleaseArgs),
     /// Live view: cgroups sorted by pressure with 5-minute CPU and memory sparklines,
@@ -68,8 +68,24 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ReleaseArgs {
     /// The cgroup (as `cgsentry status` lists it), or its quarantine cgroup.
-    #[arg(value_name = "CGROUP")]
-    pub cgroup: String,
+    #[arg(
+        value_name = "CGROUP",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub cgroup: Option<String>,
+    /// Everything the agent holds applied, on every cgroup (each then held off as
+    /// --hold-off says).
+    #[arg(long)]
+    pub all: bool,
+    /// With --all, when no agent runs (stopped for an uninstall, or dead): undo what the
+    /// journal in --journal-dir records, directly. Refused while an agent answers on
+    /// the socket (it would take its steps again).
+    #[arg(long, conflicts_with = "cgroup")]
+    pub offline: bool,
+    /// The journal an --offline release reads (the agent's --journal-dir).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cgsentry")]
+    pub journal_dir: std::path::PathBuf,
     /// How long no ladder starts on the cgroup after the release (`0`: none; a finding
     /// still present starts over at once, with its first step's own delay). Also lifts
     /// or renews an earlier hold-off. Up to 7 days.
@@ -138,6 +154,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// With --json: only the N busiest cgroups, and every cgroup a finding, decision,
+    /// release or action of the tick names (0: every cgroup). On a host with thousands
+    /// of cgroups the whole tree is megabytes a tick.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub json_top: usize,
+
     /// The main configuration file; it names the policy directory (default: the
     /// `policies.d` next to it). Absent: built-in defaults and no rules. A broken set is
     /// logged and the last good one kept; edits are picked up within a tick, or at once
@@ -159,8 +181,10 @@ pub struct RunArgs {
     pub ticks: Option<u64>,
 
     /// Cgroups the eBPF side can track at once. Deleted cgroups are forgotten every
-    /// tick; if more than this many are alive, CPU time of the newest is dropped and
-    /// counted ("eBPF dropped" in the table, `ebpf.cgroup_map_full` in JSON).
+    /// tick; if more than this many are active, the least recently active one's entry is
+    /// evicted for each new one (its counts start over when it runs again) and counted
+    /// ("evicted" in the table, `ebpf.cgroup_evictions` in JSON,
+    /// `cgsentry_ebpf_cgroup_evictions_total`).
     #[arg(long, value_name = "N", default_value_t = monitor_common::CGROUP_STATS_MAX_ENTRIES,
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub cgroup_map_capacity: u32,
@@ -272,6 +296,20 @@ mod tests {
             panic!("not a release: {cli:?}");
         };
         assert_eq!(r.hold_off, Duration::from_mins(10), "the default");
+        assert_eq!(r.cgroup.as_deref(), Some("/a"));
+        // --all instead of a cgroup; --offline only with --all; one of them is needed.
+        let cli = Cli::try_parse_from(["cgsentry", "release", "--all", "--offline"]).unwrap();
+        let Command::Release(r) = cli.command else {
+            panic!("not a release: {cli:?}");
+        };
+        assert!(r.all && r.offline && r.cgroup.is_none());
+        for bad in [
+            &["cgsentry", "release"][..],
+            &["cgsentry", "release", "/a", "--all"],
+            &["cgsentry", "release", "/a", "--offline"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -521,6 +521,9 @@ pub struct Collector {
     start: Instant,
     last_ns: u64,
     last_map_full: u64,
+    last_evictions: u64,
+    /// Entries this agent removed from the per-cgroup map (deleted cgroups).
+    forgotten: u64,
     undecodable: u64,
 }
 
@@ -551,6 +554,8 @@ impl Collector {
             start: Instant::now(),
             last_ns: monotonic_ns(),
             last_map_full: 0,
+            last_evictions: 0,
+            forgotten: 0,
             undecodable: 0,
         };
         c.prime();
@@ -602,6 +607,9 @@ impl Collector {
     /// # Errors
     /// A map could not be read at all.
     pub fn collect(&mut self) -> Result<Snapshot, ProbeError> {
+        // Read before the map: an entry added in between is then live but not yet
+        // counted, so evictions are never overcounted.
+        let inserts = self.probes.stats().cgroup_inserts;
         let totals = self.probes.cgroup_stats();
         let running = self.running_slices()?;
         let now = monotonic_ns();
@@ -617,7 +625,22 @@ impl Collector {
         let mut cgroups = self.sample_cgroups(&paths, &deltas, secs);
         cgroups.sort_by(|a, b| b.on_cpu_ns.cmp(&a.on_cpu_ns).then(a.id.cmp(&b.id)));
 
-        let ebpf = self.probes.stats();
+        let mut ebpf = self.probes.stats();
+        // A counter: never smaller than before (the estimate moves with the reads).
+        ebpf.cgroup_evictions = inserts
+            .saturating_sub(self.forgotten)
+            .saturating_sub(totals.len() as u64)
+            .max(self.last_evictions);
+        if ebpf.cgroup_evictions > self.last_evictions {
+            warn!(
+                evicted = ebpf.cgroup_evictions - self.last_evictions,
+                capacity = ebpf.cgroup_map_capacity,
+                tracked = totals.len(),
+                "eBPF cgroup map full: the least recently active cgroups' entries were \
+                 evicted for new ones (their counts start over; raise --cgroup-map-capacity)"
+            );
+            self.last_evictions = ebpf.cgroup_evictions;
+        }
         if ebpf.cgroup_map_full > self.last_map_full {
             warn!(
                 dropped = ebpf.cgroup_map_full - self.last_map_full,
@@ -686,7 +709,9 @@ impl Collector {
         for (id, path) in &paths {
             if path.is_none() {
                 if totals.contains_key(id) {
-                    self.probes.forget_cgroup(*id);
+                    if self.probes.forget_cgroup(*id) {
+                        self.forgotten += 1;
+                    }
                     vanished += 1;
                 }
                 self.accountant.forget(*id);

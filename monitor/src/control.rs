@@ -38,6 +38,11 @@ pub enum Request {
         #[serde(default)]
         hold_off_sec: u64,
     },
+    /// Everything applied, on every cgroup.
+    ReleaseAll {
+        #[serde(default)]
+        hold_off_sec: u64,
+    },
     Top,
 }
 
@@ -123,6 +128,9 @@ pub struct Status {
     /// Cgroups the operator released with a hold-off still running.
     #[serde(default)]
     pub held_off: Vec<HeldOff>,
+    /// Cgroups never acted on whatever a policy says, with why.
+    #[serde(default)]
+    pub never_act: Vec<(String, String)>,
     pub ebpf_dropped: u64,
     pub kernel_oom_victims: u64,
     pub rss_bytes: u64,
@@ -148,7 +156,8 @@ pub type SharedRef = Arc<RwLock<Shared>>;
 /// A manual release, carried out by the control loop (which owns the actuator).
 #[derive(Debug)]
 pub struct ReleaseRequest {
-    pub cgroup: String,
+    /// The cgroup; `None`: everything applied, on every cgroup.
+    pub cgroup: Option<String>,
     pub hold_off_sec: u64,
     pub reply: oneshot::Sender<Result<Released, String>>,
 }
@@ -187,7 +196,12 @@ pub async fn serve(
     shared: SharedRef,
     releases: mpsc::Sender<ReleaseRequest>,
 ) {
+    // A few at a time, each with a deadline: what waits stays in the kernel's queue.
+    let permits = Arc::new(tokio::sync::Semaphore::new(8));
     loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -199,9 +213,14 @@ pub async fn serve(
         let shared = shared.clone();
         let releases = releases.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, shared, releases).await {
-                debug!("control socket: {e}");
+            match tokio::time::timeout(Duration::from_secs(30), handle(stream, shared, releases))
+                .await
+            {
+                Ok(Err(e)) => debug!("control socket: {e}"),
+                Err(_) => debug!("control socket: connection closed at its deadline"),
+                Ok(Ok(())) => {}
             }
+            drop(permit);
         });
     }
 }
@@ -256,25 +275,33 @@ async fn answer(
         Request::Release {
             cgroup,
             hold_off_sec,
-        } => {
-            let (tx, rx) = oneshot::channel();
-            let req = ReleaseRequest {
-                cgroup,
-                hold_off_sec,
-                reply: tx,
-            };
-            if releases.send(req).await.is_err() {
-                return Response::err("the agent is stopping");
-            }
-            match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                Ok(Ok(Ok(done))) => {
-                    info!(n = done.reports.len(), "manual release done");
-                    Response::ok(done)
-                }
-                Ok(Ok(Err(e))) => Response::err(e),
-                Ok(Err(_)) | Err(_) => Response::err("the agent did not answer within 10 s"),
-            }
+        } => release(Some(cgroup), hold_off_sec, releases).await,
+        Request::ReleaseAll { hold_off_sec } => release(None, hold_off_sec, releases).await,
+    }
+}
+
+/// Hands a release to the control loop and waits for what it did.
+async fn release(
+    cgroup: Option<String>,
+    hold_off_sec: u64,
+    releases: &mpsc::Sender<ReleaseRequest>,
+) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let req = ReleaseRequest {
+        cgroup,
+        hold_off_sec,
+        reply: tx,
+    };
+    if releases.send(req).await.is_err() {
+        return Response::err("the agent is stopping");
+    }
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(Ok(done))) => {
+            info!(n = done.reports.len(), "manual release done");
+            Response::ok(done)
         }
+        Ok(Ok(Err(e))) => Response::err(e),
+        Ok(Err(_)) | Err(_) => Response::err("the agent did not answer within 10 s"),
     }
 }
 
@@ -342,12 +369,19 @@ pub fn status_command(args: &crate::cli::StatusArgs) -> std::process::ExitCode {
     }
 }
 
-/// `cgsentry release CGROUP`.
+/// `cgsentry release CGROUP`, `cgsentry release --all [--offline]`.
 #[must_use]
 pub fn release_command(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode {
-    let req = Request::Release {
-        cgroup: args.cgroup.clone(),
-        hold_off_sec: args.hold_off.as_secs(),
+    if args.offline {
+        return release_offline(args);
+    }
+    let hold_off_sec = args.hold_off.as_secs();
+    let req = match &args.cgroup {
+        Some(cgroup) => Request::Release {
+            cgroup: cgroup.clone(),
+            hold_off_sec,
+        },
+        None => Request::ReleaseAll { hold_off_sec },
     };
     match request(&args.socket, &req).map(serde_json::from_value::<Released>) {
         Ok(Ok(released)) => {
@@ -361,6 +395,37 @@ pub fn release_command(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode
         }
         Ok(Err(e)) => fail(&format!("bad answer from the agent: {e}")),
         Err(e) => fail(&e),
+    }
+}
+
+/// `cgsentry release --all --offline`: undoes the journal's entries without an agent.
+fn release_offline(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode {
+    if request(&args.socket, &Request::Status).is_ok() {
+        return fail(&format!(
+            "an agent answers on {}: release through it (drop --offline), or stop it first",
+            args.socket.display()
+        ));
+    }
+    let root = match crate::preflight::cgroup2_root() {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let journal = args.journal_dir.join("journal.json");
+    if !journal.exists() {
+        println!("{}: no journal: nothing applied", journal.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let mut act = crate::act::Actuator::open(&root, &args.journal_dir, "cgsentry.slice");
+    let released = Released {
+        cgroup: "(all, from the journal)".into(),
+        reports: act.release_all(),
+        hold_off_sec: 0,
+    };
+    print!("{}", released_text(&released));
+    if released.reports.iter().any(|r| !r.errors.is_empty()) {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
     }
 }
 
@@ -455,6 +520,12 @@ pub fn status_text(s: &Status, now_ms: u128) -> String {
         "notifications: {} sent, {} failed, {} held back by rate limits",
         s.notifications_sent, s.notifications_failed, s.notifications_suppressed
     );
+    if !s.never_act.is_empty() {
+        let _ = writeln!(o, "never acted on, whatever a policy says:");
+        for (cgroup, why) in &s.never_act {
+            let _ = writeln!(o, "  {cgroup}: {why}");
+        }
+    }
     let _ = writeln!(o, "findings now: {}", s.findings);
     actions_text(&mut o, s, now_ms);
     o
@@ -545,14 +616,13 @@ mod tests {
 
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
-                let answer = if r.cgroup == "/x" {
-                    Ok(Released {
-                        cgroup: r.cgroup,
+                let answer = match r.cgroup.as_deref() {
+                    Some("/x") | None => Ok(Released {
+                        cgroup: r.cgroup.unwrap_or_else(|| "(all)".into()),
                         reports: Vec::new(),
                         hold_off_sec: r.hold_off_sec,
-                    })
-                } else {
-                    Err(format!("nothing applied to {}", r.cgroup))
+                    }),
+                    Some(other) => Err(format!("nothing applied to {other}")),
                 };
                 let _ = r.reply.send(answer);
             }
@@ -578,6 +648,14 @@ mod tests {
         })
         .await
         .unwrap();
+        let p = path.clone();
+        let all = tokio::task::spawn_blocking(move || {
+            request(&p, &Request::ReleaseAll { hold_off_sec: 60 })
+        })
+        .await
+        .unwrap();
+        let all: Released = serde_json::from_value(all.unwrap()).unwrap();
+        assert_eq!((all.cgroup.as_str(), all.hold_off_sec), ("(all)", 60));
         // The hold-off reaches the loop.
         let ok: Released = serde_json::from_value(ok.unwrap()).unwrap();
         assert_eq!((ok.cgroup.as_str(), ok.hold_off_sec), ("/x", 600));

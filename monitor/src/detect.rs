@@ -2335,4 +2335,25 @@ mod tests {
         d.observe(&snapshot(2, 2, vec![], vec![]));
         assert!(d.history(30).is_none());
     }
+
+    /// 100,000 cgroups come and go (ten at a time): the windows kept stay those of the
+    /// cgroups alive, whatever the churn.
+    #[test]
+    fn windows_of_deleted_cgroups_are_dropped() {
+        let mut d = Detector::new(DetectConfig::default());
+        for tick in 0..10_000u64 {
+            let cgroups = (0..10)
+                .map(|i| {
+                    let id = tick * 10 + i;
+                    cgroup(id, &format!("/ci/job-{id}"), 100, 5.0)
+                })
+                .collect();
+            d.observe(&snapshot(tick, 2, cgroups, vec![]));
+            assert!(
+                d.history.len() <= 10,
+                "{} windows at tick {tick}",
+                d.history.len()
+            );
+        }
+    }
 }

@@ -54,14 +54,15 @@ const _: () = assert!(core::mem::size_of::<monitor_common::EventHeader>() == HEA
 const _: () = assert!(core::mem::size_of::<monitor_common::ProcEvent>() == EVENT);
 
 /// A comm as the operator may see it: up to the first NUL, invalid UTF-8 replaced,
-/// control characters (newlines, escapes) escaped.
+/// control characters (newlines, escapes) and invisible or direction-changing ones
+/// escaped (`\u{202e}`).
 #[must_use]
 pub fn comm_to_string(raw: &[u8]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end])
         .chars()
         .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
+            let escaped: Vec<char> = if crate::cgroupfs::needs_escape(c) {
                 c.escape_default().collect()
             } else {
                 vec![c]
@@ -171,6 +172,8 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(e.comm, "a b\\n\\u{1b}[2J\u{fffd}\u{fffd}");
+        // A right-to-left override cannot reorder what follows it on screen.
+        assert_eq!(comm_to_string("x\u{202e}gpj".as_bytes()), "x\\u{202e}gpj");
         let full = ProcEvent::decode(&raw(
             EventKind::Exit as u32,
             EVENT_VERSION,

@@ -625,6 +625,155 @@ fn processes_of(
     out
 }
 
+/// What the loop asks of a GPU sampler ([`GpuCollector`]; tests use others).
+pub trait Sampler: Send + 'static {
+    fn sample(&mut self, processes: &[ProcessSample]) -> Option<Arc<GpuSnapshot>>;
+    fn status(&self) -> GpuStatus;
+}
+
+impl Sampler for GpuCollector {
+    fn sample(&mut self, processes: &[ProcessSample]) -> Option<Arc<GpuSnapshot>> {
+        GpuCollector::sample(self, processes)
+    }
+
+    fn status(&self) -> GpuStatus {
+        GpuCollector::status(self)
+    }
+}
+
+/// How long the loop waits for a GPU sample before it goes on without one.
+pub const SAMPLE_DEADLINE: Duration = Duration::from_millis(250);
+/// A sample older than this is not used (detectors would see a frozen series).
+const STALE_AFTER: Duration = Duration::from_secs(5);
+
+type Answer = (Option<Arc<GpuSnapshot>>, GpuStatus);
+
+/// NVML off the control loop. A thread owns the sampler; each tick the loop hands it
+/// the process table and waits at most [`SAMPLE_DEADLINE`] for the sample. An NVML
+/// call that hangs in the driver (a GPU falling off the bus, a driver upgrade) stalls
+/// that thread only: the loop goes on with the last sample while it is fresh, then
+/// without GPU data, says so in the status, and asks again only once the thread
+/// answers.
+pub struct GpuWorker {
+    tx: Option<std::sync::mpsc::SyncSender<Arc<Vec<ProcessSample>>>>,
+    rx: std::sync::mpsc::Receiver<Answer>,
+    /// When the request still unanswered was made.
+    asked: Option<Instant>,
+    last: Option<(Instant, Arc<GpuSnapshot>)>,
+    status: GpuStatus,
+    deadline: Duration,
+    warned: bool,
+}
+
+impl GpuWorker {
+    /// Starts the thread (`cgsentry-nvml`) with `sampler`; without NVML (`Off`, or a
+    /// thread that cannot start) nothing runs and samples are `None`.
+    #[must_use]
+    pub fn start(sampler: impl Sampler) -> Self {
+        Self::with_deadline(sampler, SAMPLE_DEADLINE)
+    }
+
+    /// [`GpuWorker::start`] with another deadline (tests).
+    #[must_use]
+    pub fn with_deadline(mut sampler: impl Sampler, deadline: Duration) -> Self {
+        let status = sampler.status();
+        let (answer_tx, rx) = std::sync::mpsc::sync_channel::<Answer>(1);
+        let mut worker = Self {
+            tx: None,
+            rx,
+            asked: None,
+            last: None,
+            status: status.clone(),
+            deadline,
+            warned: false,
+        };
+        if status == GpuStatus::Off {
+            return worker;
+        }
+        let (tx, requests) = std::sync::mpsc::sync_channel::<Arc<Vec<ProcessSample>>>(1);
+        let spawned = std::thread::Builder::new()
+            .name("cgsentry-nvml".into())
+            .spawn(move || {
+                for processes in requests {
+                    let snap = sampler.sample(&processes);
+                    if answer_tx.send((snap, sampler.status())).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => worker.tx = Some(tx),
+            Err(e) => worker.status = GpuStatus::Unavailable(format!("cannot start a thread: {e}")),
+        }
+        worker
+    }
+
+    fn take(&mut self, answer: Answer) {
+        let (snap, status) = answer;
+        self.asked = None;
+        self.status = status;
+        self.last = snap.map(|s| (Instant::now(), s));
+        if self.warned {
+            info!("GPU: NVML answers again");
+            self.warned = false;
+        }
+    }
+
+    /// This tick's GPU sample: a new one if NVML answers within the deadline, else the
+    /// last one while it is fresh, else `None`. Never waits longer than the deadline.
+    pub fn sample(&mut self, processes: &Arc<Vec<ProcessSample>>) -> Option<Arc<GpuSnapshot>> {
+        let tx = self.tx.as_ref()?;
+        if self.asked.is_none() {
+            match tx.try_send(Arc::clone(processes)) {
+                Ok(()) => self.asked = Some(Instant::now()),
+                Err(_) => return self.fresh(),
+            }
+            match self.rx.recv_timeout(self.deadline) {
+                Ok(answer) => self.take(answer),
+                Err(_) => self.overdue(),
+            }
+        } else {
+            // Still waiting on the last request: whatever it brings, no new one.
+            match self.rx.try_recv() {
+                Ok(answer) => self.take(answer),
+                Err(_) => self.overdue(),
+            }
+        }
+        self.fresh()
+    }
+
+    fn overdue(&mut self) {
+        let Some(asked) = self.asked else { return };
+        let waited = asked.elapsed();
+        if waited >= STALE_AFTER {
+            self.status = GpuStatus::Unavailable(format!(
+                "NVML has not answered for {:.0} s (a hung driver call): running without GPU data",
+                waited.as_secs_f64()
+            ));
+            if !self.warned {
+                warn!(
+                    "GPU: NVML has not answered for {:.0} s: running without GPU data until it does",
+                    waited.as_secs_f64()
+                );
+                self.warned = true;
+            }
+        }
+    }
+
+    fn fresh(&self) -> Option<Arc<GpuSnapshot>> {
+        self.last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < STALE_AFTER)
+            .map(|(_, s)| Arc::clone(s))
+    }
+
+    /// Where NVML stands (a hung one included).
+    #[must_use]
+    pub fn status(&self) -> GpuStatus {
+        self.status.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,5 +1089,57 @@ mod tests {
             GpuStatus::Unavailable("no GPU devices".into())
         );
         assert_eq!(GpuCollector::off().status(), GpuStatus::Off);
+    }
+
+    /// A sampler whose NVML call hangs until told otherwise.
+    struct Hanging {
+        gate: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Sampler for Hanging {
+        fn sample(&mut self, _: &[ProcessSample]) -> Option<Arc<GpuSnapshot>> {
+            let _ = self.gate.recv();
+            Some(Arc::new(GpuSnapshot::default()))
+        }
+
+        fn status(&self) -> GpuStatus {
+            GpuStatus::Ready { devices: 1 }
+        }
+    }
+
+    /// An NVML call that hangs never holds the loop longer than the deadline, and no
+    /// second request queues behind it; once it answers, samples come again.
+    #[test]
+    fn a_hung_nvml_never_stalls_the_loop() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let mut w = GpuWorker::with_deadline(Hanging { gate }, Duration::from_millis(50));
+        let procs = Arc::new(Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert!(w.sample(&procs).is_none());
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        open.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = None;
+        while got.is_none() && Instant::now() < deadline {
+            got = w.sample(&procs);
+            std::thread::sleep(Duration::from_millis(10));
+            let _ = open.send(());
+        }
+        assert!(got.is_some(), "answers again");
+        assert_eq!(w.status(), GpuStatus::Ready { devices: 1 });
+    }
+
+    /// Off: no thread, no samples.
+    #[test]
+    fn an_off_worker_samples_nothing() {
+        let mut w = GpuWorker::start(GpuCollector::off());
+        assert!(w.sample(&Arc::new(Vec::new())).is_none());
+        assert_eq!(w.status(), GpuStatus::Off);
     }
 }

@@ -158,7 +158,38 @@ fn plain_gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v
     }
 }
 
+/// Counters of deleted cgroups are dropped at least this often (ticks), and before
+/// each rendering.
+const PRUNE_EVERY: u64 = 60;
+
+fn cgroup_of(labels: &Labels) -> Option<&str> {
+    labels
+        .iter()
+        .find(|(k, _)| k == "cgroup")
+        .map(|(_, v)| v.as_str())
+}
+
 impl Metrics {
+    /// Drops what is kept for cgroups that are not in the snapshot any more.
+    fn prune(&mut self, snap: &Snapshot) {
+        let alive: std::collections::HashSet<&str> = snap
+            .cgroups
+            .iter()
+            .filter_map(|c| c.path.as_deref())
+            .collect();
+        self.reclaim_seconds
+            .retain(|p, _| alive.contains(p.as_str()));
+        for m in [&mut self.actions, &mut self.decisions] {
+            m.retain(|l, _| cgroup_of(l).is_none_or(|c| alive.contains(c)));
+        }
+    }
+
+    /// Series kept across ticks (for tests: nothing may grow with cgroup churn).
+    #[must_use]
+    pub fn kept(&self) -> usize {
+        self.actions.len() + self.decisions.len() + self.findings.len() + self.reclaim_seconds.len()
+    }
+
     /// Counts the tick's events (every tick) and, when `render`, renders the whole
     /// exposition.
     #[expect(clippy::too_many_lines, reason = "one metric family after the other")]
@@ -185,15 +216,13 @@ impl Metrics {
                 }
             }
         }
-        // Cgroups deleted since: their reclaim totals are dropped with them.
-        if !self.reclaim_seconds.is_empty() {
-            let alive: std::collections::HashSet<&str> = snap
-                .cgroups
-                .iter()
-                .filter_map(|c| c.path.as_deref())
-                .collect();
-            self.reclaim_seconds
-                .retain(|p, _| alive.contains(p.as_str()));
+        // Cgroups deleted since: their series go with them (cgroups come and go by the
+        // thousand on a CI host; nothing kept here may grow with that churn).
+        if !self.reclaim_seconds.is_empty()
+            || (self.ticks.is_multiple_of(PRUNE_EVERY) || render)
+                && !(self.actions.is_empty() && self.decisions.is_empty())
+        {
+            self.prune(snap);
         }
         for a in &j.actions {
             let mut l = cgroup_labels(&a.cgroup);
@@ -469,6 +498,13 @@ impl Metrics {
             ebpf.get_or_create(&vec![("reason".to_owned(), why.to_owned())])
                 .inc_by(n);
         }
+        let evicted = Counter::<u64>::default();
+        evicted.inc_by(e.cgroup_evictions);
+        reg.register(
+            "ebpf_cgroup_evictions",
+            "Entries of the full (LRU) per-cgroup map evicted for newer cgroups: their counts start over",
+            evicted,
+        );
         let oom = Counter::<u64>::default();
         oom.inc_by(e.oom_victims);
         reg.register(
@@ -534,19 +570,31 @@ impl Metrics {
     }
 }
 
-/// The text last rendered, shared with the HTTP side, and whether a scrape waits for
-/// a new one.
+/// The text last rendered, shared with the HTTP side, whether a scrape waits for a
+/// new one, and when the agent last finished a tick (for `/health`).
 #[derive(Debug, Default)]
 pub struct Shared {
-    text: RwLock<String>,
+    text: RwLock<Arc<str>>,
     rendered: AtomicU64,
     wanted: AtomicBool,
+    /// Wall clock (ms since the epoch) of the last finished tick; 0: none yet.
+    last_tick_ms: AtomicU64,
+    /// A tick older than this is a stuck agent (ms).
+    stale_after_ms: AtomicU64,
 }
 
 pub type Exposition = Arc<Shared>;
 
 /// How long a scrape waits for the next tick's rendering before it gets the last one.
 const SCRAPE_WAIT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's accept queue (no file
+/// descriptor of ours) until one ends. Idle or slow clients cannot take more.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Everything a connection gets, from accept to close: reading the request, waiting
+/// for the rendering, writing the answer to a client that may not read.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// The request head must arrive within this long.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
 impl Shared {
     /// Whether a scrape asked for a rendering since the last call.
@@ -556,27 +604,68 @@ impl Shared {
 
     pub fn publish(&self, text: String) {
         if let Ok(mut w) = self.text.write() {
-            *w = text;
+            *w = Arc::from(text);
         }
         self.rendered.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The agent finished a tick at `now_ms`; `stale_after` without another one, it is
+    /// unhealthy.
+    pub fn ticked(&self, now_ms: u128, stale_after: Duration) {
+        self.last_tick_ms
+            .store(u64::try_from(now_ms).unwrap_or(u64::MAX), Ordering::Release);
+        self.stale_after_ms.store(
+            u64::try_from(stale_after.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+    }
+
+    /// `/health`: 200 while ticks come, 503 when the last one is older than allowed
+    /// (or none came yet), with the age in words.
+    #[must_use]
+    pub fn health(&self, now_ms: u128) -> (bool, String) {
+        let last = u128::from(self.last_tick_ms.load(Ordering::Acquire));
+        let stale_after = u128::from(self.stale_after_ms.load(Ordering::Acquire));
+        if last == 0 {
+            return (false, "no tick yet\n".into());
+        }
+        let age = now_ms.saturating_sub(last);
+        if age > stale_after {
+            (
+                false,
+                format!("stale: the last tick finished {age} ms ago (allowed {stale_after} ms)\n"),
+            )
+        } else {
+            (true, format!("ok: the last tick finished {age} ms ago\n"))
+        }
+    }
+
     /// Asks for a rendering and waits (up to `wait`) for the tick that makes it.
-    async fn fresh(&self, wait: Duration) -> String {
+    async fn fresh(&self, wait: Duration) -> Arc<str> {
         let seen = self.rendered.load(Ordering::Acquire);
         self.wanted.store(true, Ordering::Release);
         let start = tokio::time::Instant::now();
         while self.rendered.load(Ordering::Acquire) == seen && start.elapsed() < wait {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.text.read().map(|t| t.clone()).unwrap_or_default()
+        self.text
+            .read()
+            .map_or_else(|_| Arc::from(""), |t| Arc::clone(&t))
     }
 }
 
-/// Serves `GET /metrics` until the listener fails.
+/// Serves `GET /metrics` and `GET /health` until the listener fails: at most
+/// [`MAX_CONNECTIONS`] at once (the rest wait in the kernel's accept queue, holding no
+/// file descriptor of the agent's), each closed after [`CONNECTION_DEADLINE`] whatever
+/// the client does. A thousand idle or slow connections cost the agent sixteen file
+/// descriptors and nothing else.
 pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 warn!("metrics endpoint: accept failed: {e}");
@@ -586,50 +675,58 @@ pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
         };
         let text = text.clone();
         tokio::spawn(async move {
-            let mut head = Vec::with_capacity(512);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                debug!(%peer, "metrics request timed out");
-                return;
+            let served = tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &text)).await;
+            if served.is_err() {
+                debug!(%peer, "metrics connection closed at its deadline");
             }
-            let line = String::from_utf8_lossy(&head);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => ("200 OK", CONTENT_TYPE, text.fresh(SCRAPE_WAIT).await),
-                ("GET", "/") => (
-                    "200 OK",
-                    "text/plain; charset=utf-8",
-                    "cgsentry: metrics at /metrics\n".to_owned(),
-                ),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "not found: try /metrics\n".to_owned(),
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain; charset=utf-8",
-                    "GET only\n".to_owned(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            drop(permit);
         });
     }
+}
+
+/// One request, one answer, close.
+async fn answer(mut stream: tokio::net::TcpStream, text: &Shared) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(REQUEST_DEADLINE, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let plain = "text/plain; charset=utf-8";
+    let (status, ctype, body): (&str, &str, Arc<str>) =
+        match (method, path.split('?').next().unwrap_or("")) {
+            ("GET", "/metrics") => ("200 OK", CONTENT_TYPE, text.fresh(SCRAPE_WAIT).await),
+            ("GET", "/health") => match text.health(crate::eventlog::now_ms()) {
+                (true, msg) => ("200 OK", plain, msg.into()),
+                (false, msg) => ("503 Service Unavailable", plain, msg.into()),
+            },
+            ("GET", "/") => (
+                "200 OK",
+                plain,
+                "cgsentry: metrics at /metrics, liveness at /health\n".into(),
+            ),
+            ("GET", _) => ("404 Not Found", plain, "not found: try /metrics\n".into()),
+            _ => ("405 Method Not Allowed", plain, "GET only\n".into()),
+        };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if stream.write_all(head.as_bytes()).await.is_ok() {
+        let _ = stream.write_all(body.as_bytes()).await;
+    }
+    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]
@@ -734,8 +831,132 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         exp.publish("new".into());
-        assert_eq!(scrape.await.unwrap(), "new");
+        assert_eq!(&*scrape.await.unwrap(), "new");
         // With no tick coming, the scrape gets the last rendering after its wait.
-        assert_eq!(exp.fresh(Duration::from_millis(50)).await, "new");
+        assert_eq!(&*exp.fresh(Duration::from_millis(50)).await, "new");
+    }
+
+    /// A cgroup named to end the label and forge a series (`x"} 1`, a backslash, a
+    /// newline) stays one label value: the text parses, the value reads back, and no
+    /// forged series appears.
+    #[test]
+    fn label_values_are_escaped() {
+        let evil = crate::cgroupfs::path_text(b"/x\"} 1\ncgsentry_forged 1\n#\\");
+        assert!(evil.contains('"') && evil.contains('\\'), "{evil}");
+        let mut m = Metrics::default();
+        let text = m
+            .update(
+                &snap(&[(&evil, 5.0)]),
+                &Judgement::default(),
+                &SelfStats::default(),
+                true,
+            )
+            .unwrap();
+        assert!(
+            !text.lines().any(|l| l.starts_with("cgsentry_forged")),
+            "{text}"
+        );
+        // The label value as the text format defines it (prometheus-parse's regex does
+        // not handle escaped quotes, so read it here): up to the first unescaped quote.
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cgsentry_cgroup_cpu{"))
+            .expect("the cgroup's series");
+        let rest = line.strip_prefix("cgsentry_cgroup_cpu{cgroup=\"").unwrap();
+        let (mut value, mut chars) = (String::new(), rest.chars());
+        loop {
+            match chars.next().expect("a closing quote") {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(c) => value.push(c),
+                    None => panic!("dangling escape in {line}"),
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        assert_eq!(value, evil);
+        assert_eq!(chars.as_str(), "} 0.0", "{line}");
+        assert_eq!(escape_label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    /// Actions and decisions of 100,000 cgroups that came and went are not kept.
+    #[test]
+    fn series_of_deleted_cgroups_are_dropped() {
+        let mut m = Metrics::default();
+        let me = SelfStats::default();
+        for i in 0..100_000u32 {
+            let path = format!("/ci/job-{i}");
+            let j = Judgement {
+                actions: vec![crate::act::Report {
+                    cgroup: path.clone(),
+                    rule: "r".into(),
+                    action: "throttle".into(),
+                    dry_run: false,
+                    done: String::new(),
+                    errors: vec![],
+                }],
+                ..Judgement::default()
+            };
+            m.update(&snap(&[(&path, 1.0)]), &j, &me, false);
+            assert!(m.kept() <= 3 * 61, "{} kept at {i}", m.kept());
+        }
+    }
+
+    /// `/health` is 200 while ticks come and 503 once the last one is too old.
+    #[test]
+    fn health_follows_the_ticks() {
+        let s = Shared::default();
+        assert!(!s.health(1_000).0, "no tick yet");
+        s.ticked(10_000, Duration::from_secs(10));
+        assert!(s.health(15_000).0);
+        let (ok, why) = s.health(30_000);
+        assert!(!ok && why.contains("20000 ms ago"), "{why}");
+    }
+
+    /// A thousand idle connections hold no more than the bound: a scrape still gets
+    /// its answer once the idle ones reach their deadline, and the agent never holds
+    /// more than [`MAX_CONNECTIONS`] of them open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_bounded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let exp = Exposition::default();
+        exp.publish("cgsentry_up 1\n".into());
+        exp.ticked(crate::eventlog::now_ms(), Duration::from_hours(1));
+        tokio::spawn(serve(listener, exp.clone()));
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = fds();
+        let mut idle = Vec::new();
+        for _ in 0..1000 {
+            match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(c)) => idle.push(c),
+                _ => break, // the accept queue is full: the kernel's bound, not ours
+            }
+        }
+        assert!(idle.len() >= 100, "only {} connections", idle.len());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Ours: the clients' sockets plus at most MAX_CONNECTIONS accepted ones.
+        let held = fds().saturating_sub(before).saturating_sub(idle.len());
+        assert!(
+            held <= MAX_CONNECTIONS + 2,
+            "the agent holds {held} sockets"
+        );
+        // /health answers once the idle ones ahead of it are closed (2 s each).
+        let scrape = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        let out = tokio::time::timeout(Duration::from_mins(5), scrape)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        drop(idle);
     }
 }

@@ -142,12 +142,21 @@ enum Job {
     },
 }
 
+/// (cgroup, rule, event).
+type RateKey = (String, String, String);
+/// When one was last sent, how many held back since, when the key was last seen.
+type RateState = (Option<Instant>, u64, Instant);
+
+/// Rate-limit keys kept at most (one per cgroup, rule and event).
+const MAX_KEYS: usize = 4096;
+
 /// The loop's side: rate limits and queues.
 pub struct Notifier {
     webhook_tx: SyncSender<Job>,
     local_tx: SyncSender<Job>,
-    /// Per (cgroup, rule, event): when one was last sent, and how many held back since.
-    last: HashMap<(String, String, String), (Option<Instant>, u64)>,
+    /// Per (cgroup, rule, event): when one was last sent, how many held back since,
+    /// and when the key was last seen (sent or held back).
+    last: HashMap<RateKey, RateState>,
     minute: std::collections::VecDeque<Instant>,
     pub stats: Arc<Stats>,
     host: String,
@@ -201,22 +210,40 @@ impl Notifier {
         {
             self.minute.pop_front();
         }
-        if self.last.len() > 4096 {
-            // Cgroups come and go: forget keys with nothing held and nothing recent.
-            self.last
-                .retain(|_, (t, held)| *held > 0 || t.is_some_and(|t| now.duration_since(t) < min));
+        if self.last.len() > MAX_KEYS {
+            self.prune(now, min);
         }
-        let (last_sent, held) = self.last.get(&key).copied().unwrap_or((None, 0));
+        let (last_sent, held, _) = self.last.get(&key).copied().unwrap_or((None, 0, now));
         let too_soon = last_sent.is_some_and(|t| now.duration_since(t) < min);
         let over_cap = self.minute.len() >= cfg.max_per_minute as usize;
         if too_soon || over_cap {
-            self.last.insert(key, (last_sent, held + 1));
+            self.last.insert(key, (last_sent, held + 1, now));
             self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        self.last.insert(key, (Some(now), 0));
+        self.last.insert(key, (Some(now), 0, now));
         self.minute.push_back(now);
         Some(held)
+    }
+
+    /// Cgroups come and go by the thousand: keys not seen for a rate-limit interval are
+    /// forgotten (their held-back count with them: nothing would report it), and if a
+    /// burst of new keys still exceeds the bound, the oldest go.
+    fn prune(&mut self, now: Instant, min: Duration) {
+        self.last
+            .retain(|_, (_, _, seen)| now.duration_since(*seen) < min);
+        if self.last.len() > MAX_KEYS {
+            let mut seen: Vec<Instant> = self.last.values().map(|v| v.2).collect();
+            seen.sort_unstable();
+            let cut = seen[self.last.len() - MAX_KEYS / 2];
+            self.last.retain(|_, (_, _, s)| *s >= cut);
+        }
+    }
+
+    /// Rate-limit keys kept (for tests: bounded whatever the churn).
+    #[must_use]
+    pub fn keys(&self) -> usize {
+        self.last.len()
     }
 
     fn queue(&self, tx: &SyncSender<Job>, job: Job) {
@@ -496,6 +523,23 @@ mod tests {
             dry_run: false,
             identity: crate::identity::Identity::default(),
             suppressed: 0,
+        }
+    }
+
+    /// 100,000 cgroups come and go, each held back once: the keys stay bounded.
+    #[test]
+    fn rate_limit_keys_stay_bounded_under_churn() {
+        let mut n = Notifier::start();
+        let cfg = NotifyConfig {
+            min_interval_sec: 60,
+            max_per_minute: 0,
+            ..NotifyConfig::default()
+        };
+        let t0 = Instant::now();
+        for i in 0..100_000u64 {
+            let at = t0 + Duration::from_millis(i);
+            assert_eq!(n.admit(&cfg, &message(&format!("/ci/job-{i}")), at), None);
+            assert!(n.keys() <= MAX_KEYS + 1, "{} keys at {i}", n.keys());
         }
     }
 

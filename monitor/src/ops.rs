@@ -228,10 +228,15 @@ impl Ops {
             held_off: guard.held_off(),
         };
         // Counted every tick, rendered only for a waiting scrape.
-        if let Some(exp) = &self.out.exposition
-            && let Some(text) = self.metrics.update(snap, j, &me, exp.take_wanted())
-        {
-            exp.publish(text);
+        if let Some(exp) = &self.out.exposition {
+            if let Some(text) = self.metrics.update(snap, j, &me, exp.take_wanted()) {
+                exp.publish(text);
+            }
+            let interval = std::time::Duration::from_millis(guard.state().interval_ms);
+            exp.ticked(
+                crate::eventlog::now_ms(),
+                (interval * 5).max(std::time::Duration::from_secs(10)),
+            );
         }
         if let Some(shared) = &self.out.shared {
             let applied = active(guard);
@@ -251,6 +256,11 @@ impl Ops {
                 findings: j.findings.len(),
                 active: applied.clone(),
                 held_off: me.held_off.clone(),
+                never_act: guard
+                    .safety()
+                    .never_set()
+                    .map(|(c, why)| (c.to_owned(), why.to_owned()))
+                    .collect(),
                 ebpf_dropped: snap.ebpf.dropped(),
                 kernel_oom_victims: snap.ebpf.oom_victims,
                 rss_bytes: me.rss_bytes,

@@ -95,6 +95,15 @@ fn is_fs(path: &Path, magic: nix::sys::statfs::FsType) -> bool {
 
 /// The cgroup v2 mount: `/sys/fs/cgroup` on a pure v2 machine, `/sys/fs/cgroup/unified`
 /// on a hybrid one, else wherever mountinfo says.
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or the hybrid
+/// `/sys/fs/cgroup/unified`, or wherever mountinfo says).
+///
+/// # Errors
+/// No cgroup2 mount.
+pub fn cgroup2_root() -> Result<PathBuf, PreflightError> {
+    find_cgroup2().map(|(root, _)| root)
+}
+
 fn find_cgroup2() -> Result<(PathBuf, bool), PreflightError> {
     let pure = Path::new("/sys/fs/cgroup");
     if is_fs(pure, CGROUP2_SUPER_MAGIC) {

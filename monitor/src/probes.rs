@@ -329,10 +329,10 @@ impl Probes {
         out
     }
 
-    /// Forgets a cgroup (deleted): keeps the map from filling with dead ids.
-    pub fn forget_cgroup(&mut self, id: u64) {
-        // Already gone is fine: another path removed it or it was never inserted.
-        let _ = self.cgroup_stats.remove(&id);
+    /// Forgets a cgroup (deleted): keeps the map from filling with dead ids. Whether
+    /// an entry was removed (not already gone: evicted, or never inserted).
+    pub fn forget_cgroup(&mut self, id: u64) -> bool {
+        self.cgroup_stats.remove(&id).is_ok()
     }
 
     /// The slice running on each CPU (index = CPU number).
@@ -377,6 +377,8 @@ impl Probes {
             update_errors: read(Stat::UpdateError),
             events_lost: read(Stat::EventsLost),
             oom_victims: read(Stat::OomVictims),
+            cgroup_inserts: read(Stat::CgroupInserts),
+            cgroup_evictions: 0,
             cgroup_map_capacity: self.cgroup_map_capacity,
         }
     }
@@ -415,6 +417,13 @@ pub struct EbpfStats {
     pub events_lost: u64,
     /// Victims chosen by the kernel OOM killer since load.
     pub oom_victims: u64,
+    /// New entries in the per-cgroup map since load.
+    pub cgroup_inserts: u64,
+    /// Entries the full (LRU) map evicted for newer cgroups since load: inserts less
+    /// the agent's own deletions less the entries there now (two CPUs adding the same
+    /// new cgroup at once may count as one more). An evicted cgroup loses its counts
+    /// up to then and is counted afresh when it runs again.
+    pub cgroup_evictions: u64,
     /// Capacity of the per-cgroup map.
     pub cgroup_map_capacity: u32,
 }

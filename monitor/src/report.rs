@@ -22,7 +22,7 @@ pub fn table(snap: &Snapshot, top: usize) -> String {
     let _ = writeln!(
         out,
         "── {secs:.2} s · {} CPUs {busy:.0} % busy · mem avail {:.0}/{:.0} MiB · swap used {:.0} MiB · \
-         PSI some cpu {} mem {} io {} · {} cgroups · eBPF dropped {} lost {} · OOM kills {}",
+         PSI some cpu {} mem {} io {} · {} cgroups · eBPF dropped {} lost {} evicted {} · OOM kills {}",
         snap.cpus,
         mib(m.mem_available_bytes),
         mib(m.mem_total_bytes),
@@ -33,6 +33,7 @@ pub fn table(snap: &Snapshot, top: usize) -> String {
         snap.tracked_cgroups,
         snap.ebpf.dropped(),
         snap.ebpf.events_lost,
+        snap.ebpf.cgroup_evictions,
         snap.ebpf.oom_victims,
     );
     let _ = writeln!(
@@ -160,7 +161,7 @@ pub fn printable(s: &str) -> String {
 ///
 /// # Errors
 /// Never in practice: every field serialises.
-pub fn json(snap: &Snapshot, judgement: &Judgement) -> serde_json::Result<String> {
+pub fn json(snap: &Snapshot, judgement: &Judgement, top: usize) -> serde_json::Result<String> {
     #[derive(serde::Serialize)]
     struct Tick<'a> {
         #[serde(flatten)]
@@ -168,8 +169,31 @@ pub fn json(snap: &Snapshot, judgement: &Judgement) -> serde_json::Result<String
         #[serde(flatten)]
         judgement: &'a Judgement,
     }
+    if top == 0 || snap.cgroups.len() <= top {
+        return serde_json::to_string(&Tick {
+            snapshot: snap,
+            judgement,
+        });
+    }
+    // The busiest (the snapshot is sorted by CPU time), and whatever the tick is about.
+    let named: std::collections::HashSet<&str> = judgement
+        .findings
+        .iter()
+        .map(|f| f.finding.cgroup.as_str())
+        .chain(judgement.decisions.iter().map(|d| d.cgroup.as_str()))
+        .chain(judgement.releases.iter().map(|r| r.cgroup.as_str()))
+        .chain(judgement.actions.iter().map(|a| a.cgroup.as_str()))
+        .collect();
+    let mut shown = snap.clone();
+    shown.cgroups = snap
+        .cgroups
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| *i < top || c.path.as_deref().is_some_and(|p| named.contains(p)))
+        .map(|(_, c)| c.clone())
+        .collect();
     serde_json::to_string(&Tick {
-        snapshot: snap,
+        snapshot: &shown,
         judgement,
     })
 }
@@ -376,14 +400,14 @@ mod tests {
             "{t}"
         );
         let j: serde_json::Value =
-            serde_json::from_str(&json(&s, &Judgement::default()).unwrap()).unwrap();
+            serde_json::from_str(&json(&s, &Judgement::default(), 0).unwrap()).unwrap();
         assert_eq!(j["gpu"]["processes"][0]["cgroup"], "/ml");
         assert_eq!(j["gpu"]["devices"][1]["lost"], true);
     }
 
     #[test]
     fn json_is_one_line_with_all_fields() {
-        let j = json(&snap(), &Judgement::default()).unwrap();
+        let j = json(&snap(), &Judgement::default(), 0).unwrap();
         assert!(!j.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
         assert_eq!(v["cgroups"][0]["path"], "/busy");
@@ -396,5 +420,38 @@ mod tests {
         assert_eq!(v["decisions"], serde_json::json!([]));
         assert_eq!(v["events"]["oom_victims"][0]["pid"], 42);
         assert_eq!(v["interval_ns"], 1_000_000_000u64);
+    }
+
+    /// `--json-top N`: the N busiest cgroups and every cgroup the tick's judgement
+    /// names, nothing else.
+    #[test]
+    fn json_top_keeps_the_busiest_and_the_named() {
+        let j = Judgement {
+            actions: vec![crate::act::Report {
+                cgroup: "/evil\x1b[2J".into(),
+                rule: "r".into(),
+                action: "throttle".into(),
+                dry_run: false,
+                done: String::new(),
+                errors: vec![],
+            }],
+            ..Judgement::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&snap(), &j, 1).unwrap()).unwrap();
+        let paths: Vec<&serde_json::Value> = v["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["path"])
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                &serde_json::json!("/busy"),
+                &serde_json::json!("/evil\x1b[2J")
+            ]
+        );
+        let all: serde_json::Value = serde_json::from_str(&json(&snap(), &j, 0).unwrap()).unwrap();
+        assert_eq!(all["cgroups"].as_array().unwrap().len(), 3);
     }
 }

@@ -232,44 +232,59 @@ fn deleted_cgroup_is_forgotten() {
     collector.collect().expect("the collector keeps working");
 }
 
-/// With a map smaller than the number of busy cgroups, the overflow is counted (not
-/// silently lost, not a crash), and cgroups already tracked keep being charged.
+/// With a map smaller than the number of busy cgroups (any user can make thousands),
+/// the least recently active entries are evicted for new ones: nothing is dropped,
+/// the newest cgroup is tracked, the evictions are counted, and the tracked cgroups
+/// keep being charged.
 #[test]
-fn full_cgroup_map_counts_drops() {
+fn full_cgroup_map_evicts_the_least_recent() {
     let Some(env) = kernel_env() else { return };
-    // Root and this test's own cgroup take entries too; 4 leaves room for few more.
+    let capacity = 16;
     let probes = Probes::load(
         &env,
         LoadOptions {
-            cgroup_map_capacity: 4,
+            cgroup_map_capacity: capacity,
         },
     )
     .expect("loading probes");
-    let cgroups: Vec<TestCgroup> = (0..6)
+    let index = CgroupIndex::new(CgroupReader::new(&env.cgroup_root));
+    let mut collector = Collector::new(probes, index, "/proc", CollectOptions::default());
+    let cgroups: Vec<TestCgroup> = (0..40)
         .map(|i| TestCgroup::new(&env, &format!("full{i}")))
         .collect();
     for cg in &cgroups {
         let mut child = cg.spawn("i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done");
         child.wait().unwrap();
     }
-    let totals = probes.cgroup_stats();
-    let stats = probes.stats();
+    let newest = cgroups.last().unwrap().id();
+    let totals = collector.probes().cgroup_stats();
+    let stats = collector.probes().stats();
     assert!(
-        totals.len() <= 4,
+        totals.len() <= capacity as usize,
         "map holds at most its capacity: {}",
         totals.len()
     );
-    assert_eq!(stats.cgroup_map_capacity, 4);
-    assert!(stats.cgroup_map_full > 0, "drops are counted: {stats:?}");
-    let tracked_before = totals.len();
-    // Still charging the cgroups it holds.
-    std::thread::sleep(Duration::from_millis(200));
-    let later = probes.cgroup_stats();
-    assert_eq!(later.len(), tracked_before);
+    assert!(totals.contains_key(&newest), "the newest cgroup is tracked");
+    assert_eq!(stats.cgroup_map_full, 0, "nothing dropped: {stats:?}");
+    assert!(stats.cgroup_inserts >= 40, "{stats:?}");
+    let snap = collector.collect().expect("a tick");
     assert!(
-        later.values().map(|c| c.on_cpu_ns).sum::<u64>()
-            > totals.values().map(|c| c.on_cpu_ns).sum::<u64>()
+        snap.ebpf.cgroup_evictions >= 40 - u64::from(capacity),
+        "evictions counted: {:?}",
+        snap.ebpf
     );
+    // A new busy cgroup after the flood is charged.
+    let late = TestCgroup::new(&env, "late");
+    let spinner = late.spawn("while :; do :; done");
+    std::thread::sleep(Duration::from_millis(300));
+    let snap = collector.collect().expect("a tick");
+    stop(spinner);
+    let seen = snap
+        .cgroups
+        .iter()
+        .find(|c| c.id == late.id())
+        .expect("listed");
+    assert!(seen.on_cpu_ns > 0, "the late cgroup is charged: {seen:?}");
 }
 
 /// Not root: one clear message and a non-zero exit, no panic.

@@ -315,6 +315,8 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
         mem: None,
         keep_logs: None,
         tcg_threads: crate::vm::DEFAULT_TCG,
+        agent: None,
+        policies: None,
     };
     let (table, hangs) = crate::vm::run_suite(&vm_args)?;
     let mut md = format!(

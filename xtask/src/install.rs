@@ -189,6 +189,30 @@ pub fn uninstall_files(root: &Path, purge: bool) -> Result<()> {
     Ok(())
 }
 
+/// Before the binary goes: nothing cgsentry applied may outlive it (a cgroup left
+/// frozen, capped or in quarantine with nobody to release it). With the agent stopped,
+/// `cgsentry release --all --offline` undoes what its journal records. Only on a live
+/// system (root `/`); a staged tree has nothing applied.
+fn release_everything(root: &Path) -> Result<()> {
+    let l = Layout::new(root);
+    if root != Path::new("/") || !l.binary.exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new(&l.binary)
+        .args(["release", "--all", "--offline", "--journal-dir"])
+        .arg(&l.var_lib)
+        .status()
+        .with_context(|| format!("running {} release --all --offline", l.binary.display()))?;
+    if !status.success() {
+        bail!(
+            "{} release --all --offline failed (see above): nothing was removed; \
+             fix it and uninstall again",
+            l.binary.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn install(args: &InstallArgs) -> Result<()> {
     if !crate::cmd::is_root() && args.root == Path::new("/") {
         bail!("installing into / needs root: sudo -E cargo xtask install (or --root DIR)");
@@ -202,6 +226,7 @@ pub fn install(args: &InstallArgs) -> Result<()> {
                 "cgsentry.service",
             ]));
         }
+        release_everything(&args.root)?;
         uninstall_files(&args.root, args.purge)?;
         if systemctl {
             run(std::process::Command::new("systemctl").arg("daemon-reload"))?;

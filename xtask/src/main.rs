@@ -166,6 +166,8 @@ fn test(no_host: bool, no_vm: bool) -> Result<()> {
         mem: None,
         keep_logs: None,
         tcg_threads: vm::DEFAULT_TCG,
+        agent: None,
+        policies: None,
     })
 }
 

@@ -25,6 +25,7 @@ use crate::wedge;
 /// Applets the init script and scenarios use.
 const APPLETS: &[&str] = &[
     "sh", "mount", "mkdir", "cat", "echo", "sleep", "poweroff", "insmod", "mkswap", "swapon",
+    "ifconfig",
 ];
 /// Loaded in this order for a swap disk (no virtio is built into the cloud kernel).
 const SWAP_MODULES: &[&str] = &[
@@ -55,6 +56,14 @@ pub struct VmTestArgs {
     /// (MTTCG), `single` runs them round-robin on one thread.
     #[arg(long, value_enum, default_value_t = DEFAULT_TCG)]
     pub tcg_threads: Tcg,
+    /// Run this `cgsentry` binary in the guests instead of the one just built (an
+    /// older build, to see a scenario fail where a fix was missing).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// Shipped policies from this directory instead of `policies/` (with --agent: the
+    /// policies that build shipped).
+    #[arg(long, value_name = "DIR")]
+    pub policies: Option<PathBuf>,
 }
 
 pub const DEFAULT_TCG: Tcg = Tcg::Multi;
@@ -91,6 +100,9 @@ struct Vm<'a> {
     dir: &'a Path,
     kernel: &'a Kernel,
     tcg: Tcg,
+    /// The agent binary and the shipped policies' directory put into the guest.
+    agent: &'a Path,
+    policies: &'a Path,
 }
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
@@ -149,6 +161,14 @@ pub fn run_suite(args: &VmTestArgs) -> Result<(BTreeMap<String, Vec<Outcome>>, u
     let scenarios = scenario_paths(&root.join("tests/scenarios"), &args.scenarios)?;
     build_release_binaries()?;
     let kernel = ensure_kernel(&vm_dir.join("kernel"))?;
+    let agent = args
+        .agent
+        .clone()
+        .unwrap_or_else(|| root.join("target/release/cgsentry"));
+    let policies = args
+        .policies
+        .clone()
+        .unwrap_or_else(|| root.join("policies"));
 
     let mut table: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
     let mut hangs = 0u32;
@@ -167,6 +187,8 @@ pub fn run_suite(args: &VmTestArgs) -> Result<(BTreeMap<String, Vec<Outcome>>, u
                 dir: &vm_dir,
                 kernel: &kernel,
                 tcg: args.tcg_threads,
+                agent: &agent,
+                policies: &policies,
             };
             let outcome = run_unwedged(&vm, name, path, &scenario, attempt, &mut hangs)?;
             if outcome.failures.is_empty() {
@@ -509,6 +531,7 @@ fn init_script(swap: bool) -> String {
          mount -t tracefs tracefs /sys/kernel/tracing\n\
          echo '+cpu +memory +pids +io +cpuset' > /sys/fs/cgroup/cgroup.subtree_control\n\
          export PATH=/bin\n\
+         ifconfig lo 127.0.0.1 up\n\
          {modules}\
          /bin/workload keep-tracepoints {KEPT_SUBSYSTEMS} &\n\
          /bin/workload vm-run /scenario.toml\n\
@@ -522,6 +545,8 @@ fn build_initramfs(
     kernel: &Kernel,
     scenario_file: &Path,
     scenario: &Scenario,
+    agent: &Path,
+    policies: &Path,
 ) -> Result<PathBuf> {
     let swap = scenario.vm.swap_mib > 0;
     let root = dir.join("root");
@@ -536,7 +561,7 @@ fn build_initramfs(
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
     let release = workspace_root().join("target/release");
-    install_binary(&root, &release.join("cgsentry"))?;
+    install_binary(&root, agent)?;
     install_binary(&root, &release.join("workload"))?;
     // Another guard, for side-by-side benchmarks: only its own files.
     if let Some(guard) = &scenario.guard {
@@ -546,7 +571,7 @@ fn build_initramfs(
     // The shipped policies, for scenarios that ask for them (`shipped_policies`).
     let shipped = root.join("usr/share/cgsentry/policies");
     std::fs::create_dir_all(&shipped)?;
-    for entry in std::fs::read_dir(workspace_root().join("policies"))? {
+    for entry in std::fs::read_dir(policies)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "toml") {
             std::fs::copy(
@@ -596,10 +621,12 @@ fn run_scenario(
         dir: vm_dir,
         kernel,
         tcg,
+        agent,
+        policies,
     } = *vm;
     let dir = vm_dir.join("run").join(name);
     std::fs::create_dir_all(&dir)?;
-    let initrd = build_initramfs(&dir, kernel, path, scenario)?;
+    let initrd = build_initramfs(&dir, kernel, path, scenario, agent, policies)?;
     let console = boot(&dir, kernel, tcg, &initrd, scenario)?;
     let logs = vm_dir.join("logs");
     std::fs::create_dir_all(&logs)?;

@@ -422,6 +422,111 @@ pub fn park(root: &std::path::Path, cgroups: usize, processes: usize) -> Result<
     Ok(())
 }
 
+/// Creates `count` cgroups under `root` (no controllers: a delegated user's cheapest
+/// way to make many) and runs one short-lived process in each, so that the kernel
+/// side sees every one of them; then exits 0. What any user with a delegated subtree
+/// can do to fill a per-cgroup eBPF map.
+pub fn cgroup_flood(root: &std::path::Path, count: usize) -> Result<()> {
+    let start = Instant::now();
+    for i in 0..count {
+        let dir = root.join(format!("c{i:05}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => bail!("mkdir {}: {e}", dir.display()),
+        }
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .with_context(|| format!("{}/cgroup.procs", dir.display()))?;
+        // SAFETY: single-threaded; the child moves itself and exits at once.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork #{i}: {}", std::io::Error::last_os_error()),
+            0 => {
+                let mut procs = procs;
+                let code = i32::from(procs.write_all(b"0").is_err());
+                // SAFETY: leaving the child without running the parent's destructors.
+                unsafe { libc::_exit(code) };
+            }
+            pid => {
+                let mut st = 0;
+                // SAFETY: reaping our own child.
+                unsafe { libc::waitpid(pid, &raw mut st, 0) };
+            }
+        }
+        if i % 500 == 0 {
+            status(
+                &json!({"workload": "cgroup-flood", "cgroups": i, "elapsed_ms": ms(start.elapsed())}),
+            );
+        }
+        if stopping() {
+            break;
+        }
+    }
+    status(
+        &json!({"workload": "cgroup-flood", "cgroups": count, "elapsed_ms": ms(start.elapsed()), "final": true}),
+    );
+    Ok(())
+}
+
+/// Holds `count` idle TCP connections to `addr` (a metrics port), opening again
+/// those the server closes, until SIGTERM: a local user's way to exhaust a server's
+/// file descriptors.
+pub fn conn_flood(addr: std::net::SocketAddr, count: usize) -> Result<()> {
+    raise_file_limit();
+    let start = Instant::now();
+    let mut open: Vec<std::net::TcpStream> = Vec::with_capacity(count);
+    let (mut opened, mut failed) = (0u64, 0u64);
+    let mut last_status = Instant::now();
+    while !stopping() {
+        // Drop the ones the server closed (a read of 0 bytes), keep the idle ones.
+        open.retain(|c| {
+            let mut b = [0u8; 64];
+            match (&*c).read(&mut b) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        });
+        while open.len() < count && !stopping() {
+            let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            else {
+                failed += 1;
+                break; // the accept queue is full: try again next round
+            };
+            c.set_nonblocking(true)?;
+            open.push(c);
+            opened += 1;
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            status(
+                &json!({"workload": "conn-flood", "open": open.len(), "opened": opened, "failed": failed, "elapsed_ms": ms(start.elapsed())}),
+            );
+            last_status = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    status(
+        &json!({"workload": "conn-flood", "open": open.len(), "opened": opened, "failed": failed, "final": true}),
+    );
+    Ok(())
+}
+
+/// The soft open-file limit up to the hard one (a thousand sockets need it).
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,22 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         processes: usize,
     },
+    /// Create COUNT cgroups under ROOT, each entered once by a short-lived process,
+    /// then exit 0 (fills a per-cgroup eBPF map as any delegated user could).
+    CgroupFlood {
+        /// Parent directory of the cgroups (inside a cgroup v2 mount).
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value_t = 4200)]
+        count: usize,
+    },
+    /// Hold COUNT idle TCP connections to ADDR, reopening closed ones, until SIGTERM.
+    ConnFlood {
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
     /// Run a scenario file inside the VM and print `RESULT {json}`.
     VmRun { scenario: PathBuf },
     /// In the VM, before anything else: hold every tracepoint of SUBSYSTEMS open and
@@ -139,6 +155,8 @@ fn run(command: Cmd) -> Result<()> {
             cgroups,
             processes,
         } => behaviours::park(&root, cgroups, processes),
+        Cmd::CgroupFlood { root, count } => behaviours::cgroup_flood(&root, count),
+        Cmd::ConnFlood { addr, count } => behaviours::conn_flood(addr, count),
         Cmd::VmRun { scenario } => runner::vm_run(&scenario),
         Cmd::KeepTracepoints {
             subsystems,

@@ -25,8 +25,29 @@ fn say(msg: &str) {
     println!("vm-run: {msg}");
 }
 
+/// A scenario's cgroup path as the bytes it stands for: the agent's own text form
+/// (`%XX` is byte XX, so that a scenario can name a cgroup whose name is not UTF-8, and
+/// its metrics carry the same text the agent prints).
+fn path_bytes(text: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt as _;
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        if let (b'%', Some(h), Some(l)) = (b[i], hex(i + 1), hex(i + 2)) {
+            out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
 fn cgroup_dir(rel: &str) -> PathBuf {
-    Path::new(CGROUP_ROOT).join(rel.trim_start_matches('/'))
+    Path::new(CGROUP_ROOT).join(path_bytes(rel.trim_start_matches('/')))
 }
 
 /// Creates `rel` and enables the controllers in every ancestor on the way.
@@ -35,7 +56,7 @@ fn make_cgroup(rel: &str) -> Result<()> {
     for part in rel.trim_start_matches('/').split('/') {
         // Ignored: the controllers may already be on, or not exist in this kernel.
         let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
-        dir.push(part);
+        dir.push(path_bytes(part));
         if !dir.exists() {
             std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         }
@@ -93,22 +114,61 @@ fn pump(
             let Ok(line) = line else { break };
             match (&sink, serde_json::from_str::<Value>(&line)) {
                 (Some(sink), Ok(v)) => {
-                    // Agent ticks are long: keep them, print a short trace.
-                    if name == "agent" {
+                    // Agent ticks are long: keep what the metrics read, print a short trace.
+                    let v = if name == "agent" {
                         let top = &v["cgroups"][0];
                         println!(
                             "[agent] tick: top {} {:.0} %",
                             top["path"],
                             top["cpu_percent"].as_f64().unwrap_or(0.0)
                         );
+                        agent_tick_kept(&v)
                     } else {
                         println!("[{name}] {line}");
-                    }
+                        v
+                    };
                     sink.lock().unwrap().push((t0.elapsed(), v));
                 }
                 _ => println!("[{name}] {line}"),
             }
         }
+    })
+}
+
+/// What the run's metrics read of one agent tick (a tick of a host with thousands of
+/// cgroups is megabytes; ninety of them kept whole would not fit in the VM).
+fn agent_tick_kept(v: &Value) -> Value {
+    let pick = |v: &Value, keys: &[&str]| -> Value {
+        Value::Object(
+            keys.iter()
+                .filter_map(|k| v.get(*k).map(|x| ((*k).to_owned(), x.clone())))
+                .collect(),
+        )
+    };
+    let each = |list: &Value, keys: &[&str]| -> Value {
+        Value::Array(
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| pick(x, keys))
+                .collect(),
+        )
+    };
+    json!({
+        "cgroups": each(&v["cgroups"], &["path", "cpu_percent", "forks", "reclaim_stall_ms"]),
+        "findings": Value::Array(
+            v["findings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| json!({"finding": pick(&f["finding"], &["kind", "cgroup"])}))
+                .collect()
+        ),
+        "decisions": each(&v["decisions"], &["action", "cgroup"]),
+        "actions": each(&v["actions"], &["action", "cgroup"]),
+        "policy_errors": v["policy_errors"].clone(),
+        "ebpf": v["ebpf"].clone(),
+        "events": {"oom_victims": v["events"]["oom_victims"].clone()},
     })
 }
 
@@ -694,6 +754,9 @@ pub fn vm_run(path: &Path) -> Result<()> {
             |(t, st)| format!("{} at {:.1} s", describe(st), t.as_secs_f64()),
         );
         metrics.insert(format!("exit:{}", r.name), json!(exit));
+        if let Some((t, _)) = r.exit {
+            metrics.insert(format!("exited_s:{}", r.name), json!(t.as_secs_f64()));
+        }
         metrics.insert(format!("survived:{}", r.name), json!(survived[&r.name]));
         metrics.insert(
             format!("cgroup_oom_kills:{}", r.cgroup),
@@ -828,6 +891,10 @@ fn agent_metrics(
         .filter_map(|k| e[*k].as_u64())
         .sum();
         metrics.insert("agent_ebpf_dropped".into(), json!(dropped));
+        metrics.insert(
+            "agent_ebpf_evicted".into(),
+            json!(e["cgroup_evictions"].as_u64().unwrap_or(0)),
+        );
     }
     let mut tops: BTreeMap<String, usize> = BTreeMap::new();
     let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
