@@ -70,11 +70,14 @@ static OFF_FORK_CHILD_PID: u32 = offsets::DEFAULT_FORK_CHILD_PID;
 #[unsafe(no_mangle)]
 static OFF_OOM_VICTIM_PID: u32 = offsets::DEFAULT_OOM_VICTIM_PID;
 
-/// `BPF_ANY`. Two CPUs can miss the lookup of the same new cgroup at once (the keys of a
-/// per-CPU hash are shared): with `BPF_NOEXIST` the second insert would fail. From a
-/// program, an update of a per-CPU hash writes only this CPU's slot, and a CPU that
-/// missed the lookup has never written its slot, so `BPF_ANY` is right in that race.
-const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: a new cgroup's entry is added zeroed only if no other CPU added it
+/// first (two CPUs can miss the lookup of the same new cgroup at once: the keys of a
+/// per-CPU hash are shared); either way this CPU's slot is then updated through a
+/// lookup. So each entry is counted once in [`Stat::CgroupInserts`], and the agent's
+/// eviction count is exact.
+const BPF_NOEXIST: u64 = 1;
+/// `-EEXIST`: another CPU added the entry between our lookup and insert.
+const EEXIST: i64 = -17;
 /// `BPF_RB_NO_WAKEUP`: do not wake the reader on submit.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 /// `-E2BIG`: the map is full.
@@ -121,17 +124,18 @@ fn with_stats(cgroup: u64, f: impl FnOnce(&mut CgroupStats)) -> Result<(), Stat>
         f(unsafe { &mut *value });
         return Ok(());
     }
-    let mut value = CgroupStats::default();
-    f(&mut value);
-    CGROUP_STATS.insert(cgroup, value, BPF_ANY).map_err(|e| {
-        if i64::from(e) == E2BIG {
-            Stat::CgroupMapFull
-        } else {
-            Stat::UpdateError
+    // The new-entry path only (rare): the agent counts evictions from the inserts.
+    match CGROUP_STATS.insert(cgroup, CgroupStats::default(), BPF_NOEXIST) {
+        Ok(()) => {
+            count(Stat::CgroupInserts);
         }
-    })?;
-    // The new-entry path only (rare): the agent counts evictions from this.
-    count(Stat::CgroupInserts);
+        Err(e) if i64::from(e) == EEXIST => {}
+        Err(e) if i64::from(e) == E2BIG => return Err(Stat::CgroupMapFull),
+        Err(_) => return Err(Stat::UpdateError),
+    }
+    let value = CGROUP_STATS.get_ptr_mut(cgroup).ok_or(Stat::UpdateError)?;
+    // SAFETY: as above.
+    f(unsafe { &mut *value });
     Ok(())
 }
 

@@ -85,10 +85,48 @@ fn gone(e: &io::Error) -> bool {
 /// thread; the unit allows the agent 64 tasks).
 const MAX_BLOCKED_WRITERS: usize = 8;
 
-/// `memory.high` writes in flight: one thread per file at most, and the value the next
-/// caller wanted, written by that thread once its write returns (the latest wins).
+/// The pool's queue: where jobs go in, and the receiver the workers share.
+type JobQueue = (mpsc::Sender<HighJob>, Arc<Mutex<mpsc::Receiver<HighJob>>>);
+
+/// A pool worker with nothing to do for this long goes away.
+const WRITER_IDLE: Duration = Duration::from_mins(1);
+
+/// One `memory.high` write for the pool: the cgroup, the value, where to answer.
+struct HighJob {
+    rel: String,
+    key: PathBuf,
+    value: String,
+    reply: mpsc::Sender<Result<(), ActError>>,
+}
+
+/// `memory.high` writes: a pool of at most [`MAX_BLOCKED_WRITERS`] threads, started as
+/// writes need them and gone after [`WRITER_IDLE`] without one (never a thread per
+/// write), and per file the write in flight with the value the next caller wanted,
+/// written by the same worker once its write returns (the latest wins).
 #[derive(Clone, Debug, Default)]
-struct InFlight(Arc<Mutex<HashMap<PathBuf, Option<String>>>>);
+struct InFlight(Arc<Pool>);
+
+#[derive(Debug, Default)]
+struct Pool {
+    /// Files with a write in flight → the value to write next.
+    files: Mutex<HashMap<PathBuf, Option<String>>>,
+    /// The queue the workers take jobs from (made with the first worker).
+    queue: Mutex<Option<JobQueue>>,
+    workers: std::sync::atomic::AtomicUsize,
+    idle: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for HighJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HighJob")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Writes cgroup v2 control files under an injectable root.
 #[derive(Clone, Debug)]
@@ -109,7 +147,16 @@ impl Writer {
     /// `memory.high` writes still blocked in the kernel.
     #[must_use]
     pub fn blocked_writes(&self) -> usize {
-        self.inflight.0.lock().map_or(0, |m| m.len())
+        lock(&self.inflight.0.files).len()
+    }
+
+    /// `memory.high` writer threads alive (busy or idle).
+    #[must_use]
+    pub fn writer_threads(&self) -> usize {
+        self.inflight
+            .0
+            .workers
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The directory of cgroup `rel` (a [`crate::cgroupfs::path_text`]).
@@ -230,19 +277,17 @@ impl Writer {
         self.set_memory_high_raw(rel, &(bytes / page * page).to_string())
     }
 
-    /// Writes `memory.high` on a helper thread and waits for it up to
-    /// [`MEMORY_HIGH_TIMEOUT`]. One thread per file at most: while a write to this
-    /// file is still blocked, the value is handed to that thread (written when its
-    /// write returns) instead of starting another; and no more than
-    /// [`MAX_BLOCKED_WRITERS`] at once — a thread that cannot start is an error, never
-    /// a panic.
+    /// Writes `memory.high` through the writer pool and waits for it up to
+    /// [`MEMORY_HIGH_TIMEOUT`]. While a write to this file is still blocked, the value
+    /// is handed to the worker holding it (written when its write returns) instead of
+    /// taking another; no more than [`MAX_BLOCKED_WRITERS`] files at once. A worker
+    /// that cannot start is an error, never a panic.
     fn set_memory_high_raw(&self, rel: &str, value: &str) -> Result<(), ActError> {
         let path = self.dir(rel).join("memory.high");
+        let pool = &self.inflight.0;
         {
-            let Ok(mut map) = self.inflight.0.lock() else {
-                return self.write_verified(rel, "memory.high", value, value);
-            };
-            if let Some(next) = map.get_mut(&path) {
+            let mut files = lock(&pool.files);
+            if let Some(next) = files.get_mut(&path) {
                 *next = Some(value.to_owned());
                 return Err(ActError::Busy {
                     path,
@@ -250,40 +295,24 @@ impl Writer {
                     why: "an earlier write is still blocked in the kernel (reclaiming)",
                 });
             }
-            if map.len() >= MAX_BLOCKED_WRITERS {
+            if files.len() >= MAX_BLOCKED_WRITERS {
                 return Err(ActError::Busy {
                     path,
                     value: value.to_owned(),
                     why: "too many memory.high writes are blocked in the kernel; not written",
                 });
             }
-            map.insert(path.clone(), None);
+            files.insert(path.clone(), None);
         }
-        let (tx, rx) = mpsc::channel();
-        let me = self.clone();
-        let (rel_owned, first, key) = (rel.to_owned(), value.to_owned(), path.clone());
-        let spawned = std::thread::Builder::new()
-            .name("cgsentry-memhigh".into())
-            .spawn(move || {
-                let mut value = first;
-                loop {
-                    let r = me.write_verified(&rel_owned, "memory.high", &value, &value);
-                    let _ = tx.send(r); // the first caller may have stopped waiting
-                    let Ok(mut map) = me.inflight.0.lock() else {
-                        return;
-                    };
-                    if let Some(next) = map.get_mut(&key).and_then(Option::take) {
-                        value = next;
-                    } else {
-                        map.remove(&key);
-                        return;
-                    }
-                }
-            });
-        if let Err(source) = spawned {
-            if let Ok(mut map) = self.inflight.0.lock() {
-                map.remove(&path);
-            }
+        let (reply, rx) = mpsc::channel();
+        let job = HighJob {
+            rel: rel.to_owned(),
+            key: path.clone(),
+            value: value.to_owned(),
+            reply,
+        };
+        if let Err(source) = self.submit(job) {
+            lock(&pool.files).remove(&path);
             return Err(ActError::Thread { path, source });
         }
         rx.recv_timeout(MEMORY_HIGH_TIMEOUT).unwrap_or_else(|_| {
@@ -293,6 +322,60 @@ impl Writer {
                 secs: MEMORY_HIGH_TIMEOUT.as_secs(),
             })
         })
+    }
+
+    /// Queues a job, starting a worker when none is idle (up to the bound).
+    fn submit(&self, job: HighJob) -> io::Result<()> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let pool = &self.inflight.0;
+        let mut queue = lock(&pool.queue);
+        let (tx, rx) = queue.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel();
+            (tx, Arc::new(Mutex::new(rx)))
+        });
+        let need = pool.idle.load(std::sync::atomic::Ordering::Acquire) == 0
+            && pool.workers.load(std::sync::atomic::Ordering::Acquire) < MAX_BLOCKED_WRITERS;
+        if need {
+            let (me, rx) = (self.clone(), Arc::clone(rx));
+            pool.workers.fetch_add(1, AcqRel);
+            let spawned = std::thread::Builder::new()
+                .name("cgsentry-memhigh".into())
+                .spawn(move || me.work(&rx));
+            if let Err(e) = spawned {
+                pool.workers.fetch_sub(1, AcqRel);
+                if pool.workers.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return Err(e);
+                }
+            }
+        }
+        tx.send(job)
+            .map_err(|_| io::Error::other("the writer pool is gone"))
+    }
+
+    /// A pool worker: takes jobs until none comes for [`WRITER_IDLE`].
+    fn work(&self, rx: &Mutex<mpsc::Receiver<HighJob>>) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let pool = &self.inflight.0;
+        loop {
+            pool.idle.fetch_add(1, AcqRel);
+            let job = lock(rx).recv_timeout(WRITER_IDLE);
+            pool.idle.fetch_sub(1, AcqRel);
+            let Ok(mut job) = job else {
+                pool.workers.fetch_sub(1, AcqRel);
+                return;
+            };
+            loop {
+                let r = self.write_verified(&job.rel, "memory.high", &job.value, &job.value);
+                let _ = job.reply.send(r); // the caller may have stopped waiting
+                let mut files = lock(&pool.files);
+                if let Some(next) = files.get_mut(&job.key).and_then(Option::take) {
+                    job.value = next;
+                } else {
+                    files.remove(&job.key);
+                    break;
+                }
+            }
+        }
     }
 
     /// `pids.max` (`None`: "max").
@@ -360,6 +443,31 @@ impl Writer {
             .read(rel, "cgroup.procs")?
             .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default())
+    }
+
+    /// Processes of the cgroup and of every cgroup below it (a parent's own
+    /// `cgroup.procs` is empty when it enables controllers for its children).
+    ///
+    /// # Errors
+    /// The cgroup's own `cgroup.procs` unreadable.
+    pub fn procs_below(&self, rel: &str) -> Result<Vec<u32>, ActError> {
+        let mut out = self.procs(rel)?;
+        let mut dirs = vec![rel.to_owned()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(self.dir(&dir)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    use std::os::unix::ffi::OsStrExt as _;
+                    let name = crate::cgroupfs::path_text(e.file_name().as_bytes());
+                    let child = format!("{}/{name}", dir.trim_end_matches('/'));
+                    out.extend(self.procs(&child).unwrap_or_default());
+                    dirs.push(child);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Moves a process into `rel`. `Ok(false)`: it exited first (ESRCH).
@@ -434,7 +542,8 @@ impl Writer {
         }
     }
 
-    /// Sends `signal` to every process of the cgroup; returns how many got it.
+    /// Sends `signal` to every process of the cgroup and of the cgroups below it;
+    /// returns how many got it.
     ///
     /// # Errors
     /// `cgroup.procs` unreadable.
@@ -444,7 +553,7 @@ impl Writer {
         signal: nix::sys::signal::Signal,
     ) -> Result<usize, ActError> {
         let mut n = 0;
-        for pid in self.procs(rel)? {
+        for pid in self.procs_below(rel)? {
             if untouchable(pid) {
                 continue;
             }
@@ -547,6 +656,31 @@ impl Applied {
         self.quarantine.as_deref().unwrap_or(&self.cgroup)
     }
 
+    /// Why this entry (read from a journal, which is data) cannot be one the agent
+    /// wrote: a path that is not a cgroup path, a quarantine that is not a
+    /// `quarantine-*` cgroup, a frozen cgroup that is neither of its own.
+    fn malformed(&self) -> Option<&'static str> {
+        if !sane_cgroup(&self.cgroup) {
+            return Some("its cgroup is not a cgroup path");
+        }
+        if let Some(q) = &self.quarantine {
+            let named = q
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("quarantine-"));
+            if !sane_cgroup(q) || !named {
+                return Some("its quarantine is not a quarantine-* cgroup");
+            }
+        }
+        if let Some(f) = &self.frozen
+            && f != &self.cgroup
+            && Some(f) != self.quarantine.as_ref()
+        {
+            return Some("it froze a cgroup that is neither its own nor its quarantine");
+        }
+        None
+    }
+
     /// The id this entry recorded for `cgroup` (its offender or its quarantine).
     fn recorded_id(&self, cgroup: &str) -> Option<u64> {
         if cgroup == self.cgroup {
@@ -618,7 +752,7 @@ pub struct Report {
 #[derive(Debug)]
 pub struct Actuator {
     w: Writer,
-    path: PathBuf,
+    file: crate::durable::DurableFile,
     journal: Journal,
     quarantine_parent: String,
     /// Cgroups never acted on ([`crate::safety`]): the last line of defence, whatever
@@ -670,9 +804,17 @@ impl Actuator {
             }),
             Err(_) => Journal::default(),
         };
+        let mut journal = journal;
+        journal.entries.retain(|a| match a.malformed() {
+            None => true,
+            Some(why) => {
+                warn!(cgroup = %a.cgroup, rule = %a.rule, "{}: entry ignored: {why}", path.display());
+                false
+            }
+        });
         Self {
             w: Writer::new(cgroup_root),
-            path,
+            file: crate::durable::DurableFile::new(path),
             journal,
             quarantine_parent: quarantine_parent.to_owned(),
             never: crate::safety::Safety::default()
@@ -746,76 +888,66 @@ impl Actuator {
         &self.w
     }
 
-    /// The offender a quarantine cgroup stands for (so that findings about the
-    /// quarantine continue the offender's ladder instead of starting a new one).
+    /// The offender a quarantine cgroup stands for, with its id (so that findings about
+    /// the quarantine continue that offender's ladder instead of starting a new one,
+    /// even once its own cgroup is gone or another one took its path).
     #[must_use]
-    pub fn origin_of(&self, cgroup: &str) -> Option<&str> {
+    pub fn origin_of(&self, cgroup: &str) -> Option<(&str, Option<u64>)> {
         self.journal
             .entries
             .iter()
             .find(|a| a.quarantine.as_deref() == Some(cgroup))
-            .map(|a| a.cgroup.as_str())
+            .map(|a| (a.cgroup.as_str(), a.cgroup_id))
     }
 
+    /// Writes the journal durably, waiting at most [`crate::durable::SAVE_WAIT`].
     fn save(&mut self) -> Result<(), ActError> {
         self.journal.version = JOURNAL_VERSION;
-        let err = |source| ActError::Journal {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&self.journal).map_err(io::Error::other);
-        std::fs::write(&tmp, bytes.map_err(err)?).map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)
+        bytes
+            .and_then(|b| self.file.save(b))
+            .map_err(|source| ActError::Journal {
+                path: self.file.path().to_owned(),
+                source,
+            })
     }
 
-    /// The entry of `d`'s cgroup and rule, for the cgroup as it is now (`id`): an
-    /// entry left from an earlier cgroup at the same path is undone where it still can
-    /// be (its quarantine) and replaced.
-    fn entry(&mut self, d: &Decision, id: u64) -> (usize, Option<Report>) {
-        let mut stale = None;
-        if let Some(i) = self
-            .journal
-            .entries
-            .iter()
-            .position(|a| a.cgroup == d.cgroup && a.rule == d.rule)
-            && self.journal.entries[i]
-                .cgroup_id
-                .is_some_and(|then| then != id)
-        {
-            let old = self.journal.entries.remove(i);
-            stale = Some(undo(&self.w, &old));
+    /// The entry of `cgroup` under `rule` for the cgroup instance `id` (0: any): an
+    /// entry belongs to one cgroup, not to a path — a cgroup made since at the same path
+    /// (a restarted service) gets an entry of its own, and the old one's containment
+    /// (its quarantine, with the offender in it) stays with the old one.
+    fn find(&self, cgroup: &str, rule: &str, id: u64) -> Option<usize> {
+        self.journal.entries.iter().position(|a| {
+            a.cgroup == cgroup
+                && a.rule == rule
+                && (id == 0 || a.cgroup_id.is_none_or(|recorded| recorded == id))
+        })
+    }
+
+    /// The entry of `d`, made if there is none: for the cgroup instance `id`.
+    fn entry(&mut self, d: &Decision, id: u64) -> usize {
+        if let Some(i) = self.find(&d.cgroup, &d.rule, id) {
+            self.journal.entries[i].cgroup_id.get_or_insert(id);
+            return i;
         }
-        let i = self
-            .journal
-            .entries
-            .iter()
-            .position(|a| a.cgroup == d.cgroup && a.rule == d.rule)
-            .unwrap_or_else(|| {
-                self.journal.entries.push(Applied {
-                    cgroup: d.cgroup.clone(),
-                    cgroup_id: Some(id),
-                    rule: d.rule.clone(),
-                    finding: d.finding,
-                    steps_taken: 0,
-                    originals: BTreeMap::new(),
-                    quarantine: None,
-                    quarantine_id: None,
-                    moved: Vec::new(),
-                    frozen: None,
-                    kill_due_ms: None,
-                    kill_deadline: None,
-                    relaxed: false,
-                    dry_run: d.dry_run,
-                    updated_ms: now_ms(),
-                });
-                self.journal.entries.len() - 1
-            });
-        self.journal.entries[i].cgroup_id.get_or_insert(id);
-        (i, stale)
+        self.journal.entries.push(Applied {
+            cgroup: d.cgroup.clone(),
+            cgroup_id: Some(id),
+            rule: d.rule.clone(),
+            finding: d.finding,
+            steps_taken: 0,
+            originals: BTreeMap::new(),
+            quarantine: None,
+            quarantine_id: None,
+            moved: Vec::new(),
+            frozen: None,
+            kill_due_ms: None,
+            kill_deadline: None,
+            relaxed: false,
+            dry_run: d.dry_run,
+            updated_ms: now_ms(),
+        });
+        self.journal.entries.len() - 1
     }
 
     /// Saves a file's current content as the original to restore, once.
@@ -928,17 +1060,21 @@ impl Actuator {
                 errors,
             );
         }
-        let Some(id) = self.w.id_of(&d.cgroup) else {
+        // Which cgroup: the decision's (0: the one at the path now). One with an entry
+        // is acted on through it even when its own directory is gone (its processes
+        // are in quarantine, where systemd's empty scope no longer is); a new one only
+        // while it exists.
+        let id = match (d.cgroup_id, self.w.id_of(&d.cgroup)) {
+            (0, Some(now)) => now,
+            (0, None) => 0,
+            (id, _) => id,
+        };
+        let known = id != 0 && self.find(&d.cgroup, &d.rule, id).is_some();
+        if !known && (id == 0 || self.w.id_of(&d.cgroup) != Some(id)) {
             let path = self.w.dir(&d.cgroup);
             return report(Vec::new(), vec![ActError::Gone { path }.to_string()]);
-        };
-        let (i, stale) = self.entry(d, id);
-        if let Some(r) = stale {
-            done.push(format!(
-                "an entry left from an earlier cgroup at this path was dropped ({})",
-                r.done
-            ));
         }
+        let i = self.entry(d, id);
         let intent = self.intend(i, d, memory_current, &mut errors);
         if let Err(e) = self.save() {
             errors.push(format!("{e} (carried out all the same)"));
@@ -992,8 +1128,12 @@ impl Actuator {
                 Intent::Throttle(target)
             }
             Action::Quarantine => {
+                // A name no entry holds and no cgroup has yet (an orphan or someone
+                // else's directory is never merged into).
                 let q = entry.quarantine.clone().unwrap_or_else(|| {
-                    free_quarantine_path(&parent, &d.cgroup, |q| taken.iter().any(|t| t == q))
+                    free_quarantine_path(&parent, &d.cgroup, |q| {
+                        taken.iter().any(|t| t == q) || writer.dir(q).exists()
+                    })
                 });
                 entry.quarantine = Some(q.clone());
                 Intent::Quarantine(q)
@@ -1065,14 +1205,11 @@ impl Actuator {
         out
     }
 
-    /// Undoes everything a rule did to a cgroup: thaw, move processes back, restore the
-    /// limits it replaced, remove the quarantine cgroup.
+    /// Undoes everything a rule did to a cgroup (the instance `r.cgroup_id`; 0: the
+    /// entry at that path): thaw, move processes back, restore the limits it replaced,
+    /// remove the quarantine cgroup.
     pub fn release(&mut self, r: &Release) -> Option<Report> {
-        let i = self
-            .journal
-            .entries
-            .iter()
-            .position(|a| a.cgroup == r.cgroup && a.rule == r.rule)?;
+        let i = self.find(&r.cgroup, &r.rule, r.cgroup_id)?;
         let a = self.journal.entries.remove(i);
         let report = undo(&self.w, &a);
         if let Err(e) = self.save() {
@@ -1101,11 +1238,7 @@ impl Actuator {
     /// then runs in batches under the cap instead of queueing everything at once. An
     /// entry with nothing to relax (no freeze, no `memory.high`) is released whole.
     pub fn relax(&mut self, r: &Release, room: u64) -> Option<Report> {
-        let i = self
-            .journal
-            .entries
-            .iter()
-            .position(|a| a.cgroup == r.cgroup && a.rule == r.rule)?;
+        let i = self.find(&r.cgroup, &r.rule, r.cgroup_id)?;
         let a = &mut self.journal.entries[i];
         let target = a.target().to_owned();
         let capped = a.originals.contains_key(&key(&target, "memory.high"));
@@ -1150,10 +1283,10 @@ impl Actuator {
         Some(report)
     }
 
-    /// Cgroups (the offenders' paths) of relaxed entries whose memory is at 90 % of the
+    /// Cgroups (the offenders' ids) of relaxed entries whose memory is at 90 % of the
     /// `memory.high` they were left under or more: their work still runs against the cap.
     #[must_use]
-    pub fn pressing(&self) -> Vec<String> {
+    pub fn pressing(&self) -> Vec<u64> {
         self.journal
             .entries
             .iter()
@@ -1169,17 +1302,18 @@ impl Actuator {
                     _ => false,
                 }
             })
-            .map(|a| a.cgroup.clone())
+            .filter_map(|a| a.cgroup_id.or_else(|| self.w.id_of(&a.cgroup)))
             .collect()
     }
 
     /// At start: what a previous agent journaled, checked against the cgroups as they
     /// are now. An entry whose cgroup and quarantine are both gone is dropped; one
-    /// whose cgroup was replaced by another at the same path (its id differs) is undone
-    /// where it still can be (its quarantine: thawed, processes moved to the nearest
-    /// cgroup above the old one) and dropped, never applied to the new cgroup; the rest
-    /// are returned for the caller to re-adopt (continue their ladders) or release. A
-    /// SIGKILL still due is due by the monotonic clock from now, within its grace.
+    /// whose cgroup was replaced by another at the same path (its id differs) and that
+    /// holds no quarantine is dropped (nothing of it is ever applied to the new
+    /// cgroup); the rest — a quarantine still holding its offender included — are
+    /// returned for the caller to re-adopt (continue their ladders, under the recorded
+    /// id) or release. A SIGKILL still due is due by the monotonic clock from now,
+    /// within its grace.
     pub fn reconcile(&mut self) -> (Vec<Applied>, Vec<Report>) {
         let w = self.w.clone();
         let before = self.journal.entries.len();
@@ -1191,7 +1325,11 @@ impl Actuator {
             let quarantine_there = a.quarantine.as_ref().and_then(|q| w.id_of(q));
             let replaced =
                 matches!((cgroup_there, a.cgroup_id), (Some(now), Some(then)) if now != then);
-            if replaced {
+            let quarantined = a.quarantine.as_deref().is_some_and(|q| a.still_ours(&w, q));
+            // Replaced, with nothing of ours left but values to restore into the new
+            // cgroup (which must not get them): dropped. A quarantine still holding the
+            // old offender stays adopted under the old one's id.
+            if replaced && !quarantined {
                 let mut r = undo(&w, &a);
                 r.action = "reconcile".into();
                 r.done = format!(
@@ -1279,10 +1417,17 @@ impl Actuator {
     fn release_orphan(&self, q: &str, cgroups: &[&str]) -> Report {
         let mut done = Vec::new();
         let mut errors = Vec::new();
+        let named_after = |c: &str| {
+            let base = quarantine_path(&self.quarantine_parent, c);
+            q == base
+                || q.strip_prefix(&base)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
         let origin = cgroups
             .iter()
-            .filter(|c| !c.starts_with(q))
-            .find(|c| quarantine_path(&self.quarantine_parent, c) == q)
+            .filter(|c| !c.starts_with(q) && **c != "/")
+            .find(|c| named_after(c))
             .map(|c| (*c).to_owned());
         if self.w.is_frozen(q) {
             match self.w.set_frozen(q, false) {
@@ -1401,25 +1546,35 @@ fn quarantine(
     done: &mut Vec<String>,
     errors: &mut Vec<String>,
 ) {
+    let fresh = entry.quarantine_id.is_none();
     if let Err(e) = w.create(q) {
         errors.push(e.to_string());
+        if fresh {
+            // Nothing was made: later steps act on the offender where it is.
+            entry.quarantine = None;
+        }
         return;
     }
-    entry.quarantine_id = w.id_of(q);
-    let kept: Vec<String> = origin_limits(w, &entry.cgroup)
-        .into_iter()
-        .filter_map(
-            |(file, value)| match w.write_verified(q, file, &value, &value) {
-                Ok(()) => Some(format!("{file} {value}")),
-                Err(e) => {
-                    errors.push(e.to_string());
-                    None
-                }
-            },
-        )
-        .collect();
-    if !kept.is_empty() {
-        done.push(format!("kept the offender's limits: {}", kept.join(", ")));
+    // The origin's limits go into a new, still empty quarantine only: there they cost
+    // the kernel nothing (a limit below the usage of a populated cgroup makes the
+    // write reclaim, or kill, in the writer's context).
+    if fresh {
+        entry.quarantine_id = w.id_of(q);
+        let kept: Vec<String> = origin_limits(w, &entry.cgroup)
+            .into_iter()
+            .filter_map(
+                |(file, value)| match w.write_verified(q, file, &value, &value) {
+                    Ok(()) => Some(format!("{file} {value}")),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        None
+                    }
+                },
+            )
+            .collect();
+        if !kept.is_empty() {
+            done.push(format!("kept the offender's limits: {}", kept.join(", ")));
+        }
     }
     Actuator::limits(w, q, step, memory_current, done, errors);
     let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
@@ -1522,6 +1677,7 @@ fn sane_cgroup(path: &str) -> bool {
 /// controllers for its children takes none: EBUSY); returns how many moved.
 fn move_back(w: &Writer, q: &str, dest: impl Fn(u32) -> String, errors: &mut Vec<String>) -> usize {
     let mut n = 0;
+    let mut stayed = 0;
     for pid in w.procs(q).unwrap_or_default() {
         if untouchable(pid) {
             continue;
@@ -1531,11 +1687,13 @@ fn move_back(w: &Writer, q: &str, dest: impl Fn(u32) -> String, errors: &mut Vec
             errors.push(format!(
                 "journal names {target:?} as an origin: not a cgroup path"
             ));
-            target = "/".into();
+            stayed += 1;
+            continue;
         }
+        // Up from the origin, never into the root: a process with no cgroup of its
+        // own to go back to stays in the quarantine, inside the origin's limits.
         loop {
-            let exists = target == "/" || w.dir(&target).is_dir();
-            if exists {
+            if w.dir(&target).is_dir() {
                 match w.move_pid(&target, pid) {
                     Ok(true) => {
                         n += 1;
@@ -1543,23 +1701,29 @@ fn move_back(w: &Writer, q: &str, dest: impl Fn(u32) -> String, errors: &mut Vec
                     }
                     Ok(false) => break, // exited
                     Err(ActError::Write { source, .. })
-                        if source.raw_os_error() == Some(libc::EBUSY) && target != "/" => {}
+                        if source.raw_os_error() == Some(libc::EBUSY) => {}
                     Err(e) => {
                         errors.push(e.to_string());
+                        stayed += 1;
                         break;
                     }
                 }
             }
-            if target == "/" {
-                break;
+            match target.rfind('/') {
+                Some(i) if i > 0 => target.truncate(i),
+                _ => {
+                    stayed += 1;
+                    break;
+                }
             }
-            let up = target.rfind('/').map_or("/", |i| &target[..i]);
-            target = if up.is_empty() {
-                "/".into()
-            } else {
-                up.to_owned()
-            };
         }
+    }
+    if stayed > 0 {
+        errors.push(format!(
+            "{stayed} process(es) had no cgroup of their own left to go back to (their \
+             origin and every cgroup above it below the root are gone or take no \
+             processes): they stay in {q}, thawed, inside the origin's limits"
+        ));
     }
     n
 }
@@ -1687,7 +1851,7 @@ mod tests {
 
     fn decision(action: Action, step: usize, params: Step) -> Decision {
         Decision {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/app".into(),
             finding: FindingKind::Leak,
             rule: "r".into(),
@@ -1742,7 +1906,7 @@ mod tests {
         assert_eq!(again.entries().len(), 1);
         assert_eq!(again.entries()[0].steps_taken, 2);
         let release = Release {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/app".into(),
             rule: "r".into(),
             stage: crate::decide::ReleaseStage::Full,
@@ -1798,7 +1962,7 @@ mod tests {
         );
 
         let mut release = Release {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/app".into(),
             rule: "r".into(),
             stage: crate::decide::ReleaseStage::Relax,
@@ -1840,7 +2004,7 @@ mod tests {
             (290u64 << 20).to_string(),
         )
         .unwrap();
-        assert_eq!(act.pressing(), vec!["/app".to_owned()]);
+        assert_eq!(act.pressing(), vec![w.id_of("/app").unwrap()]);
         // Relaxed is journaled: a restarted agent knows the first stage is done.
         let again = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
         assert!(again.entries()[0].relaxed);
@@ -1873,7 +2037,7 @@ mod tests {
         };
         act.apply(&decision(Action::Throttle, 0, cpu), None);
         let release = Release {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/app".into(),
             rule: "r".into(),
             stage: crate::decide::ReleaseStage::Relax,
@@ -1912,7 +2076,7 @@ mod tests {
         let pids: Vec<u32> = a.moved.iter().map(|m| m.pid).collect();
         assert_eq!(pids, vec![101, 102], "{r:?}");
         assert!(a.moved.iter().all(|m| m.from == "/app"));
-        assert_eq!(act.origin_of(q), Some("/app"));
+        assert_eq!(act.origin_of(q), Some(("/app", w.id_of("/app"))));
         assert_eq!(
             w.read(q, "cpu.max").unwrap().as_deref(),
             Some("100000 100000")
@@ -2094,7 +2258,7 @@ mod tests {
         replace_app(dir.path());
         std::fs::write(w.dir("/app").join("pids.max"), "77").unwrap();
         let release = Release {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/app".into(),
             rule: "r".into(),
             stage: crate::decide::ReleaseStage::Full,
@@ -2267,7 +2431,7 @@ mod tests {
         std::fs::remove_dir_all(svc.join("app")).unwrap();
         std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
         let release = Release {
-            cgroup_id: 1,
+            cgroup_id: 0,
             cgroup: "/svc/app".into(),
             rule: "r".into(),
             stage: crate::decide::ReleaseStage::Full,
@@ -2309,7 +2473,7 @@ mod tests {
                 "/cgsentry.slice/quarantine-a-b-2"
             ]
         );
-        assert_eq!(act.origin_of(qs[1]), Some("/a/b"));
+        assert_eq!(act.origin_of(qs[1]).map(|(o, _)| o), Some("/a/b"));
         assert!(w.dir(qs[1]).is_dir());
         // A name too long for a cgroup keeps its tail.
         let long = format!("/{}", "x".repeat(300));
@@ -2427,5 +2591,149 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(dir);
+    }
+
+    /// A quarantined offender whose own cgroup went away (systemd removes an empty
+    /// scope) is still escalated, in its quarantine; and a new cgroup made at its path
+    /// gets an entry of its own, never the old one's steps or release.
+    #[test]
+    fn an_entry_belongs_to_one_cgroup_not_to_a_path() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let old_id = w.id_of("/app").unwrap();
+        let mut d = decision(Action::Quarantine, 0, step(Action::Quarantine));
+        d.cgroup_id = old_id;
+        act.apply(&d, None);
+        let q = "/cgsentry.slice/quarantine-app";
+        std::fs::write(w.dir(q).join("cgroup.freeze"), "0").unwrap();
+        std::fs::write(w.dir(q).join("cgroup.events"), "frozen 1\n").unwrap();
+        // The scope is gone (moved aside: the test filesystem must not reuse its inode
+        // number, which cgroupfs never does); the offender lives on in quarantine: the
+        // freeze reaches it.
+        std::fs::rename(dir.path().join("app"), dir.path().join("app.gone")).unwrap();
+        let mut d = decision(Action::Freeze, 1, step(Action::Freeze));
+        d.cgroup_id = old_id;
+        let r = act.apply(&d, None);
+        assert_eq!(r.done, format!("froze {q}"), "{r:?}");
+        assert_eq!(act.origin_of(q), Some(("/app", Some(old_id))));
+
+        // A new /app (a restarted service) with its own finding: its own entry.
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        std::fs::write(dir.path().join("app/pids.max"), "max").unwrap();
+        let new_id = w.id_of("/app").unwrap();
+        assert_ne!(new_id, old_id);
+        let mut d = decision(
+            Action::Throttle,
+            0,
+            Step {
+                pids_max: Some(9),
+                ..step(Action::Throttle)
+            },
+        );
+        d.cgroup_id = new_id;
+        let r = act.apply(&d, None);
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(act.entries().len(), 2);
+        // The old one's release leaves the new one's throttle alone.
+        let release = Release {
+            cgroup_id: old_id,
+            cgroup: "/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
+            steps_taken: 2,
+            quiet_sec: 120.0,
+            dry_run: false,
+        };
+        act.release(&release).expect("the old entry");
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("9"));
+        assert_eq!(act.entries().len(), 1);
+        assert_eq!(act.entries()[0].cgroup_id, Some(new_id));
+        // A decision about a cgroup that is not there (any more) makes no entry.
+        let mut gone = decision(Action::Freeze, 0, step(Action::Freeze));
+        gone.cgroup_id = old_id;
+        let r = act.apply(&gone, None);
+        assert!(r.errors[0].contains("gone"), "{r:?}");
+    }
+
+    /// A quarantined process whose origin and every cgroup above it are gone is left
+    /// in its quarantine (thawed, in the origin's limits), never moved to the root.
+    #[test]
+    fn a_release_never_moves_a_process_into_the_root() {
+        let (dir, w) = tree();
+        let svc = dir.path().join("svc");
+        std::fs::create_dir_all(svc.join("app")).unwrap();
+        std::fs::write(svc.join("app/cgroup.procs"), "101\n").unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let mut d = decision(Action::Quarantine, 0, step(Action::Quarantine));
+        d.cgroup = "/svc/app".into();
+        act.apply(&d, None);
+        std::fs::remove_dir_all(&svc).unwrap();
+        let q = "/cgsentry.slice/quarantine-svc-app";
+        std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
+        let release = Release {
+            cgroup_id: 0,
+            cgroup: "/svc/app".into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
+            steps_taken: 1,
+            quiet_sec: 120.0,
+            dry_run: false,
+        };
+        let r = act.release(&release).unwrap();
+        assert!(r.errors.iter().any(|e| e.contains("stay in")), "{r:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("cgroup.procs")).unwrap(),
+            ""
+        );
+    }
+
+    /// A quarantine that cannot be made leaves the entry aimed at the offender itself.
+    #[test]
+    fn a_failed_quarantine_leaves_later_steps_on_the_offender() {
+        let (dir, w) = tree();
+        std::fs::write(dir.path().join("cgsentry.slice"), "not a directory").unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let r = act.apply(
+            &decision(Action::Quarantine, 0, step(Action::Quarantine)),
+            None,
+        );
+        assert!(!r.errors.is_empty(), "{r:?}");
+        assert_eq!(act.entries()[0].quarantine, None);
+        assert_eq!(act.entries()[0].target(), "/app");
+        let r = act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
+        assert_eq!(r.done, "froze /app", "{r:?}");
+        assert_eq!(
+            w.read("/app", "cgroup.freeze").unwrap().as_deref(),
+            Some("1")
+        );
+    }
+
+    /// Journal entries naming what the agent never writes are ignored when it is read.
+    #[test]
+    fn forged_journal_paths_are_ignored() {
+        let (dir, w) = tree();
+        let journal = dir.path().join("j");
+        std::fs::create_dir(&journal).unwrap();
+        let entry = |cgroup: &str, quarantine: Option<&str>, frozen: Option<&str>| {
+            serde_json::json!({
+                "cgroup": cgroup, "cgroup_id": w.id_of("/app"), "rule": "r", "finding": "leak",
+                "steps_taken": 1, "originals": {}, "quarantine": quarantine, "moved": [],
+                "frozen": frozen, "kill_due_ms": null, "dry_run": false, "updated_ms": 0
+            })
+        };
+        let j = serde_json::json!({"version": 1, "entries": [
+            entry("/app/../../etc", None, None),
+            entry("/app", Some("/etc"), None),
+            entry("/app", None, Some("/other")),
+            entry("/app", Some("/cgsentry.slice/quarantine-app"), Some("/cgsentry.slice/quarantine-app")),
+        ]});
+        std::fs::write(journal.join("journal.json"), j.to_string()).unwrap();
+        let act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        assert_eq!(act.entries().len(), 1, "{:?}", act.entries());
+        assert_eq!(
+            act.entries()[0].frozen.as_deref(),
+            Some("/cgsentry.slice/quarantine-app")
+        );
     }
 }

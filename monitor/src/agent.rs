@@ -78,6 +78,9 @@ pub struct Guard {
     reader: CgroupReader,
     /// User names, resolved off the loop.
     users: crate::procinfo::UserNames,
+    /// Where [`Guard::locate`] found pids a cgroup namespace hides (`None`: not found,
+    /// at that time).
+    located: HashMap<u32, (Option<String>, std::time::Instant)>,
 }
 
 fn log_report(r: &act::Report) {
@@ -127,6 +130,7 @@ impl Guard {
             warned_no_self: false,
             reader: CgroupReader::new(cgroup_root),
             users: crate::procinfo::UserNames::start(),
+            located: HashMap::new(),
         };
         g.reload("start");
         g.actuator
@@ -159,7 +163,11 @@ impl Guard {
         self.reconciled.extend(orphans);
         for a in adopt {
             let rule = self.policy.rule.iter().find(|r| r.name == a.rule);
-            let id = cgroup_id(self.actuator.writer(), &a.cgroup);
+            // The instance the entry is about (its quarantine holds it when its own
+            // cgroup is gone).
+            let id = a
+                .cgroup_id
+                .or_else(|| cgroup_id(self.actuator.writer(), &a.cgroup));
             if let (Some(rule), Some(id)) = (rule, id) {
                 let report = act::Report {
                     cgroup: a.cgroup.clone(),
@@ -191,7 +199,7 @@ impl Guard {
                         release_after_quiet_sec: rule.release_after_quiet_sec,
                         dry_run: a.dry_run,
                         relaxed: a.relaxed,
-                        relapsed: false,
+                        due: crate::decide::Due::Cooldown,
                     },
                 );
                 continue;
@@ -228,13 +236,25 @@ impl Guard {
         cgroup: &str,
         hold_off_sec: u64,
     ) -> Result<crate::control::Released, String> {
-        let cgroup = self.actuator.origin_of(cgroup).unwrap_or(cgroup).to_owned();
-        let applied: Vec<(String, usize, bool)> = self
+        let cgroup = self
+            .actuator
+            .origin_of(cgroup)
+            .map_or(cgroup, |(origin, _)| origin)
+            .to_owned();
+        // Everything applied at that path, whichever cgroup instance it was applied to.
+        let applied: Vec<(String, usize, bool, u64)> = self
             .actuator
             .entries()
             .iter()
             .filter(|a| a.cgroup == cgroup)
-            .map(|a| (a.rule.clone(), a.steps_taken, a.dry_run))
+            .map(|a| {
+                (
+                    a.rule.clone(),
+                    a.steps_taken,
+                    a.dry_run,
+                    a.cgroup_id.unwrap_or(0),
+                )
+            })
             .collect();
         let id = cgroup_id(self.actuator.writer(), &cgroup);
         let ladders = self.decider.states().filter(|s| s.cgroup == cgroup).count();
@@ -246,9 +266,9 @@ impl Guard {
             ));
         }
         let mut reports = Vec::new();
-        for (rule, steps_taken, dry_run) in applied {
+        for (rule, steps_taken, dry_run, entry_id) in applied {
             let r = crate::decide::Release {
-                cgroup_id: id.unwrap_or(0),
+                cgroup_id: entry_id,
                 cgroup: cgroup.clone(),
                 rule,
                 stage: ReleaseStage::Full,
@@ -288,8 +308,13 @@ impl Guard {
     }
 
     /// `cgsentry release --all`: every cgroup with something applied is released as
-    /// [`Guard::release_manual`] does, and held off for `hold_off_sec`.
-    pub fn release_all(&mut self, hold_off_sec: u64) -> crate::control::Released {
+    /// [`Guard::release_manual`] does, and held off for `hold_off_sec`; `between` runs
+    /// after each cgroup (the agent feeds systemd's watchdog there).
+    pub fn release_all(
+        &mut self,
+        hold_off_sec: u64,
+        mut between: impl FnMut(),
+    ) -> crate::control::Released {
         let mut cgroups: Vec<String> = self
             .actuator
             .entries()
@@ -308,6 +333,7 @@ impl Guard {
             if let Ok(r) = self.release_manual(&c, hold_off_sec) {
                 all.reports.extend(r.reports);
             }
+            between(); // a long list must not starve the watchdog
         }
         all
     }
@@ -369,13 +395,56 @@ impl Guard {
         self.detector.config().leak.reserve_percent
     }
 
+    /// The cgroup of `pid` in the hierarchy the agent acts on. `/proc/PID/cgroup` says
+    /// it, relative to the reader's cgroup namespace: in a container with a namespace
+    /// of its own (a Kubernetes `DaemonSet`) it reads `/` for the agent and `/..`-led paths
+    /// for others, while the host's tree is mounted. Then the pid is looked for in the
+    /// tree's `cgroup.procs` (once; the answer is checked each tick and looked for
+    /// again when it no longer holds).
+    fn locate(&mut self, pid: u32) -> Option<String> {
+        let said = crate::cgroupfs::cgroup_of_pid(&self.proc_root, pid)?;
+        let listed = |r: &CgroupReader, c: &str| r.procs(c).is_ok_and(|p| p.contains(&pid));
+        if said != "/" && !said.starts_with("/..") && self.reader.dir(&said).is_dir() {
+            return Some(said);
+        }
+        if said == "/" && listed(&self.reader, "/") {
+            return Some(said);
+        }
+        match self.located.get(&pid) {
+            Some((Some(c), _)) if listed(&self.reader, c) => return Some(c.clone()),
+            // Not found a while ago: the tree is not walked every tick for it.
+            Some((None, at)) if at.elapsed() < std::time::Duration::from_mins(1) => return None,
+            _ => {}
+        }
+        let found = self
+            .reader
+            .walk()
+            .into_values()
+            .find(|c| listed(&self.reader, c));
+        let before = self
+            .located
+            .insert(pid, (found.clone(), std::time::Instant::now()));
+        match (&found, before) {
+            (Some(c), _) => {
+                info!(pid, cgroup = %c, "found in the host's cgroup tree (a cgroup namespace hides it)");
+            }
+            (None, None) => warn!(
+                pid,
+                "not found in the cgroup tree (a cgroup namespace of its own?): its cgroup \
+                 cannot be kept out of reach"
+            ),
+            (None, Some(_)) => {}
+        }
+        found
+    }
+
     /// What is never acted on this tick: the root, this agent's cgroup and PID 1's
     /// (read now: a service manager may move either) with their ancestors, the
-    /// quarantine parent; and which of `cgroups` (this tick's findings') have child
-    /// cgroups.
+    /// quarantine parent; and which of `cgroups` (this tick's findings') are parents
+    /// ([`crate::safety::counts_as_parent`]) or in a subtree a user owns.
     fn safety_now<'a>(&mut self, cgroups: impl Iterator<Item = &'a str>) -> crate::safety::Safety {
-        let me = crate::cgroupfs::cgroup_of_pid(&self.proc_root, std::process::id());
-        let init = crate::cgroupfs::cgroup_of_pid(&self.proc_root, 1);
+        let me = self.locate(std::process::id());
+        let init = self.locate(1);
         if me.is_none() && !self.warned_no_self {
             warn!(
                 "cannot read this agent's own cgroup under {}: only the root, init.scope \
@@ -389,19 +458,42 @@ impl Guard {
             init.as_deref(),
             Some(&self.policy.quarantine_parent),
         );
-        let w = self.actuator.writer();
-        safety.set_parents(
-            cgroups
-                .filter(|c| {
-                    w.read(c, "cgroup.stat").ok().flatten().is_some_and(|stat| {
-                        crate::cgroupfs::parse_keyed(&stat)
-                            .ok()
-                            .and_then(|k| k.get("nr_descendants").copied())
-                            .is_some_and(|n| n > 0)
-                    })
-                })
-                .map(str::to_owned),
-        );
+        let (mut parents, mut delegated) = (Vec::new(), Vec::new());
+        for c in cgroups {
+            let user_owned = self.reader.delegated(c);
+            let descendants = self
+                .reader
+                .read_keyed(c, "cgroup.stat")
+                .ok()
+                .flatten()
+                .and_then(|k| k.get("nr_descendants").copied())
+                .unwrap_or(0);
+            let own = if descendants > 0 {
+                self.reader.procs(c).map_or(0, |p| p.len())
+            } else {
+                0
+            };
+            if crate::safety::counts_as_parent(descendants, own, user_owned) {
+                parents.push(c.to_owned());
+            }
+            if user_owned {
+                delegated.push(c.to_owned());
+            }
+        }
+        if self
+            .policy
+            .rule
+            .iter()
+            .any(|r| r.scope == crate::safety::Scope::Subtree)
+        {
+            let shielded: Vec<(String, String)> = parents
+                .iter()
+                .filter_map(|p| Some((p.clone(), self.shield(&safety, p)?)))
+                .collect();
+            safety.set_shielded(shielded);
+        }
+        safety.set_parents(parents);
+        safety.set_delegated(delegated);
         safety
     }
 
@@ -440,6 +532,38 @@ impl Guard {
             facts.insert(dir.as_str(), list);
         }
         (facts, unread)
+    }
+
+    /// What below the parent `cgroup` a step on its whole subtree must not reach: a
+    /// cgroup never acted on, or one a protect entry holds for by its path or identity
+    /// (entries that need processes are judged where the finding is).
+    fn shield(&self, safety: &crate::safety::Safety, cgroup: &str) -> Option<String> {
+        let mut dirs = vec![cgroup.to_owned()];
+        while let Some(dir) = dirs.pop() {
+            if dir != cgroup {
+                if let Some(why) = safety.never(&dir) {
+                    return Some(format!("{dir} ({why})"));
+                }
+                if let Some(p) = self
+                    .policy
+                    .protect
+                    .iter()
+                    .find(|p| p.matcher.protects(&dir, &[]))
+                {
+                    return Some(format!("{dir}, protected by {}", p.name));
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(self.reader.dir(&dir)) {
+                use std::os::unix::ffi::OsStrExt as _;
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let name = crate::cgroupfs::path_text(e.file_name().as_bytes());
+                        dirs.push(format!("{}/{name}", dir.trim_end_matches('/')));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Carries out a tick's decisions and releases (and the start-up reconcile's
@@ -562,8 +686,12 @@ impl Guard {
         for f in &mut findings {
             live_in.push(f.cgroup.clone());
             // A quarantined offender is still the offender: its ladder continues.
-            if let Some(origin) = self.actuator.origin_of(&f.cgroup).map(str::to_owned) {
-                if let Some(id) = cgroup_id(self.actuator.writer(), &origin) {
+            if let Some((origin, recorded)) = self
+                .actuator
+                .origin_of(&f.cgroup)
+                .map(|(o, id)| (o.to_owned(), id))
+            {
+                if let Some(id) = recorded.or_else(|| cgroup_id(self.actuator.writer(), &origin)) {
                     f.cgroup_id = id;
                 }
                 f.summary = format!("{} (in quarantine {})", f.summary, f.cgroup);
@@ -589,10 +717,8 @@ impl Guard {
         self.actuator.set_safety(&safety);
         self.decider.set_safety(safety);
         // A relaxed offender still working against its cap is not quiet yet.
-        for cgroup in self.actuator.pressing() {
-            if let Some(id) = cgroup_id(self.actuator.writer(), &cgroup) {
-                self.decider.hold(id, self.t);
-            }
+        for id in self.actuator.pressing() {
+            self.decider.hold(id, self.t);
         }
         let outcome = self.decider.tick(self.t, &self.policy, &with_procs);
         for d in &outcome.decisions {
@@ -707,7 +833,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // systemd (Type=notify): started once the programs are attached and the journal
     // reconciled; from now on each finished tick keeps the watchdog (WatchdogSec) fed,
     // so a loop stuck anywhere gets the agent restarted.
+    // The watchdog is also fed from the loop between ticks (at half its period), so an
+    // --interval longer than WatchdogSec is no reason to be killed; a loop stuck in a
+    // tick feeds it from nowhere.
     let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_timer = watchdog.map(|period| {
+        let mut t = tokio::time::interval((period / 2).max(std::time::Duration::from_millis(100)));
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    });
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("watching"),
@@ -736,6 +870,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sighup.recv() => { guard.reload("SIGHUP"); continue }
             Some(r) = releases.recv() => { manual_release(&mut guard, &mut ops, r); continue }
+            () = async {
+                match &mut watchdog_timer {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => { feed_watchdog(); continue }
         }
         let started = std::time::Instant::now();
         watch.ticked();
@@ -778,7 +918,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         done += 1;
         if watchdog.is_some() {
-            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            feed_watchdog();
         }
         if args.ticks.is_some_and(|n| done >= n) {
             break;
@@ -790,6 +930,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ops.record("agent_stopped", &serde_json::json!({ "ticks": done }));
     ops.close();
     Ok(())
+}
+
+/// `WATCHDOG=1`: the loop is alive (nothing without a notify socket).
+fn feed_watchdog() {
+    notify_systemd(&[sd_notify::NotifyState::Watchdog]);
 }
 
 /// Tells systemd (when it started us with a notify socket; nothing otherwise).
@@ -820,7 +965,7 @@ fn raise_file_limit() {
 fn manual_release(guard: &mut Guard, ops: &mut crate::ops::Ops, r: crate::control::ReleaseRequest) {
     let result = match &r.cgroup {
         Some(cgroup) => guard.release_manual(cgroup, r.hold_off_sec),
-        None => Ok(guard.release_all(r.hold_off_sec)),
+        None => Ok(guard.release_all(r.hold_off_sec, feed_watchdog)),
     };
     if let Err(e) = &result {
         ops.record(
@@ -1195,7 +1340,9 @@ mod tests {
             assert!(r.errors.is_empty(), "{r:?}");
         }
         assert_eq!(g.applied().len(), 2);
-        let r = g.release_all(60);
+        let mut fed = 0;
+        let r = g.release_all(60, || fed += 1);
+        assert_eq!(fed, 2, "the watchdog is fed between cgroups");
         assert_eq!(r.reports.len(), 2, "{r:?}");
         assert!(g.applied().is_empty());
         for c in ["a", "b"] {

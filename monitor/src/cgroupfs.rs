@@ -94,14 +94,25 @@ pub fn text_bytes(text: &str) -> Vec<u8> {
 
 /// The directory of the cgroup whose path text is `rel` ("/" or "" is the root) under
 /// the hierarchy mounted at `root`: the one place where a cgroup's text becomes a
-/// filesystem path again.
+/// filesystem path again. It never leaves `root`: a component that is `.` or `..`, or
+/// that would decode to one or to a `/` or NUL (no real cgroup's text does: only a
+/// forged journal or a typo), names a directory no cgroup has.
 #[must_use]
 pub fn fs_path(root: &Path, rel: &str) -> PathBuf {
-    let rel = rel.trim_start_matches('/');
-    if !rel.contains('%') {
-        return root.join(rel);
+    let mut path = root.to_owned();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        let bytes = text_bytes(part);
+        let unsafe_name =
+            bytes == b"." || bytes == b".." || bytes.contains(&b'/') || bytes.contains(&0);
+        if unsafe_name {
+            // Taken literally, with its dots escaped: `%2E%2E` is no cgroup's name
+            // (path_text writes a real one as %252E%252E).
+            path.push(part.replace('.', "%2E"));
+        } else {
+            path.push(OsStr::from_bytes(&bytes));
+        }
     }
-    root.join(OsStr::from_bytes(&text_bytes(rel)))
+    path
 }
 
 /// A failure to read or parse a cgroup file. Every variant names the file.
@@ -363,6 +374,21 @@ impl CgroupReader {
         parse_pressure(&text)
             .map(Some)
             .map_err(|line| CgroupError::Parse { path, line })
+    }
+
+    /// Whether `rel` or a cgroup above it (below the root) is owned by a non-root user:
+    /// a subtree delegated to that user (systemd's `Delegate=`, a user's own systemd,
+    /// rootless containers), whose cgroups the user makes and names.
+    #[must_use]
+    pub fn delegated(&self, rel: &str) -> bool {
+        let mut path = self.root.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path = fs_path(&path, part);
+            if std::fs::metadata(&path).is_ok_and(|m| m.uid() != 0) {
+                return true;
+            }
+        }
+        false
     }
 
     /// The cgroup id (inode number) of `rel`; `None` if it does not exist.
@@ -692,6 +718,54 @@ mod tests {
         }
         // A % the encoder would not have written is the operator's own: kept.
         assert_eq!(text_bytes("/a%zz%4"), b"/a%zz%4");
+    }
+
+    /// A cgroup at or below a directory a non-root user owns is in a delegated subtree.
+    #[test]
+    fn delegated_subtrees_are_seen() {
+        let (dir, reader) = tree();
+        std::fs::create_dir_all(dir.path().join("u/job")).unwrap();
+        assert!(!reader.delegated("/u/job"));
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&dir.path().join("u"), Some(nix::unistd::Uid::from_raw(1000)), None)
+                .unwrap();
+            assert!(reader.delegated("/u"));
+            assert!(reader.delegated("/u/job"));
+            assert!(!reader.delegated("/a/b"));
+        } else {
+            eprintln!("SKIPPED the chown half: not root");
+        }
+    }
+
+    /// However forged, a text never names a path outside the hierarchy.
+    #[test]
+    fn fs_path_never_leaves_the_root() {
+        let root = Path::new("/sys/fs/cgroup");
+        for text in [
+            "/../etc",
+            "/a/../../etc",
+            "/%2E%2E/etc",
+            "/a%2F..%2F..%2Fetc",
+            "/x%00y",
+            "/./a",
+        ] {
+            let p = fs_path(root, text);
+            assert!(p.starts_with(root), "{text}: {}", p.display());
+            assert!(
+                !p.components().any(|c| matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )),
+                "{text}: {}",
+                p.display()
+            );
+            assert!(!p.as_os_str().as_bytes().contains(&0), "{text}");
+        }
+        assert_eq!(
+            fs_path(root, "/a/b%FFc"),
+            root.join("a").join(OsStr::from_bytes(b"b\xffc"))
+        );
+        assert_eq!(fs_path(root, "/"), root);
     }
 
     proptest::proptest! {

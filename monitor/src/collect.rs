@@ -966,7 +966,9 @@ impl Collector {
             (
                 p.exe().ok().map(|e| {
                     use std::os::unix::ffi::OsStrExt as _;
-                    crate::cgroupfs::path_text(e.as_os_str().as_bytes())
+                    let b = e.as_os_str().as_bytes();
+                    // Replaced on disk since it started (an upgrade): still that program.
+                    crate::cgroupfs::path_text(b.strip_suffix(b" (deleted)").unwrap_or(b))
                 }),
                 uid,
                 user,

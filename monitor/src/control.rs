@@ -410,15 +410,16 @@ fn release_offline(args: &crate::cli::ReleaseArgs) -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
-    let journal = args.journal_dir.join("journal.json");
-    if !journal.exists() {
-        println!("{}: no journal: nothing applied", journal.display());
-        return std::process::ExitCode::SUCCESS;
-    }
     let mut act = crate::act::Actuator::open(&root, &args.journal_dir, "cgsentry.slice");
+    let mut reports = act.release_all();
+    // And what no journal entry explains: quarantines emptied back, frozen cgroups
+    // reported.
+    let tree = crate::cgroupfs::CgroupReader::new(&root).walk();
+    let all: Vec<&str> = tree.values().map(String::as_str).collect();
+    reports.extend(act.orphans(&all));
     let released = Released {
         cgroup: "(all, from the journal)".into(),
-        reports: act.release_all(),
+        reports,
         hold_off_sec: 0,
     };
     print!("{}", released_text(&released));

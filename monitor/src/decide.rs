@@ -93,9 +93,23 @@ pub struct LadderState {
     /// Relaxed (first release stage done); quiet again → full release.
     #[serde(default)]
     pub relaxed: bool,
-    /// The finding came back while relaxed: the next step is due at once.
+    /// When the next step is due, besides its cooldown.
     #[serde(default)]
-    pub relapsed: bool,
+    pub due: Due,
+}
+
+/// What sets the time of a ladder's next step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Due {
+    /// Its `after_sec` (shortened when the limit is near).
+    #[default]
+    Cooldown,
+    /// The finding came back while relaxed: at once.
+    Relapsed,
+    /// It was held back (protection, or a safety invariant): tried again a cooldown
+    /// later, taken once nothing holds it back any more. A held step does not climb.
+    Held,
 }
 
 /// Everything decided in one tick.
@@ -182,12 +196,12 @@ impl Decider {
                     release_after_quiet_sec: rule.release_after_quiet_sec,
                     dry_run,
                     relaxed: false,
-                    relapsed: false,
+                    due: Due::Cooldown,
                 });
             if state.relaxed {
                 // Back while on probation: re-take the last step now.
                 state.relaxed = false;
-                state.relapsed = true;
+                state.due = Due::Relapsed;
                 state.steps_taken = state.steps_taken.saturating_sub(1);
             }
             state.last_seen = t;
@@ -196,21 +210,22 @@ impl Decider {
             let Some(step) = rule.ladder.get(state.steps_taken) else {
                 continue; // top of the ladder: stay there until released
             };
-            let since = if state.steps_taken == 0 {
+            let since = if state.steps_taken == 0 && state.due != Due::Held {
                 state.first_seen
             } else {
                 state.stepped_at
             };
             // Never wait past half the time the finding says is left: a step due after
-            // the limit is reached would come too late to matter.
-            let wait = if state.relapsed {
-                0.0
-            } else {
-                finding
+            // the limit is reached would come too late to matter. A step held back is
+            // tried again a cooldown later (reported each time, not every tick).
+            let wait = match state.due {
+                Due::Held => step.after_sec.max(rule.cooldown_sec) as f64,
+                Due::Relapsed => 0.0,
+                Due::Cooldown => finding
                     .time_to_limit_sec
                     .map_or(step.after_sec as f64, |ttl| {
                         (step.after_sec as f64).min(ttl / 2.0)
-                    })
+                    }),
             };
             if t - since < wait {
                 continue;
@@ -237,9 +252,13 @@ impl Decider {
                     rule.ladder.len()
                 ),
             });
-            state.steps_taken += 1;
+            if action == step.action {
+                state.steps_taken += 1;
+                state.due = Due::Cooldown;
+            } else {
+                state.due = Due::Held;
+            }
             state.stepped_at = t;
-            state.relapsed = false;
         }
         out.releases = self.releases(t);
         out
@@ -353,7 +372,8 @@ fn held_back(
         let held = format!(" ({:?} held back: {why})", step.action);
         return (Action::Notify, Vec::new(), Some(why), held);
     }
-    let (action, by, held) = protection(policy, finding, processes, step);
+    let delegated = safety.is_delegated(&finding.cgroup);
+    let (action, by, held) = protection(policy, finding, processes, step, delegated);
     (action, by, None, held)
 }
 
@@ -364,12 +384,13 @@ fn protection(
     finding: &Finding,
     processes: &[ProcessRef<'_>],
     step: &Step,
+    delegated: bool,
 ) -> (Action, Vec<String>, String) {
     if !step.action.intervenes() {
         return (step.action, Vec::new(), String::new());
     }
     let by: Vec<String> = policy
-        .protected_by(&finding.cgroup, processes)
+        .protected_by_in(&finding.cgroup, processes, delegated)
         .into_iter()
         .map(|p| p.name.clone())
         .collect();
@@ -680,15 +701,47 @@ ladder = [
                     .decisions,
             );
         }
-        assert_eq!(all.len(), 3);
+        // Notify at 0, the throttle held back at 5 (not climbed: tried again a
+        // cooldown, 30 s, later).
+        assert_eq!(all.len(), 2, "{all:#?}");
         assert!(all.iter().all(|d| d.action == Action::Notify), "{all:#?}");
         assert_eq!(all[1].protected_by, vec!["sshd".to_owned()]);
+        assert_eq!(all[1].step, 1);
         assert!(
             all[1]
                 .reason
                 .contains("Throttle held back: protected by sshd"),
             "{}",
             all[1].reason
+        );
+    }
+
+    /// A step held back while a cgroup is a parent is taken once it is not any more
+    /// (tried again a cooldown later): holding back never climbs the ladder for nothing.
+    #[test]
+    fn a_held_step_is_taken_once_nothing_holds_it() {
+        let pol = policy(LADDER, false);
+        let mut d = Decider::default();
+        let mut parent = Safety::default();
+        parent.set_parents(["/app".to_owned()]);
+        let mut log = Vec::new();
+        for s in 0..80 {
+            d.set_safety(if s < 20 {
+                parent.clone()
+            } else {
+                Safety::default()
+            });
+            let o = d.tick(f64::from(s), &pol, &[(leak("/app"), vec![])]);
+            log.extend(o.decisions.iter().map(|d| (s, d.action, d.step)));
+        }
+        assert_eq!(
+            log,
+            [
+                (0, Action::Notify, 0),
+                (5, Action::Notify, 1),    // the throttle, held back
+                (35, Action::Throttle, 1), // a cooldown later, no longer a parent
+                (40, Action::Freeze, 2),
+            ]
         );
     }
 
@@ -743,7 +796,7 @@ ladder = [
                         .decisions
                 })
                 .collect();
-            assert_eq!(all.len(), 3, "{cgroup}: the ladder still climbs, reported");
+            assert_eq!(all.len(), 2, "{cgroup}: reported, not climbed: {all:#?}");
             assert!(
                 all.iter().all(|d| d.action == Action::Notify),
                 "{cgroup}: {all:#?}"

@@ -90,7 +90,7 @@ pub fn judge_all(
     findings
         .iter()
         .map(|(f, procs)| {
-            let verdict = policy.judge(f, procs);
+            let verdict = policy.judge_in(f, procs, decider.safety().is_delegated(&f.cgroup));
             let rule = policy.rule_for(f, procs);
             let ladder = rule.and_then(|r| {
                 decider

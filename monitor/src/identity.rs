@@ -113,11 +113,15 @@ pub fn of(path: &str) -> Identity {
     let mut id = Identity::default();
     let mut in_kubepods = false;
     let mut parent_is_docker = false;
-    for c in path.split('/').filter(|c| !c.is_empty()) {
-        let kubepods_component = c == "kubepods"
-            || c.starts_with("kubepods.")
-            || c.starts_with("kubepods-")
-            || c.starts_with("kubelet-kubepods");
+    for (depth, c) in path.split('/').filter(|c| !c.is_empty()).enumerate() {
+        // The kubelet's tree starts at the top (or one level down, under a
+        // `--cgroup-root` such as kind's kubelet.slice): a `kubepods…` directory deeper
+        // down is somebody's lookalike (a user can make one in a subtree of theirs).
+        let kubepods_component = (in_kubepods || depth <= 1)
+            && (c == "kubepods"
+                || c.starts_with("kubepods.")
+                || c.starts_with("kubepods-")
+                || c.starts_with("kubelet-kubepods"));
         if kubepods_component {
             in_kubepods = true;
             id.qos_class.get_or_insert_with(|| "guaranteed".into());
@@ -280,6 +284,11 @@ mod tests {
             &format!("/system.slice/docker-{CID}.service"),
             "/system.slice/spod7c1a5f2e_3b4d_4c5e_9f6a_1b2c3d4e5f60.slice",
             &format!("/podman/pod{UID}"),
+            // A user's lookalike pod, deep in their own subtree.
+            &format!(
+                "/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{}.slice",
+                UID.replace('-', "_")
+            ),
         ] {
             assert!(of(path).is_empty(), "{path}: {:?}", of(path));
         }

@@ -14,6 +14,7 @@ pub mod collect;
 pub mod control;
 pub mod decide;
 pub mod detect;
+pub mod durable;
 pub mod eventlog;
 pub mod events;
 pub mod explain;

@@ -587,8 +587,7 @@ pub type Exposition = Arc<Shared>;
 
 /// How long a scrape waits for the next tick's rendering before it gets the last one.
 const SCRAPE_WAIT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the kernel's accept queue (no file
-/// descriptor of ours) until one ends. Idle or slow clients cannot take more.
+/// Connections served at once (see [`serve`] for what happens to more).
 pub const MAX_CONNECTIONS: usize = 16;
 /// Everything a connection gets, from accept to close: reading the request, waiting
 /// for the rendering, writing the answer to a client that may not read.
@@ -654,17 +653,26 @@ impl Shared {
     }
 }
 
-/// Serves `GET /metrics` and `GET /health` until the listener fails: at most
-/// [`MAX_CONNECTIONS`] at once (the rest wait in the kernel's accept queue, holding no
-/// file descriptor of the agent's), each closed after [`CONNECTION_DEADLINE`] whatever
-/// the client does. A thousand idle or slow connections cost the agent sixteen file
-/// descriptors and nothing else.
+/// A connection that has not sent its request this long may make room for a new one.
+const EVICT_IDLE_AFTER: Duration = Duration::from_millis(100);
+
+/// A connection being served, for the accept loop to bound and evict.
+struct Conn {
+    accepted: tokio::time::Instant,
+    /// Its request arrived: it is being answered (never evicted).
+    answering: Arc<AtomicBool>,
+    handle: tokio::task::AbortHandle,
+}
+
+/// Serves `GET /metrics` and `GET /health` until the listener fails. At most
+/// [`MAX_CONNECTIONS`] at once, each closed after [`CONNECTION_DEADLINE`] whatever the
+/// client does; when all are taken, a new connection replaces the oldest one that has
+/// sent no request for [`EVICT_IDLE_AFTER`] (or is closed at once if every one is being
+/// answered). A thousand idle or slow connections cost the agent sixteen file
+/// descriptors, and a scrape behind them is answered at once.
 pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns: Vec<Conn> = Vec::new();
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -673,19 +681,44 @@ pub async fn serve(listener: tokio::net::TcpListener, text: Exposition) {
                 continue;
             }
         };
+        conns.retain(|c| !c.handle.is_finished());
+        if conns.len() >= MAX_CONNECTIONS {
+            let now = tokio::time::Instant::now();
+            let idle = conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    !c.answering.load(Ordering::Acquire)
+                        && now.duration_since(c.accepted) >= EVICT_IDLE_AFTER
+                })
+                .min_by_key(|(_, c)| c.accepted)
+                .map(|(i, _)| i);
+            let Some(i) = idle else {
+                debug!(%peer, "metrics endpoint busy: connection closed");
+                continue; // dropped: closed
+            };
+            conns.swap_remove(i).handle.abort();
+        }
         let text = text.clone();
-        tokio::spawn(async move {
-            let served = tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &text)).await;
+        let answering = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&answering);
+        let task = tokio::spawn(async move {
+            let served =
+                tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &text, &flag)).await;
             if served.is_err() {
                 debug!(%peer, "metrics connection closed at its deadline");
             }
-            drop(permit);
+        });
+        conns.push(Conn {
+            accepted: tokio::time::Instant::now(),
+            answering,
+            handle: task.abort_handle(),
         });
     }
 }
 
 /// One request, one answer, close.
-async fn answer(mut stream: tokio::net::TcpStream, text: &Shared) {
+async fn answer(mut stream: tokio::net::TcpStream, text: &Shared, answering: &AtomicBool) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(REQUEST_DEADLINE, async {
@@ -697,9 +730,10 @@ async fn answer(mut stream: tokio::net::TcpStream, text: &Shared) {
         }
     })
     .await;
-    if read.is_err() {
+    if read.is_err() || !head.windows(4).any(|w| w == b"\r\n\r\n") {
         return;
     }
+    answering.store(true, Ordering::Release);
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -914,9 +948,8 @@ mod tests {
         assert!(!ok && why.contains("20000 ms ago"), "{why}");
     }
 
-    /// A thousand idle connections hold no more than the bound: a scrape still gets
-    /// its answer once the idle ones reach their deadline, and the agent never holds
-    /// more than [`MAX_CONNECTIONS`] of them open.
+    /// A thousand idle connections hold no more than the bound, and a scrape behind
+    /// them is answered at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_connections_are_bounded() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -944,7 +977,8 @@ mod tests {
             held <= MAX_CONNECTIONS + 2,
             "the agent holds {held} sockets"
         );
-        // /health answers once the idle ones ahead of it are closed (2 s each).
+        // A scrape behind them is answered at once: it replaces an idle one.
+        let started = tokio::time::Instant::now();
         let scrape = tokio::spawn(async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.unwrap();
@@ -952,11 +986,21 @@ mod tests {
             c.read_to_string(&mut out).await.unwrap();
             out
         });
-        let out = tokio::time::timeout(Duration::from_mins(5), scrape)
+        let out = tokio::time::timeout(Duration::from_secs(5), scrape)
             .await
             .expect("answered")
             .unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let held = fds().saturating_sub(before).saturating_sub(idle.len());
+        assert!(
+            held <= MAX_CONNECTIONS + 2,
+            "the agent holds {held} sockets"
+        );
         drop(idle);
     }
 }

@@ -468,6 +468,9 @@ pub struct Rule {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exec: Vec<String>,
     pub source: PathBuf,
+    /// What `cgsentry check` warns about this rule, at its position.
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Which GPU a rule's GPU conditions look at.
@@ -774,7 +777,64 @@ fn validate_scope(ctx: &mut FileCtx<'_>, raw: Option<Spanned<String>>) -> crate:
     })
 }
 
+/// Slices that hold everything of a kind: a subtree rule matching one is warned about.
+const BROAD_PARENTS: [&str; 5] = [
+    "/system.slice",
+    "/user.slice",
+    "/machine.slice",
+    "/kubepods.slice",
+    "/kubepods",
+];
+
+/// A rule's `exec`: an absolute program path and its arguments.
+fn validate_exec(ctx: &mut FileCtx<'_>, exec: Option<Spanned<Vec<String>>>) -> Vec<String> {
+    let Some(e) = exec else {
+        return Vec::new();
+    };
+    let span = e.span();
+    let argv = e.into_inner();
+    match argv.first() {
+        None => ctx.error(
+            span,
+            "exec must name a program: [\"/path/to/hook\", \"arg\", …]",
+        ),
+        Some(p) if !p.starts_with('/') => ctx.error(
+            span,
+            format!("exec program {p:?} must be an absolute path (the agent has no useful PATH)"),
+        ),
+        Some(_) => {}
+    }
+    argv
+}
+
+/// What `check` warns about a rule (it is accepted all the same).
+fn rule_warnings(
+    ctx: &FileCtx<'_>,
+    matcher: &Matcher,
+    scope: crate::safety::Scope,
+    at: &Range<usize>,
+) -> Vec<Diagnostic> {
+    let broad: Vec<&str> = BROAD_PARENTS
+        .iter()
+        .filter(|p| matcher.matches(p, &[]))
+        .copied()
+        .collect();
+    if scope != crate::safety::Scope::Subtree || broad.is_empty() {
+        return Vec::new();
+    }
+    vec![ctx.diagnostic(
+        at,
+        format!(
+            "scope = \"subtree\" with a cgroup glob that takes in a whole slice ({}): one \
+             finding there would act on every service or pod in it",
+            broad.join(", ")
+        ),
+        true,
+    )]
+}
+
 fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
+    let name_span = raw.name.span();
     let finding_span = raw.finding.span();
     let finding = parse_kind(raw.finding.get_ref());
     if finding.is_none() {
@@ -814,9 +874,19 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
             qos_class: raw.qos_class,
         },
     );
+    let scope_span = raw.scope.as_ref().map(Spanned::span);
     let scope = validate_scope(ctx, raw.scope);
     let cooldown = raw.cooldown_sec.unwrap_or(DEFAULT_COOLDOWN_SEC);
     let ladder = validate_ladder(ctx, raw.ladder, cooldown);
+    if let (crate::safety::Scope::Subtree, Some(span)) = (scope, scope_span.clone())
+        && ladder.iter().any(|s| s.action == Action::Quarantine)
+    {
+        ctx.error(
+            span,
+            "scope = \"subtree\" cannot quarantine: a subtree is contained in place \
+             (throttle, freeze, kill); quarantine moves one cgroup's own processes",
+        );
+    }
     if let Some(kind) = finding.filter(|k| k.notify_only())
         && ladder.iter().any(|s| s.action.intervenes())
     {
@@ -831,28 +901,10 @@ fn validate_rule(ctx: &mut FileCtx<'_>, raw: RawRule) -> Option<Rule> {
         raw.gpu_memory_percent,
         raw.gpu_util_percent,
     );
-    let exec = match raw.exec {
-        None => Vec::new(),
-        Some(e) => {
-            let span = e.span();
-            let argv = e.into_inner();
-            match argv.first() {
-                None => ctx.error(
-                    span,
-                    "exec must name a program: [\"/path/to/hook\", \"arg\", …]",
-                ),
-                Some(p) if !p.starts_with('/') => ctx.error(
-                    span,
-                    format!(
-                        "exec program {p:?} must be an absolute path (the agent has no useful PATH)"
-                    ),
-                ),
-                Some(_) => {}
-            }
-            argv
-        }
-    };
+    let exec = validate_exec(ctx, raw.exec);
+    let warnings = rule_warnings(ctx, &matcher, scope, &name_span);
     Some(Rule {
+        warnings,
         name: raw.name.into_inner(),
         finding: finding?,
         exec,
@@ -1300,15 +1352,33 @@ impl PolicySet {
     /// [`Matcher::protects`]).
     #[must_use]
     pub fn protected_by(&self, path: &str, processes: &[ProcessRef<'_>]) -> Vec<&Protect> {
+        self.protected_by_in(path, processes, false)
+    }
+
+    /// [`PolicySet::protected_by`] for a cgroup that may be `delegated`: inside a
+    /// subtree a non-root user owns, where that user makes cgroups with any name (a
+    /// glob's, a pod's, a container's), only entries that name a `uid`/`user` hold —
+    /// the owner of the processes is the one thing the user cannot choose.
+    #[must_use]
+    pub fn protected_by_in(
+        &self,
+        path: &str,
+        processes: &[ProcessRef<'_>],
+        delegated: bool,
+    ) -> Vec<&Protect> {
         self.protect
             .iter()
+            .filter(|p| !delegated || p.matcher.uid.is_some() || p.matcher.user.is_some())
             .filter(|p| p.matcher.protects(path, processes))
             .collect()
     }
 
     /// What `cgsentry check` warns about (the set is in force all the same).
     pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.protect.iter().flat_map(|p| &p.warnings)
+        self.protect
+            .iter()
+            .flat_map(|p| &p.warnings)
+            .chain(self.rule.iter().flat_map(|r| &r.warnings))
     }
 
     /// Whether any entry of this set matches on processes (else the agent need not
@@ -1334,11 +1404,23 @@ impl PolicySet {
     /// Rule, protection and dry-run for one finding.
     #[must_use]
     pub fn judge(&self, finding: &Finding, processes: &[ProcessRef<'_>]) -> Verdict {
+        self.judge_in(finding, processes, false)
+    }
+
+    /// [`PolicySet::judge`] for a finding whose cgroup may be `delegated` (see
+    /// [`PolicySet::protected_by_in`]).
+    #[must_use]
+    pub fn judge_in(
+        &self,
+        finding: &Finding,
+        processes: &[ProcessRef<'_>],
+        delegated: bool,
+    ) -> Verdict {
         let rule = self.rule_for(finding, processes);
         Verdict {
             rule: rule.map(|r| r.name.clone()),
             protected_by: self
-                .protected_by(&finding.cgroup, processes)
+                .protected_by_in(&finding.cgroup, processes, delegated)
                 .into_iter()
                 .map(|p| p.name.clone())
                 .collect(),
@@ -1893,6 +1975,42 @@ cgroup = "/system.slice/ssh.service"
         for (cgroup, procs, want) in cases {
             assert_eq!(names(cgroup, &procs), want, "{cgroup} {procs:?}");
         }
+    }
+
+    /// `scope`: known values only; a subtree cannot be quarantined; a subtree rule over
+    /// a whole slice is warned about; and in a subtree a user owns, only protect
+    /// entries naming a uid or user hold.
+    #[test]
+    fn scope_and_delegation() {
+        let errs = errors("[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"tree\"\nladder = [{action = \"notify\"}]\n");
+        assert!(errs[0].starts_with("p.toml:4:9: unknown scope \"tree\""), "{errs:?}");
+        let errs = errors("[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"subtree\"\nladder = [{action = \"quarantine\"}]\n");
+        assert!(errs[0].contains("cannot quarantine"), "{errs:?}");
+        let text = "[[rule]]\nname = \"slices\"\nfinding = \"leak\"\ncgroup = \"/**\"\nscope = \"subtree\"\nladder = [{action = \"freeze\"}]\n\n\
+                    [[protect]]\nname = \"by path\"\ncgroup = \"/user.slice/**/important.scope\"\n\n\
+                    [[protect]]\nname = \"by owner\"\nuid = 1000\n";
+        let (protect, rules) = parse(text).unwrap();
+        assert_eq!(rules[0].scope, crate::safety::Scope::Subtree);
+        let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
+        let warnings: Vec<String> = set.warnings().map(ToString::to_string).collect();
+        assert!(
+            warnings.iter().any(|w| w.starts_with("p.toml:2:8: warning: scope = \"subtree\"")),
+            "{warnings:#?}"
+        );
+        let path = "/user.slice/user-1000.slice/user@1000.service/important.scope";
+        let user = ProcessRef {
+            comm: "x",
+            uid: Some(1000),
+            ..ProcessRef::default()
+        };
+        let names = |delegated| -> Vec<String> {
+            set.protected_by_in(path, &[user], delegated)
+                .into_iter()
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        assert_eq!(names(false), ["by path", "by owner"]);
+        assert_eq!(names(true), ["by owner"], "a user names their cgroups as they like");
     }
 
     /// `check` warns (with the position) about protect entries that go by what a

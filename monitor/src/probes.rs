@@ -420,9 +420,8 @@ pub struct EbpfStats {
     /// New entries in the per-cgroup map since load.
     pub cgroup_inserts: u64,
     /// Entries the full (LRU) map evicted for newer cgroups since load: inserts less
-    /// the agent's own deletions less the entries there now (two CPUs adding the same
-    /// new cgroup at once may count as one more). An evicted cgroup loses its counts
-    /// up to then and is counted afresh when it runs again.
+    /// the agent's own deletions less the entries there now. An evicted cgroup loses
+    /// its counts up to then and is counted afresh when it runs again.
     pub cgroup_evictions: u64,
     /// Capacity of the per-cgroup map.
     pub cgroup_map_capacity: u32,

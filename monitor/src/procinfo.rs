@@ -61,9 +61,12 @@ impl ProcFacts {
         let dir = proc_root.join(pid.to_string());
         let comm = std::fs::read(dir.join("comm")).ok()?;
         let comm = crate::events::comm_to_string(comm.strip_suffix(b"\n").unwrap_or(&comm));
-        let exe = std::fs::read_link(dir.join("exe"))
-            .ok()
-            .map(|p| crate::cgroupfs::path_text(p.as_os_str().as_bytes()));
+        // A program replaced on disk since it started (a package upgrade) reads
+        // "<path> (deleted)": it is still that program.
+        let exe = std::fs::read_link(dir.join("exe")).ok().map(|p| {
+            let b = p.as_os_str().as_bytes();
+            crate::cgroupfs::path_text(b.strip_suffix(b" (deleted)").unwrap_or(b))
+        });
         let uid = real_uid(proc_root, pid);
         Some(Self {
             pid,
@@ -131,7 +134,14 @@ pub fn read_cgroup(
 /// A lookup that has not answered after this long is reported (once).
 const SLOW_LOOKUP: Duration = Duration::from_secs(5);
 
-type Names = HashMap<u32, Option<String>>;
+/// A uid NSS had no name for is asked about again after this long (NSS may have been
+/// down at the first ask).
+const RETRY_UNKNOWN: Duration = Duration::from_mins(5);
+/// Names kept at most (user namespaces bring uids by the ten thousand).
+const MAX_NAMES: usize = 8192;
+
+/// uid → its name (`None`: none known yet, or none) and when that was learnt.
+type Names = HashMap<u32, (Option<String>, Instant)>;
 
 /// Uid → user name, resolved by NSS on a thread of its own. The loop asks and gets
 /// what is known now; an unknown uid is queued and answered on a later tick. A lookup
@@ -187,7 +197,7 @@ impl UserNames {
                         warned = true;
                     }
                     if let Ok(mut k) = shared.lock() {
-                        k.insert(uid, name);
+                        k.insert(uid, (name, Instant::now()));
                     }
                 }
             });
@@ -204,19 +214,26 @@ impl UserNames {
     }
 
     /// The name of `uid` if known; otherwise queues it (never blocks) and says `None`.
+    /// A uid without a name is asked about again after [`RETRY_UNKNOWN`]; at most
+    /// [`MAX_NAMES`] are kept (then they are forgotten and asked again as needed).
     #[must_use]
     pub fn name(&self, uid: u32) -> Option<String> {
         let Ok(mut known) = self.known.lock() else {
             return None;
         };
-        if let Some(name) = known.get(&uid) {
-            return name.clone();
+        match known.get(&uid) {
+            Some((Some(name), _)) => return Some(name.clone()),
+            Some((None, since)) if since.elapsed() < RETRY_UNKNOWN => return None,
+            _ => {}
+        }
+        if known.len() >= MAX_NAMES {
+            known.clear();
         }
         if let Some(q) = &self.queue {
             match q.try_send(uid) {
                 // Pending: asked once, not again every tick.
                 Ok(()) => {
-                    known.insert(uid, None);
+                    known.insert(uid, (None, Instant::now()));
                 }
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {}
             }
@@ -224,11 +241,10 @@ impl UserNames {
         None
     }
 
-    /// Forgets names (a uid whose lookup answered "none" may exist now).
-    pub fn clear(&self) {
-        if let Ok(mut k) = self.known.lock() {
-            k.clear();
-        }
+    /// Names kept (for tests: bounded).
+    #[must_use]
+    pub fn kept(&self) -> usize {
+        self.known.lock().map_or(0, |k| k.len())
     }
 }
 
@@ -272,6 +288,16 @@ mod tests {
         }
         assert_eq!(names.name(7).as_deref(), Some("user7"));
         assert_eq!(names.name(8).as_deref(), Some("user8"));
+    }
+
+    /// 100,000 uids (user namespaces) keep the cache bounded.
+    #[test]
+    fn names_stay_bounded() {
+        let names = UserNames::with_lookup(|uid| Some(format!("u{uid}")));
+        for uid in 0..100_000 {
+            let _ = names.name(uid);
+            assert!(names.kept() <= MAX_NAMES, "{} at {uid}", names.kept());
+        }
     }
 
     /// A process's facts are read from /proc now (this test's own process).

@@ -48,13 +48,32 @@ impl Scope {
     }
 }
 
-/// The never-act set and which of this tick's cgroups are parents.
+/// The never-act set, and what this tick's findings' cgroups are: parents, or inside a
+/// subtree delegated to a non-root user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Safety {
     /// Cgroup → why it is never acted on.
     never: BTreeMap<String, String>,
-    /// Cgroups known to have child cgroups.
+    /// Cgroups made by root (a service manager, the kubelet) with child cgroups and no
+    /// process of their own.
     parents: BTreeSet<String>,
+    /// Cgroups at or below a directory a non-root user owns (`Delegate=`, a user's
+    /// systemd, rootless containers): their names, children and layout are that
+    /// user's choice.
+    delegated: BTreeSet<String>,
+    /// Parents that hold a cgroup never acted on or protected: no step on the whole
+    /// subtree (`scope = "subtree"`) may reach it. Parent → why.
+    shielded: BTreeMap<String, String>,
+}
+
+/// Whether a cgroup counts as a parent for [`Scope`]: child cgroups made by root
+/// around no process of its own. A cgroup holding processes beside its children, or
+/// inside a subtree a user owns, is judged as itself: an empty child made by the
+/// leaking user (or a leak split over children the user made) must not turn its
+/// containment into a report.
+#[must_use]
+pub fn counts_as_parent(descendants: u64, own_processes: usize, delegated: bool) -> bool {
+    descendants > 0 && own_processes == 0 && !delegated
 }
 
 impl Default for Safety {
@@ -137,12 +156,31 @@ impl Safety {
         Self {
             never,
             parents: BTreeSet::new(),
+            delegated: BTreeSet::new(),
+            shielded: BTreeMap::new(),
         }
     }
 
-    /// Records which cgroups have child cgroups (this tick's findings' cgroups).
+    /// Records which cgroups count as parents (this tick's findings' cgroups; see
+    /// [`counts_as_parent`]).
     pub fn set_parents(&mut self, parents: impl IntoIterator<Item = String>) {
         self.parents = parents.into_iter().collect();
+    }
+
+    /// Records parents whose subtree holds a cgroup that must not be reached, with why.
+    pub fn set_shielded(&mut self, shielded: impl IntoIterator<Item = (String, String)>) {
+        self.shielded = shielded.into_iter().collect();
+    }
+
+    /// Records which cgroups are in a subtree a non-root user owns.
+    pub fn set_delegated(&mut self, delegated: impl IntoIterator<Item = String>) {
+        self.delegated = delegated.into_iter().collect();
+    }
+
+    /// Whether `cgroup` is in a subtree a non-root user owns (as last recorded).
+    #[must_use]
+    pub fn is_delegated(&self, cgroup: &str) -> bool {
+        self.delegated.contains(cgroup)
     }
 
     /// Whether `cgroup` has child cgroups (as last recorded).
@@ -164,12 +202,19 @@ impl Safety {
         if let Some(why) = self.never(cgroup) {
             return Some(format!("{cgroup} is never acted on: {why}"));
         }
-        (scope == Scope::Cgroup && self.parents.contains(cgroup)).then(|| {
-            format!(
+        if !self.parents.contains(cgroup) {
+            return None;
+        }
+        match scope {
+            Scope::Cgroup => Some(format!(
                 "{cgroup} has child cgroups: only a rule with scope = \"subtree\" acts on a \
                  parent (its children are judged on their own)"
-            )
-        })
+            )),
+            Scope::Subtree => self
+                .shielded
+                .get(cgroup)
+                .map(|why| format!("the subtree of {cgroup} holds {why}")),
+        }
     }
 
     /// Every never-acted-on cgroup with why (for `status` and the actuator).
@@ -232,6 +277,34 @@ mod tests {
         // An agent or init in the root itself adds nothing but the root.
         let s = Safety::new(Some("/"), Some("/"), None);
         assert_eq!(s.never_set().count(), 2, "/ and /init.scope");
+    }
+
+    /// A parent is root's: children, no process of its own, not in a user's subtree.
+    #[test]
+    fn what_counts_as_a_parent() {
+        assert!(counts_as_parent(3, 0, false), "a slice with services");
+        assert!(!counts_as_parent(0, 0, false), "a leaf");
+        assert!(
+            !counts_as_parent(1, 2, false),
+            "processes beside an empty child a user made"
+        );
+        assert!(
+            !counts_as_parent(5, 0, true),
+            "a user's own subtree, split into children"
+        );
+    }
+
+    /// A subtree step never reaches a cgroup below that is never acted on or protected.
+    #[test]
+    fn a_shielded_subtree_is_refused() {
+        let mut s = Safety::default();
+        s.set_parents(["/system.slice".to_owned()]);
+        s.set_shielded([(
+            "/system.slice".to_owned(),
+            "/system.slice/ssh.service, protected by sshd".to_owned(),
+        )]);
+        let why = s.refusal("/system.slice", Scope::Subtree).unwrap();
+        assert!(why.contains("ssh.service"), "{why}");
     }
 
     /// A parent is acted on only by a rule that opts in.

@@ -66,11 +66,20 @@ fn make_cgroup(rel: &str) -> Result<()> {
 
 /// Starts `program args` inside cgroup `rel`, output piped.
 fn spawn_in(rel: &str, program: &str, args: &[String]) -> Result<Child> {
+    spawn_as(rel, program, args, None)
+}
+
+/// [`spawn_in`], as user `uid` (and group `uid`) when given.
+fn spawn_as(rel: &str, program: &str, args: &[String], uid: Option<u32>) -> Result<Child> {
+    use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
     spawn_in_cgroup(&mut cmd, &cgroup_dir(rel))
         .with_context(|| format!("starting {program} in {rel}"))
 }
@@ -523,7 +532,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
             let w = pending[i];
             if elapsed.as_secs_f64() >= w.start_after_s {
                 let program = workload_program(w.comm.as_deref())?;
-                let mut child = spawn_in(&w.cgroup, &program, &w.args)?;
+                let mut child = spawn_as(&w.cgroup, &program, &w.args, w.uid)?;
                 let lines = Arc::new(Mutex::new(Vec::new()));
                 let pumps = vec![
                     pump(

@@ -195,6 +195,9 @@ pub struct Workload {
     /// bytes): the `workload` binary is run through a link of this name, e.g.
     /// `comm = "pytest"`. Default: `workload`.
     pub comm: Option<String>,
+    /// Run as this user (uid, and the same gid) instead of root: an unprivileged
+    /// user's process.
+    pub uid: Option<u32>,
 }
 
 /// An expected metric: a range (`min`, `max`, inclusive) or an exact value.
