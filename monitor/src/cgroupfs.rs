@@ -727,8 +727,12 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("u/job")).unwrap();
         assert!(!reader.delegated("/u/job"));
         if nix::unistd::geteuid().is_root() {
-            nix::unistd::chown(&dir.path().join("u"), Some(nix::unistd::Uid::from_raw(1000)), None)
-                .unwrap();
+            nix::unistd::chown(
+                &dir.path().join("u"),
+                Some(nix::unistd::Uid::from_raw(1000)),
+                None,
+            )
+            .unwrap();
             assert!(reader.delegated("/u"));
             assert!(reader.delegated("/u/job"));
             assert!(!reader.delegated("/a/b"));

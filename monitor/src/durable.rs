@@ -209,7 +209,11 @@ mod tests {
         let mut got = Vec::new();
         while !got.ends_with(b"newest") {
             got.extend(std::fs::read(path.with_extension("tmp")).unwrap());
-            assert!(got.len() <= b"stucknewest".len(), "{}", String::from_utf8_lossy(&got));
+            assert!(
+                got.len() <= b"stucknewest".len(),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
         }
         assert_eq!(got, b"stucknewest");
     }

@@ -1982,9 +1982,16 @@ cgroup = "/system.slice/ssh.service"
     /// entries naming a uid or user hold.
     #[test]
     fn scope_and_delegation() {
-        let errs = errors("[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"tree\"\nladder = [{action = \"notify\"}]\n");
-        assert!(errs[0].starts_with("p.toml:4:9: unknown scope \"tree\""), "{errs:?}");
-        let errs = errors("[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"subtree\"\nladder = [{action = \"quarantine\"}]\n");
+        let errs = errors(
+            "[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"tree\"\nladder = [{action = \"notify\"}]\n",
+        );
+        assert!(
+            errs[0].starts_with("p.toml:4:9: unknown scope \"tree\""),
+            "{errs:?}"
+        );
+        let errs = errors(
+            "[[rule]]\nname = \"r\"\nfinding = \"leak\"\nscope = \"subtree\"\nladder = [{action = \"quarantine\"}]\n",
+        );
         assert!(errs[0].contains("cannot quarantine"), "{errs:?}");
         let text = "[[rule]]\nname = \"slices\"\nfinding = \"leak\"\ncgroup = \"/**\"\nscope = \"subtree\"\nladder = [{action = \"freeze\"}]\n\n\
                     [[protect]]\nname = \"by path\"\ncgroup = \"/user.slice/**/important.scope\"\n\n\
@@ -1994,7 +2001,9 @@ cgroup = "/system.slice/ssh.service"
         let set = merge(main_defaults(), vec![("p.toml".into(), protect, rules)]);
         let warnings: Vec<String> = set.warnings().map(ToString::to_string).collect();
         assert!(
-            warnings.iter().any(|w| w.starts_with("p.toml:2:8: warning: scope = \"subtree\"")),
+            warnings
+                .iter()
+                .any(|w| w.starts_with("p.toml:2:8: warning: scope = \"subtree\"")),
             "{warnings:#?}"
         );
         let path = "/user.slice/user-1000.slice/user@1000.service/important.scope";
@@ -2010,7 +2019,11 @@ cgroup = "/system.slice/ssh.service"
                 .collect()
         };
         assert_eq!(names(false), ["by path", "by owner"]);
-        assert_eq!(names(true), ["by owner"], "a user names their cgroups as they like");
+        assert_eq!(
+            names(true),
+            ["by owner"],
+            "a user names their cgroups as they like"
+        );
     }
 
     /// `check` warns (with the position) about protect entries that go by what a
