@@ -748,6 +748,21 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+impl Report {
+    /// A report of `action` on `cgroup` under `rule`, nothing done yet.
+    #[must_use]
+    pub fn new(cgroup: &str, rule: &str, action: &str) -> Self {
+        Self {
+            cgroup: cgroup.to_owned(),
+            rule: rule.to_owned(),
+            action: action.to_owned(),
+            dry_run: false,
+            done: String::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
 /// Carries out decisions and releases; owns the journal.
 #[derive(Debug)]
 pub struct Actuator {
@@ -1865,6 +1880,19 @@ mod tests {
         }
     }
 
+    /// The full release of rule "r" on `cgroup` (instance `id`; 0: the entry there).
+    fn full_release(cgroup: &str, id: u64) -> Release {
+        Release {
+            cgroup_id: id,
+            cgroup: cgroup.into(),
+            rule: "r".into(),
+            stage: crate::decide::ReleaseStage::Full,
+            steps_taken: 1,
+            quiet_sec: 120.0,
+            dry_run: false,
+        }
+    }
+
     fn step(action: Action) -> Step {
         Step {
             action,
@@ -1905,15 +1933,7 @@ mod tests {
         let mut again = Actuator::open(dir.path(), &journal, "cgsentry.slice");
         assert_eq!(again.entries().len(), 1);
         assert_eq!(again.entries()[0].steps_taken, 2);
-        let release = Release {
-            cgroup_id: 0,
-            cgroup: "/app".into(),
-            rule: "r".into(),
-            stage: crate::decide::ReleaseStage::Full,
-            steps_taken: 2,
-            quiet_sec: 120.0,
-            dry_run: false,
-        };
+        let release = full_release("/app", 0);
         let r = again.release(&release).expect("journaled");
         assert!(r.errors.is_empty(), "{r:?}");
         assert_eq!(
@@ -2257,15 +2277,7 @@ mod tests {
         );
         replace_app(dir.path());
         std::fs::write(w.dir("/app").join("pids.max"), "77").unwrap();
-        let release = Release {
-            cgroup_id: 0,
-            cgroup: "/app".into(),
-            rule: "r".into(),
-            stage: crate::decide::ReleaseStage::Full,
-            steps_taken: 1,
-            quiet_sec: 120.0,
-            dry_run: false,
-        };
+        let release = full_release("/app", 0);
         let r = act.release(&release).unwrap();
         assert!(r.done.contains("is a new cgroup now"), "{r:?}");
         assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("77"));
@@ -2430,15 +2442,7 @@ mod tests {
         // nearest cgroup above it.
         std::fs::remove_dir_all(svc.join("app")).unwrap();
         std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
-        let release = Release {
-            cgroup_id: 0,
-            cgroup: "/svc/app".into(),
-            rule: "r".into(),
-            stage: crate::decide::ReleaseStage::Full,
-            steps_taken: 1,
-            quiet_sec: 120.0,
-            dry_run: false,
-        };
+        let release = full_release("/svc/app", 0);
         let r = act.release(&release).unwrap();
         assert!(r.done.contains("moved 1 processes back"), "{r:?}");
         assert_eq!(
@@ -2635,15 +2639,7 @@ mod tests {
         assert!(r.errors.is_empty(), "{r:?}");
         assert_eq!(act.entries().len(), 2);
         // The old one's release leaves the new one's throttle alone.
-        let release = Release {
-            cgroup_id: old_id,
-            cgroup: "/app".into(),
-            rule: "r".into(),
-            stage: crate::decide::ReleaseStage::Full,
-            steps_taken: 2,
-            quiet_sec: 120.0,
-            dry_run: false,
-        };
+        let release = full_release("/app", old_id);
         act.release(&release).expect("the old entry");
         assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("9"));
         assert_eq!(act.entries().len(), 1);
@@ -2671,15 +2667,7 @@ mod tests {
         std::fs::remove_dir_all(&svc).unwrap();
         let q = "/cgsentry.slice/quarantine-svc-app";
         std::fs::write(w.dir(q).join("cgroup.procs"), "101\n").unwrap();
-        let release = Release {
-            cgroup_id: 0,
-            cgroup: "/svc/app".into(),
-            rule: "r".into(),
-            stage: crate::decide::ReleaseStage::Full,
-            steps_taken: 1,
-            quiet_sec: 120.0,
-            dry_run: false,
-        };
+        let release = full_release("/svc/app", 0);
         let r = act.release(&release).unwrap();
         assert!(r.errors.iter().any(|e| e.contains("stay in")), "{r:?}");
         assert_eq!(

@@ -922,14 +922,7 @@ mod tests {
         for i in 0..100_000u32 {
             let path = format!("/ci/job-{i}");
             let j = Judgement {
-                actions: vec![crate::act::Report {
-                    cgroup: path.clone(),
-                    rule: "r".into(),
-                    action: "throttle".into(),
-                    dry_run: false,
-                    done: String::new(),
-                    errors: vec![],
-                }],
+                actions: vec![crate::act::Report::new(&path, "r", "throttle")],
                 ..Judgement::default()
             };
             m.update(&snap(&[(&path, 1.0)]), &j, &me, false);

@@ -427,14 +427,7 @@ mod tests {
     #[test]
     fn json_top_keeps_the_busiest_and_the_named() {
         let j = Judgement {
-            actions: vec![crate::act::Report {
-                cgroup: "/evil\x1b[2J".into(),
-                rule: "r".into(),
-                action: "throttle".into(),
-                dry_run: false,
-                done: String::new(),
-                errors: vec![],
-            }],
+            actions: vec![crate::act::Report::new("/evil\x1b[2J", "r", "throttle")],
             ..Judgement::default()
         };
         let v: serde_json::Value = serde_json::from_str(&json(&snap(), &j, 1).unwrap()).unwrap();

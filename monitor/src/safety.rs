@@ -103,54 +103,39 @@ impl Safety {
         quarantine_parent: Option<&str>,
     ) -> Self {
         let mut never = BTreeMap::new();
-        let mut add = |path: String, why: String| {
-            never.entry(path).or_insert(why);
-        };
-        add(
-            "/".into(),
-            "the root cgroup: every process of the machine is below it".into(),
+        never.insert(
+            "/".to_owned(),
+            "the root cgroup: every process of the machine is below it".to_owned(),
         );
-        if let Some(me) = agent_cgroup.filter(|p| *p != "/") {
-            for (i, p) in with_ancestors(me).enumerate() {
-                add(
-                    p.to_owned(),
-                    if i == 0 {
-                        "cgsentry's own cgroup".to_owned()
-                    } else {
-                        format!("it holds cgsentry's own cgroup {me}")
-                    },
-                );
-            }
-        }
-        add(
-            "/init.scope".into(),
-            "init.scope: PID 1, the service manager".into(),
+        never.insert(
+            "/init.scope".to_owned(),
+            "init.scope: PID 1, the service manager".to_owned(),
         );
-        if let Some(init) = init_cgroup.filter(|p| *p != "/") {
-            for (i, p) in with_ancestors(init).enumerate() {
-                add(
-                    p.to_owned(),
+        let quarantine = quarantine_parent.map(|q| format!("/{}", q.trim_matches('/')));
+        for (path, own, holder) in [
+            (
+                agent_cgroup,
+                "cgsentry's own cgroup",
+                "cgsentry's own cgroup",
+            ),
+            (init_cgroup, "the cgroup of PID 1", "PID 1's cgroup"),
+            (
+                quarantine.as_deref(),
+                "the quarantine parent: it holds every quarantined offender",
+                "the quarantine parent",
+            ),
+        ] {
+            let Some(path) = path.filter(|p| *p != "/") else {
+                continue;
+            };
+            for (i, p) in with_ancestors(path).enumerate() {
+                never.entry(p.to_owned()).or_insert_with(|| {
                     if i == 0 {
-                        "the cgroup of PID 1".to_owned()
+                        own.to_owned()
                     } else {
-                        format!("it holds PID 1's cgroup {init}")
-                    },
-                );
-            }
-        }
-        if let Some(q) = quarantine_parent {
-            let q = format!("/{}", q.trim_matches('/'));
-            if q != "/" {
-                for (i, p) in with_ancestors(&q).enumerate() {
-                    add(
-                        p.to_owned(),
-                        if i == 0 {
-                            "the quarantine parent: it holds every quarantined offender".to_owned()
-                        } else {
-                            format!("it holds the quarantine parent {q}")
-                        },
-                    );
-                }
+                        format!("it holds {holder} {path}")
+                    }
+                });
             }
         }
         Self {
