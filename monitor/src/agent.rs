@@ -833,6 +833,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // systemd (Type=notify): started once the programs are attached and the journal
     // reconciled; from now on each finished tick keeps the watchdog (WatchdogSec) fed,
     // so a loop stuck anywhere gets the agent restarted.
+    // Run by systemd with its output in the journal: events, not tables.
+    let service = crate::preflight::stdout_is_journal();
+    let mut tick_output = true;
+    let mut status_line = StatusLine::default();
     // The watchdog is also fed from the loop between ticks (at half its period), so an
     // --interval longer than WatchdogSec is no reason to be killed; a loop stuck in a
     // tick feeds it from nowhere.
@@ -900,21 +904,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
             &mut guard,
             started.elapsed().as_secs_f64(),
         );
-        let text = if args.json {
-            report::json(&snap, &judgement, args.json_top)? + "\n"
-        } else {
-            report::table(&snap, args.top) + &report::findings(&judgement) + "\n"
-        };
-        let mut stdout = std::io::stdout().lock();
-        if let Err(e) = stdout
-            .write_all(text.as_bytes())
-            .and_then(|()| stdout.flush())
-        {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                info!("stdout closed: stopping");
-                break;
+        if service && !args.json {
+            // Under systemd the journal gets events, not a table a second: what the
+            // agent does is said by the log lines of its decisions and actions, and by
+            // the status line `systemctl status` shows.
+            status_line.update(&snap, &judgement, guard.applied().len());
+        } else if tick_output {
+            let text = if args.json {
+                report::json(&snap, &judgement, args.json_top)? + "\n"
+            } else {
+                report::table(&snap, args.top) + &report::findings(&judgement) + "\n"
+            };
+            let mut stdout = std::io::stdout().lock();
+            if let Err(e) = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                if e.kind() == std::io::ErrorKind::BrokenPipe && !service {
+                    info!("stdout closed: stopping");
+                    break;
+                }
+                // An unwritable output (a full disk, a journal gone) is no reason to
+                // stop guarding: the ticks go on without it.
+                warn!("writing the tick output failed: {e}; going on without it");
+                tick_output = false;
             }
-            return Err(e).context("writing to stdout");
         }
         done += 1;
         if watchdog.is_some() {
@@ -930,6 +944,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ops.record("agent_stopped", &serde_json::json!({ "ticks": done }));
     ops.close();
     Ok(())
+}
+
+/// systemd's `STATUS=` (what `systemctl status cgsentry` shows), sent when it changes.
+#[derive(Debug, Default)]
+struct StatusLine {
+    last: String,
+}
+
+impl StatusLine {
+    fn update(&mut self, snap: &Snapshot, j: &report::Judgement, applied: usize) {
+        let line = format!(
+            "watching {} cgroups; {} finding(s); {} containment(s) in force",
+            snap.cgroups.len(),
+            j.findings.len(),
+            applied
+        );
+        if line != self.last {
+            notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
+            self.last = line;
+        }
+    }
 }
 
 /// `WATCHDOG=1`: the loop is alive (nothing without a notify socket).

@@ -4,13 +4,25 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    // Logs (ours, and aya-log's records through the `log` bridge) go to stderr.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs (ours, and aya-log's records through the `log` bridge) go to stderr: plain
+    // lines without a time stamp into systemd's journal (it stamps them), colours only
+    // on a terminal.
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if cgsentry::preflight::stderr_is_journal() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init();
+    }
     let cli = Cli::parse();
     match &cli.command {
         Command::Check(args) => return cgsentry::policy::check(args),

@@ -95,6 +95,33 @@ fn is_fs(path: &Path, magic: nix::sys::statfs::FsType) -> bool {
 
 /// The cgroup v2 mount: `/sys/fs/cgroup` on a pure v2 machine, `/sys/fs/cgroup/unified`
 /// on a hybrid one, else wherever mountinfo says.
+/// Whether stdout goes to systemd's journal: `$JOURNAL_STREAM` names the stream
+/// (`device:inode`) systemd connected, and it is stdout's (a service's output, not a
+/// shell started from one that redirected it).
+#[must_use]
+pub fn stdout_is_journal() -> bool {
+    journal_stream_is(std::env::var("JOURNAL_STREAM").ok().as_deref(), 1)
+}
+
+/// Whether stderr goes to systemd's journal (see [`stdout_is_journal`]).
+#[must_use]
+pub fn stderr_is_journal() -> bool {
+    journal_stream_is(std::env::var("JOURNAL_STREAM").ok().as_deref(), 2)
+}
+
+fn journal_stream_is(var: Option<&str>, fd: i32) -> bool {
+    use std::os::fd::BorrowedFd;
+    let Some((dev, ino)) = var.and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: a standard stream, open for the life of the process (or fstat fails).
+    let stream = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::sys::stat::fstat(stream).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or the hybrid
 /// `/sys/fs/cgroup/unified`, or wherever mountinfo says).
 ///
@@ -316,5 +343,18 @@ format:
             None
         );
         assert_eq!(find_cgroup2_in_mountinfo("malformed"), None);
+    }
+
+    /// `$JOURNAL_STREAM` names stdout's device and inode, or it is not the journal.
+    #[test]
+    fn journal_stream_detection() {
+        use std::os::fd::BorrowedFd;
+        // SAFETY: stdout, open for the life of the test process.
+        let st = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(1) }).unwrap();
+        let mine = format!("{}:{}", st.st_dev, st.st_ino);
+        assert!(journal_stream_is(Some(&mine), 1));
+        assert!(!journal_stream_is(Some("1:2"), 1));
+        assert!(!journal_stream_is(Some("nonsense"), 1));
+        assert!(!journal_stream_is(None, 1));
     }
 }

@@ -2,6 +2,7 @@
 //! building the eBPF object is monitor/build.rs's job, not ours).
 mod bench;
 mod cmd;
+mod debian;
 mod install;
 mod setup;
 mod vm;
@@ -72,6 +73,22 @@ sudo -E cargo xtask install --uninstall [--purge]")]
     Install(install::InstallArgs),
 }
 
+/// A main file (under target/) whose policy directory is the repository's `policies/`.
+fn shipped_config() -> Result<std::path::PathBuf> {
+    let dir = workspace_root().join("target/xtask-run");
+    std::fs::create_dir_all(&dir)?;
+    let main = dir.join("cgsentry.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "# Written by `cargo xtask run` when /etc/cgsentry has no configuration.\n\
+             policies_dir = {:?}\n",
+            workspace_root().join("policies").display().to_string()
+        ),
+    )?;
+    Ok(main)
+}
+
 fn main() -> std::process::ExitCode {
     // Our own error printing: a failed step is a message, not a backtrace.
     match run_task(Cli::parse().command) {
@@ -92,7 +109,23 @@ fn run_task(task: Task) -> Result<()> {
             build()?;
             let bin = workspace_root().join("target/release/cgsentry");
             let mut cmd = as_root(bin);
-            cmd.arg("run").args(args);
+            cmd.arg("run");
+            // A first run guards: with no configuration of this machine's own, the
+            // repository's shipped policies (not an agent that only watches).
+            if !args.iter().any(|a| {
+                a.to_str()
+                    .is_some_and(|a| a == "--config" || a.starts_with("--config="))
+            }) && !std::path::Path::new("/etc/cgsentry/cgsentry.toml").exists()
+            {
+                let main = shipped_config()?;
+                eprintln!(
+                    "xtask: no /etc/cgsentry: running the repository's shipped policies \
+                     ({}/policies; `cargo xtask install` puts them in /etc)",
+                    workspace_root().display()
+                );
+                cmd.arg("--config").arg(main);
+            }
+            cmd.args(args);
             let status = cmd::status(&mut cmd)?;
             std::process::exit(status.code().unwrap_or(1));
         }

@@ -16,6 +16,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("busybox-static", "userland of the VM's initramfs (vm-test)"),
     ("cpio", "pack the VM's initramfs (vm-test)"),
+    (
+        "mmdebstrap",
+        "build the Debian image of systemd scenarios from Debian's packages (vm-test)",
+    ),
 ];
 
 struct Step {

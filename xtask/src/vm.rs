@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cgsentry_workload::scenario::{Guard, Scenario};
+use cgsentry_workload::scenario::{Guard, Image, Scenario};
 
 use crate::cmd::{as_root, build_release_binaries, output, run, workspace_root};
 use crate::wedge;
@@ -36,6 +36,8 @@ const SWAP_MODULES: &[&str] = &[
     "virtio/virtio_pci",
     "block/virtio_blk",
 ];
+/// How long a guest may take to power off after its `VM-EXIT` line.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
 /// A swap disk as slow as a real one: with a fast one the freeze never shows.
 const SWAP_THROTTLE: &str = "throttling.bps-total=20971520,throttling.iops-total=500";
 
@@ -626,8 +628,28 @@ fn run_scenario(
     } = *vm;
     let dir = vm_dir.join("run").join(name);
     std::fs::create_dir_all(&dir)?;
-    let initrd = build_initramfs(&dir, kernel, path, scenario, agent, policies)?;
-    let console = boot(&dir, kernel, tcg, &initrd, scenario)?;
+    let (initrd, disk) = match scenario.vm.image {
+        Image::Busybox => (
+            build_initramfs(&dir, kernel, path, scenario, agent, policies)?,
+            None,
+        ),
+        Image::Debian => {
+            let tar = crate::debian::ensure_rootfs(vm_dir)?;
+            let inputs = crate::debian::Inputs {
+                tar: &tar,
+                scenario_file: path,
+                scenario,
+                agent,
+                workload: &workspace_root().join("target/release/workload"),
+                policies,
+                kept_subsystems: KEPT_SUBSYSTEMS,
+                modules: &kernel.modules,
+            };
+            let (disk, initrd) = crate::debian::build(&dir, &inputs)?;
+            (initrd, Some(disk))
+        }
+    };
+    let console = boot(&dir, kernel, tcg, &initrd, disk.as_deref(), scenario)?;
     let logs = vm_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = logs.join(format!("{name}-{attempt}.log"));
@@ -645,6 +667,7 @@ fn qemu_command(
     kernel: &Kernel,
     tcg: Tcg,
     initrd: &Path,
+    disk: Option<&Path>,
     scenario: &Scenario,
     monitor: &Path,
 ) -> Result<Command> {
@@ -674,9 +697,23 @@ fn qemu_command(
     .arg("-initrd")
     .arg(initrd)
     // nokaslr: a wedged guest's instruction pointers are then the kernel's link addresses.
-    .args(["-append", "console=ttyS0 quiet panic=-1 nokaslr"])
+    .args([
+        "-append",
+        if disk.is_some() {
+            // The root disk first (/dev/vda), the swap disk after it (/dev/vdb).
+            "console=ttyS0 quiet panic=-1 nokaslr root=/dev/vda rw"
+        } else {
+            "console=ttyS0 quiet panic=-1 nokaslr"
+        },
+    ])
     .arg("-monitor")
     .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    if let Some(disk) = disk {
+        qemu.arg("-drive").arg(format!(
+            "file={},if=virtio,format=raw,cache=unsafe",
+            disk.display()
+        ));
+    }
     if scenario.vm.swap_mib > 0 {
         let img = dir.join("swap.img");
         let _ = std::fs::remove_file(&img);
@@ -700,10 +737,11 @@ fn boot(
     kernel: &Kernel,
     tcg: Tcg,
     initrd: &Path,
+    disk: Option<&Path>,
     scenario: &Scenario,
 ) -> Result<Console> {
     let monitor = dir.join("monitor.sock");
-    let mut qemu = qemu_command(dir, kernel, tcg, initrd, scenario, &monitor)?;
+    let mut qemu = qemu_command(dir, kernel, tcg, initrd, disk, scenario, &monitor)?;
     qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -712,6 +750,8 @@ fn boot(
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let last_line = Arc::new(Mutex::new(Instant::now()));
     let lockup_seen = Arc::new(AtomicBool::new(false));
+    // The scenario said its last word: the guest only has to power off.
+    let exit_seen = Arc::new(Mutex::new(None::<Instant>));
     let streams: [Box<dyn std::io::Read + Send>; 2] = [
         Box::new(child.stdout.take().expect("piped")),
         Box::new(child.stderr.take().expect("piped")),
@@ -722,6 +762,7 @@ fn boot(
             let lines = lines.clone();
             let last_line = last_line.clone();
             let lockup_seen = lockup_seen.clone();
+            let exit_seen = exit_seen.clone();
             std::thread::spawn(move || {
                 // Lossy: firmware writes escape codes and the odd invalid byte.
                 let mut reader = BufReader::new(stream);
@@ -729,6 +770,9 @@ fn boot(
                 while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
                     let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
                     buf.clear();
+                    if line.contains("VM-EXIT") {
+                        exit_seen.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
                     if ["vm-run:", "VM-EXIT", "Kernel panic"]
                         .iter()
                         .any(|m| line.contains(m))
@@ -762,6 +806,17 @@ fn boot(
         // The kernel named a stuck CPU: where it is stuck, while it still is.
         if wedged_cpus.is_empty() && lockup_seen.load(Ordering::Relaxed) {
             wedged_cpus = where_cpus_are();
+        }
+        // Past its VM-EXIT a guest that is slow to power off (a service that ignores
+        // SIGTERM holds up systemd's shutdown) is done, not wedged.
+        if exit_seen
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() > POWER_OFF_GRACE)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
         }
         let silent = last_line.lock().unwrap().elapsed();
         if start.elapsed() > limit || silent > SILENT {

@@ -11,3 +11,4 @@ pub mod keeper;
 pub mod mem;
 pub mod runner;
 pub mod scenario;
+pub mod systemd;

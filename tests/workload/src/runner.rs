@@ -444,11 +444,50 @@ pub fn vm_run(path: &Path) -> Result<()> {
         scenario.description
     ));
     let t0 = Instant::now();
+    let t0_wall = std::time::SystemTime::now();
     let oom_start = read_kv("/proc/vmstat", "oom_kill").unwrap_or(0);
+    let debian = scenario.vm.image == crate::scenario::Image::Debian;
 
     let mut agent: Option<Running> = None;
     let mut drops: Vec<&crate::scenario::DropFile> = Vec::new();
-    if let Some(spec) = &scenario.agent {
+    // What the run's events (agent restart, operator) add to the result.
+    let mut run_metrics = serde_json::Map::new();
+    let mut journal_at_start = 0;
+    if debian {
+        // systemd started cgsentry.service (installed with the scenario's policies);
+        // its log is followed, its decisions read from its event log at the end.
+        crate::systemd::swap_on();
+        let active = crate::systemd::wait_for_agent(Duration::from_mins(2))?;
+        say(&format!("cgsentry.service active {active:.1} s after boot"));
+        run_metrics.insert("agent_active_after_boot_s".into(), json!(active));
+        let mut child = crate::systemd::follow_agent_log()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let pumps = vec![
+            pump(
+                "agent-log".into(),
+                child.stdout.take().expect("piped"),
+                None,
+                t0,
+            ),
+            pump(
+                "agent-log".into(),
+                child.stderr.take().expect("piped"),
+                None,
+                t0,
+            ),
+        ];
+        journal_at_start = crate::systemd::agent_journal_lines();
+        agent = Some(Running {
+            name: "agent".into(),
+            cgroup: "/system.slice/cgsentry.service".into(),
+            role: Role::Observer,
+            child,
+            exit: None,
+            lines,
+            pumps,
+            started: Duration::ZERO,
+        });
+    } else if let Some(spec) = &scenario.agent {
         install_policies(spec)?;
         drops = spec.drops.iter().collect();
         make_cgroup(&spec.cgroup)?;
@@ -488,7 +527,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
         None => None,
     };
 
-    for w in &scenario.workloads {
+    for w in scenario.workloads.iter().filter(|_| !debian) {
         make_cgroup(&w.cgroup)?;
         for (file, value) in &w.files {
             std::fs::write(cgroup_dir(&w.cgroup).join(file), value)
@@ -508,9 +547,8 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut restart = Restart::Waiting;
     // Children still there after a SIGKILL (see [`REAP_WITHIN`]).
     let mut stuck: Vec<String> = Vec::new();
-    // What the run's events (agent restart, operator) add to the result.
-    let mut run_metrics = serde_json::Map::new();
     let mut operator = scenario.agent.as_ref().and_then(|a| a.operator.as_ref());
+    let mut quiet_measured = false;
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
         if operator.is_some_and(|op| operator_step(op, elapsed, &mut run_metrics)) {
@@ -532,7 +570,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
             let w = pending[i];
             if elapsed.as_secs_f64() >= w.start_after_s {
                 let program = workload_program(w.comm.as_deref())?;
-                let mut child = spawn_as(&w.cgroup, &program, &w.args, w.uid)?;
+                let mut child = if debian {
+                    crate::systemd::spawn_unit(&w.cgroup, &program, &w.args, w.uid, &w.files)?
+                } else {
+                    spawn_as(&w.cgroup, &program, &w.args, w.uid)?
+                };
                 let lines = Arc::new(Mutex::new(Vec::new()));
                 let pumps = vec![
                     pump(
@@ -555,6 +597,20 @@ pub fn vm_run(path: &Path) -> Result<()> {
                     w.comm.as_deref().unwrap_or("workload"),
                     w.args.join(" ")
                 ));
+                if debian && w.role == Role::Subject && !quiet_measured {
+                    // The journal from the agent's start to the first offender: what
+                    // it writes when nothing happens.
+                    quiet_measured = true;
+                    let secs = t0.elapsed().as_secs_f64();
+                    if secs >= 10.0 {
+                        let lines =
+                            crate::systemd::agent_journal_lines().saturating_sub(journal_at_start);
+                        run_metrics.insert(
+                            "agent_journal_lines_per_min_quiet".into(),
+                            json!(lines as f64 * 60.0 / secs),
+                        );
+                    }
+                }
                 running.push(Running {
                     name: w.name.clone(),
                     cgroup: w.cgroup.clone(),
@@ -714,7 +770,8 @@ pub fn vm_run(path: &Path) -> Result<()> {
         .saturating_sub(oom_start);
     for r in running
         .iter_mut()
-        .filter(|r| r.role == Role::Subject && r.exit.is_none())
+        // A unit's process is systemd's child, not ours: every one goes by its cgroup.
+        .filter(|r| (r.role == Role::Subject || debian) && r.exit.is_none())
     {
         // cgroup.kill takes the whole subtree, children of a pool included.
         let _ = std::fs::write(cgroup_dir(&r.cgroup).join("cgroup.kill"), "1");
@@ -798,6 +855,38 @@ pub fn vm_run(path: &Path) -> Result<()> {
         metrics.insert(metric.into(), json!(v));
     }
     metrics.extend(run_metrics);
+    if debian {
+        // What the agent wrote to the journal while the scenario ran, per minute.
+        let lines = crate::systemd::agent_journal_lines();
+        metrics.insert("agent_journal_lines".into(), json!(lines));
+        let minutes = (duration.as_secs_f64() / 60.0).max(1.0 / 60.0);
+        metrics.insert(
+            "agent_journal_lines_per_min".into(),
+            json!(lines.saturating_sub(journal_at_start) as f64 / minutes),
+        );
+        if let Some(a) = &agent {
+            // Every cgroup the scenario names (and those above them) is one the agent
+            // saw: what it never did there counts 0, as the busybox agent's ticks say.
+            let mut seen: Vec<String> = vec![a.cgroup.clone()];
+            for w in &scenario.workloads {
+                let mut p = w.cgroup.trim_end_matches('/').to_owned();
+                while !p.is_empty() {
+                    seen.push(p.clone());
+                    p.truncate(p.rfind('/').unwrap_or(0));
+                }
+            }
+            seen.sort();
+            seen.dedup();
+            let listed =
+                json!({"cgroups": seen.iter().map(|p| json!({"path": p})).collect::<Vec<_>>()});
+            let mut lines = vec![(run_start.duration_since(t0), listed)];
+            lines.extend(crate::systemd::agent_events(
+                Path::new(crate::systemd::EVENT_LOG),
+                t0_wall,
+            ));
+            *a.lines.lock().unwrap() = lines;
+        }
+    }
     if let Some(agent) = &agent {
         agent_metrics(
             &mut metrics,

@@ -39,6 +39,22 @@ pub struct Vm {
     pub cpus: u32,
     /// Hard limit for the whole VM, boot included.
     pub timeout_s: u64,
+    /// What the guest runs: a busybox initramfs (fast, flat cgroups) or a real Debian
+    /// with systemd as PID 1 and cgsentry installed as its service.
+    pub image: Image,
+}
+
+/// The guest's user space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Image {
+    /// busybox as init, the runner as its child, cgroups made by the runner.
+    #[default]
+    Busybox,
+    /// Debian 12: systemd, journald, dbus, systemd-oomd; cgsentry.service installed
+    /// and enabled; workloads started as transient units (`systemd-run`), in the
+    /// slice their `cgroup` names (`/system.slice/pool.service`).
+    Debian,
 }
 
 impl Default for Vm {
@@ -49,6 +65,7 @@ impl Default for Vm {
             swap_throttle: false,
             cpus: 2,
             timeout_s: 300,
+            image: Image::Busybox,
         }
     }
 }
@@ -80,6 +97,8 @@ impl Default for Run {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Agent {
+    /// `cgsentry` arguments (a busybox image; a Debian image runs the installed unit).
+    #[serde(default)]
     pub args: Vec<String>,
     /// Install the shipped policies (`policies/*.toml`, carried in the initramfs under
     /// /usr/share/cgsentry/policies) into /etc/cgsentry/policies.d before the agent starts.
