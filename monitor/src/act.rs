@@ -128,11 +128,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes cgroup v2 control files under an injectable root.
+/// Writes cgroup v2 control files under an injectable root — through systemd for the
+/// cgroups that are its units' own ([`crate::systemd`]).
 #[derive(Clone, Debug)]
 pub struct Writer {
     root: PathBuf,
     inflight: InFlight,
+    systemd: Option<crate::systemd::Systemd>,
 }
 
 impl Writer {
@@ -141,6 +143,39 @@ impl Writer {
         Self {
             root: root.into(),
             inflight: InFlight::default(),
+            systemd: None,
+        }
+    }
+
+    /// Sets a unit's limits and freezes it through systemd from now on.
+    pub fn set_systemd(&mut self, systemd: crate::systemd::Systemd) {
+        self.systemd = Some(systemd);
+    }
+
+    /// `file` of `rel` set to `value` through systemd, when `rel` is a unit's own cgroup
+    /// and systemd has a property (or the freezer) for that file; `None`: the caller
+    /// writes the file (not a unit, no such property, or systemd did not answer).
+    fn via_systemd(&self, rel: &str, file: &str, value: &str) -> Option<()> {
+        let sd = self.systemd.as_ref()?;
+        let set = |unit: &str| {
+            if file == "cgroup.freeze" {
+                sd.set_frozen(unit, value.trim() == "1")
+            } else {
+                let (name, v) = crate::systemd::property_for(file, value)
+                    .ok_or_else(|| format!("{file}: no unit property"))?;
+                sd.set_property(unit, name, v)
+            }
+        };
+        if file != "cgroup.freeze" && crate::systemd::property_for(file, value).is_none() {
+            return None;
+        }
+        let unit = sd.unit_of(rel)?;
+        match set(&unit) {
+            Ok(()) => Some(()),
+            Err(e) => {
+                sd.warn_once(&e);
+                None
+            }
         }
     }
 
@@ -212,7 +247,9 @@ impl Writer {
         value: &str,
         expect: &str,
     ) -> Result<(), ActError> {
-        self.write_raw(rel, file, value)?;
+        if self.via_systemd(rel, file, value).is_none() {
+            self.write_raw(rel, file, value)?;
+        }
         let read = self.read(rel, file)?.ok_or_else(|| ActError::Gone {
             path: self.dir(rel),
         })?;
@@ -856,6 +893,11 @@ impl Actuator {
         self.never
             .get(key)
             .map(|why| format!("refused: {key} is never acted on ({why})"))
+    }
+
+    /// Acts on systemd units through systemd from now on ([`crate::systemd`]).
+    pub fn set_systemd(&mut self, systemd: crate::systemd::Systemd) {
+        self.w.set_systemd(systemd);
     }
 
     /// Where new quarantine cgroups go (a policy reload may change it).

@@ -383,6 +383,11 @@ impl Guard {
         std::mem::take(&mut self.events)
     }
 
+    /// Contains systemd units through systemd from now on.
+    pub fn set_systemd(&mut self, systemd: crate::systemd::Systemd) {
+        self.actuator.set_systemd(systemd);
+    }
+
     /// The user-name resolver the agent's other readers share.
     #[must_use]
     pub fn user_names(&self) -> crate::procinfo::UserNames {
@@ -816,6 +821,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &args.journal_dir,
     );
     collector.set_user_names(guard.user_names());
+    // On a systemd host, its units are acted on through it (limits it keeps and shows).
+    if env.cgroup_root == std::path::Path::new("/sys/fs/cgroup")
+        && let Some(sd) = crate::systemd::Systemd::detect()
+    {
+        info!("systemd units are contained through systemd's D-Bus API");
+        guard.set_systemd(sd);
+    }
     let interval_ms = u64::try_from(args.interval.as_millis()).unwrap_or(u64::MAX);
     let (mut ops, mut releases) = start_outputs(&args).await;
     ops.record(
@@ -903,6 +915,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             &judgement,
             &mut guard,
             started.elapsed().as_secs_f64(),
+        );
+        tracing::debug!(
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            cgroups = snap.cgroups.len(),
+            processes = snap.processes.len(),
+            findings = judgement.findings.len(),
+            "tick"
         );
         if service && !args.json {
             // Under systemd the journal gets events, not a table a second: what the

@@ -7,7 +7,7 @@
 //! CPU (from the per-CPU `CPU_SLICE` record) and pays that credit back when the slice
 //! ends and the map has it, so totals stay exact and each tick shows what happened in it.
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     path::PathBuf,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -309,6 +309,11 @@ pub struct CgroupSample {
     /// with no activity since: idle cgroups are checked every `IDLE_FILES_EVERY` ticks
     /// through `memory.current` and `pids.current`, and read again when either moved.
     pub files_fresh: bool,
+    /// Created since the previous tick (absent from its complete walk of the tree): its
+    /// memory and tasks were 0 then, which the detectors may count as a point (a
+    /// workload started as a new unit has a past of one tick, not none).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub born: bool,
 }
 
 /// Machine-wide memory and pressure.
@@ -525,6 +530,8 @@ pub struct Collector {
     /// Entries this agent removed from the per-cgroup map (deleted cgroups).
     forgotten: u64,
     undecodable: u64,
+    /// Every cgroup of the previous tick (none before the first).
+    previous: Option<HashSet<CgroupId>>,
 }
 
 impl Collector {
@@ -557,6 +564,7 @@ impl Collector {
             last_evictions: 0,
             forgotten: 0,
             undecodable: 0,
+            previous: None,
         };
         c.prime();
         c
@@ -623,6 +631,14 @@ impl Collector {
 
         let (paths, vanished) = self.resolve(&totals, &deltas);
         let mut cgroups = self.sample_cgroups(&paths, &deltas, secs);
+        // Ids are never reused (the directory's inode), and each tick's set comes from a
+        // complete walk of the tree: an id the previous tick lacked is a new cgroup.
+        if let Some(previous) = &self.previous {
+            for c in &mut cgroups {
+                c.born = !previous.contains(&c.id);
+            }
+        }
+        self.previous = Some(paths.keys().copied().collect());
         cgroups.sort_by(|a, b| b.on_cpu_ns.cmp(&a.on_cpu_ns).then(a.id.cmp(&b.id)));
 
         let mut ebpf = self.probes.stats();
@@ -1036,6 +1052,7 @@ fn sample(
         memory_trend_mib_per_s,
         files,
         files_fresh: true,
+        born: false,
     }
 }
 

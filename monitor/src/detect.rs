@@ -755,6 +755,28 @@ pub fn point(
     }
 }
 
+/// What a cgroup created since the previous tick looked like then: no memory, no
+/// tasks, nothing done. A point for the short-window detectors only (the leak window
+/// judges what a cgroup keeps, not how it started), so a burst in a new unit is judged
+/// on its second sight, as one in a cgroup made in advance is.
+fn birth_point(first: &Point) -> Point {
+    Point {
+        t: first.t - first.interval_s,
+        interval_s: first.interval_s,
+        memory: first.memory.map(|_| 0.0),
+        headroom: first.headroom,
+        cpu_percent: 0.0,
+        voluntary: 0,
+        forks: 0,
+        exits: 0,
+        pids: first.pids.map(|_| 0),
+        reclaim_ms_per_s: 0.0,
+        memory_some_avg10: None,
+        memory_full_avg10: None,
+        others_runq_p99_us: None,
+    }
+}
+
 /// One cgroup's (or process's) past: the last seconds in full for the short-window
 /// detectors, memory alone (16 bytes a point) over the long window for leaks. At 1,000
 /// cgroups and 5 min that is ~5 MB, not the ~45 MB full points would take. A cgroup
@@ -927,7 +949,13 @@ impl Detector {
                 self.config.leak.reserve_percent,
                 others.0.map(|_| others.1),
             );
-            let h = self.history.entry(c.id).or_default();
+            let h = self.history.entry(c.id).or_insert_with(|| {
+                let mut h = History::default();
+                if c.born {
+                    h.recent.push_back(birth_point(&p));
+                }
+                h
+            });
             h.push(p, recent, window);
             let leak = h.leak(&self.config.leak);
             let points = h.recent.make_contiguous();
@@ -2041,6 +2069,40 @@ mod tests {
             d.history(50).unwrap().len() <= 8,
             "idle points were not kept"
         );
+    }
+
+    /// A unit started between two ticks (its cgroup made by systemd at start, not in
+    /// advance) bursts: judged on its second sight, from a past of "nothing" a tick
+    /// before the first — as early as a burst in a cgroup made in advance. Not born
+    /// (present at the agent's start, or only unresolved before), it waits for three
+    /// points of its own. And a new unit that loads what it needs and then holds it (a
+    /// service starting) is no burst: its memory does not rise twice in a row.
+    #[test]
+    fn a_burst_in_a_new_cgroup_is_judged_from_its_birth() {
+        // Ticks of 1 s; 6 GiB available: +600 MiB a second ends the headroom in ~10 s.
+        let first_explosion = |born: bool, mib: &[u64]| {
+            let mut d = Detector::new(DetectConfig::default());
+            d.observe(&snapshot(
+                1,
+                2,
+                vec![cgroup(1, "/system.slice", 10, 1.0)],
+                vec![],
+            ));
+            for (i, m) in mib.iter().enumerate() {
+                let mut c = cgroup(60, "/system.slice/pool.service", *m, 50.0);
+                c.born = born && i == 0;
+                c.forks = 5;
+                let tick = 2 + i as u64;
+                let found = d.observe(&snapshot(tick, 2, vec![c], vec![]));
+                if found.iter().any(|f| f.kind == FindingKind::Explosion) {
+                    return Some(i + 1);
+                }
+            }
+            None
+        };
+        assert_eq!(first_explosion(true, &[300, 900, 1500, 2100]), Some(2));
+        assert_eq!(first_explosion(false, &[300, 900, 1500, 2100]), Some(3));
+        assert_eq!(first_explosion(true, &[600, 600, 600, 600]), None);
     }
 
     /// One process leaks while its cgroup's total stays flat (a sibling shrinks): a

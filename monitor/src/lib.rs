@@ -30,5 +30,6 @@ pub mod probes;
 pub mod procinfo;
 pub mod report;
 pub mod safety;
+pub mod systemd;
 pub mod top;
 pub mod watch;

@@ -93,8 +93,6 @@ fn is_fs(path: &Path, magic: nix::sys::statfs::FsType) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == magic)
 }
 
-/// The cgroup v2 mount: `/sys/fs/cgroup` on a pure v2 machine, `/sys/fs/cgroup/unified`
-/// on a hybrid one, else wherever mountinfo says.
 /// Whether stdout goes to systemd's journal: `$JOURNAL_STREAM` names the stream
 /// (`device:inode`) systemd connected, and it is stdout's (a service's output, not a
 /// shell started from one that redirected it).
@@ -131,6 +129,8 @@ pub fn cgroup2_root() -> Result<PathBuf, PreflightError> {
     find_cgroup2().map(|(root, _)| root)
 }
 
+/// The cgroup v2 mount: `/sys/fs/cgroup` on a pure v2 machine, `/sys/fs/cgroup/unified`
+/// on a hybrid one, else wherever mountinfo says.
 fn find_cgroup2() -> Result<(PathBuf, bool), PreflightError> {
     let pure = Path::new("/sys/fs/cgroup");
     if is_fs(pure, CGROUP2_SUPER_MAGIC) {

@@ -1,0 +1,425 @@
+//! Containment through systemd, for cgroups that are systemd units.
+//!
+//! systemd owns its units' cgroups: a limit written into a service's `memory.high`
+//! behind its back is written back on the next `systemctl daemon-reload` (every package
+//! upgrade runs one), and does not show in `systemctl status`. So when the offender's
+//! cgroup is a unit's own (a `.service`, `.scope` or `.slice` systemd reports for that
+//! path), its limits are set as runtime unit properties over D-Bus (`MemoryHigh`,
+//! `MemorySwapMax`, `TasksMax`, `CPUQuotaPerSecUSec`, `CPUWeight`), and it is frozen and
+//! thawed with `FreezeUnit`/`ThawUnit`: systemd keeps them, shows them and never writes
+//! them back. Everything else (containers' own trees, hosts without systemd) keeps the
+//! cgroup files.
+//!
+//! The calls are a small zbus proxy of systemd's manager on one system-bus connection,
+//! kept open. cgroups-rs 0.5's `SystemdClient` (the design card's choice) was tried
+//! first and dropped: it opens a new bus connection for every call, two per property
+//! set (an existence check, then the call), answers `Ok` without doing anything when the
+//! unit does not exist, and keeps its manager proxy private (no `GetUnitByControlGroup`).
+//! In the Debian VM one throttle step (four properties) took ~870 ms through it — bus
+//! handshakes, at the moment memory is running out. Every call runs on a thread of its
+//! own with a deadline: a PID 1 slowed by the very memory pressure the agent acts on, or
+//! a stuck bus, must not hold the loop; the caller then writes the cgroup file itself
+//! (containment first) and says so.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError, mpsc},
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
+
+/// How long one D-Bus call may take.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// Units known per cgroup path, at most (then forgotten and asked again).
+const MAX_KNOWN: usize = 4096;
+
+/// The part of systemd's manager interface the agent calls.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1",
+    gen_async = false,
+    blocking_name = "ManagerBlocking"
+)]
+trait Manager {
+    fn get_unit_by_control_group(
+        &self,
+        cgroup: &str,
+    ) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[&(&str, &zbus::zvariant::Value<'_>)],
+    ) -> zbus::Result<()>;
+
+    fn freeze_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn thaw_unit(&self, name: &str) -> zbus::Result<()>;
+}
+
+/// The D-Bus thread's connection: opened on first use, dropped after a failed call (so
+/// the next one connects afresh, e.g. after dbus-daemon restarted).
+#[derive(Default)]
+struct Bus {
+    connection: Option<zbus::blocking::Connection>,
+}
+
+impl Bus {
+    /// Runs `f` with the manager's proxy; a failure drops the connection.
+    fn manager<T>(
+        &mut self,
+        f: impl FnOnce(&ManagerBlocking<'_>) -> zbus::Result<T>,
+    ) -> Result<T, String> {
+        let connection = match self.connection.take() {
+            Some(c) => c,
+            None => zbus::blocking::Connection::system().map_err(|e| format!("system bus: {e}"))?,
+        };
+        let result = ManagerBlocking::new(&connection).and_then(|m| f(&m));
+        match result {
+            Ok(v) => {
+                self.connection = Some(connection);
+                Ok(v)
+            }
+            // systemd's own refusal (a method error) says nothing about the connection.
+            Err(e @ zbus::Error::MethodError(..)) => {
+                self.connection = Some(connection);
+                Err(e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Bus) + Send>;
+
+/// systemd on this host, reached over D-Bus from a thread of its own.
+#[derive(Clone, Debug)]
+pub struct Systemd {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// When the call in progress started (none: idle).
+    busy_since: Mutex<Option<Instant>>,
+    /// cgroup path → its unit (`None`: not a unit of its own).
+    units: Mutex<HashMap<String, Option<String>>>,
+    warned: Mutex<bool>,
+}
+
+/// A unit property value as the files give it: `max` is systemd's infinity.
+fn property_value(text: &str) -> Option<u64> {
+    match text.trim() {
+        "max" => Some(u64::MAX),
+        t => t.parse().ok(),
+    }
+}
+
+/// The property and value that set control `file` of a unit to `value` (the text a
+/// cgroup file takes), when systemd has one for it.
+#[must_use]
+pub fn property_for(file: &str, value: &str) -> Option<(&'static str, u64)> {
+    match file {
+        "memory.high" => Some(("MemoryHigh", property_value(value)?)),
+        "memory.max" => Some(("MemoryMax", property_value(value)?)),
+        "memory.swap.max" => Some(("MemorySwapMax", property_value(value)?)),
+        "pids.max" => Some(("TasksMax", property_value(value)?)),
+        "cpu.weight" => Some(("CPUWeight", property_value(value)?)),
+        // "quota period" (µs): systemd takes the quota per second.
+        "cpu.max" => {
+            let (quota, period) = value.trim().split_once(' ')?;
+            let period: u64 = period.parse().ok().filter(|p| *p > 0)?;
+            let per_sec = match quota {
+                "max" => u64::MAX,
+                q => q.parse::<u64>().ok()?.saturating_mul(1_000_000) / period,
+            };
+            Some(("CPUQuotaPerSecUSec", per_sec))
+        }
+        _ => None,
+    }
+}
+
+/// A unit's name from its D-Bus object path (`/org/freedesktop/systemd1/unit/pool_2eservice`
+/// is `pool.service`: bytes other than letters and digits are `_XX`).
+#[must_use]
+pub fn unit_from_path(path: &str) -> Option<String> {
+    let escaped = path.strip_prefix("/org/freedesktop/systemd1/unit/")?;
+    let b = escaped.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'_' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The unit name a cgroup path ends in, if it has a unit's suffix.
+fn named_unit(cgroup: &str) -> Option<&str> {
+    let last = cgroup.rsplit('/').next()?;
+    [".service", ".scope", ".slice"]
+        .iter()
+        .any(|s| last.ends_with(s))
+        .then_some(last)
+}
+
+impl Systemd {
+    /// systemd when it is this host's init (`/run/systemd/system`), else `None`.
+    #[must_use]
+    pub fn detect() -> Option<Self> {
+        std::path::Path::new("/run/systemd/system")
+            .is_dir()
+            .then(Self::start)
+            .flatten()
+    }
+
+    fn start() -> Option<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("cgsentry-systemd".into())
+            .spawn(move || {
+                let mut bus = Bus::default();
+                for job in rx {
+                    job(&mut bus);
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(
+                "systemd units will be acted on through their cgroup files: cannot start a thread: {e}"
+            );
+            return None;
+        }
+        Some(Self {
+            shared: Arc::new(Shared {
+                jobs: Mutex::new(Some(tx)),
+                busy_since: Mutex::new(None),
+                units: Mutex::new(HashMap::new()),
+                warned: Mutex::new(false),
+            }),
+        })
+    }
+
+    /// Runs `f` on the D-Bus thread, waiting [`CALL_DEADLINE`] at most. A call still
+    /// stuck from before refuses new ones at once (they would queue behind it).
+    fn call<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Bus) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let busy = *self
+            .shared
+            .busy_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if busy.is_some_and(|at| at.elapsed() > CALL_DEADLINE) {
+            return Err(format!("{what}: systemd has not answered an earlier call"));
+        }
+        let (reply, answer) = mpsc::channel();
+        let shared = Arc::clone(&self.shared);
+        let job: Job = Box::new(move |bus| {
+            *shared
+                .busy_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            let r = f(bus);
+            *shared
+                .busy_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+            let _ = reply.send(r);
+        });
+        let sent = self
+            .shared
+            .jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|tx| tx.send(job).is_ok());
+        if sent != Some(true) {
+            return Err(format!("{what}: the D-Bus thread is gone"));
+        }
+        answer.recv_timeout(CALL_DEADLINE).map_err(|_| {
+            format!(
+                "{what}: systemd did not answer within {} s",
+                CALL_DEADLINE.as_secs()
+            )
+        })?
+    }
+
+    /// The unit whose own cgroup `cgroup` is (asked once per path), `None` for a cgroup
+    /// that is no unit's own (a container's tree below its scope, a cgroup made by
+    /// hand) or when systemd does not answer.
+    pub fn unit_of(&self, cgroup: &str) -> Option<String> {
+        let name = named_unit(cgroup)?.to_owned();
+        {
+            let units = self
+                .shared
+                .units
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(known) = units.get(cgroup) {
+                return known.clone();
+            }
+        }
+        let path = cgroup.to_owned();
+        let asked = self.call("GetUnitByControlGroup", move |bus| {
+            let object = bus.manager(|m| m.get_unit_by_control_group(&path))?;
+            Ok(unit_from_path(object.as_str()))
+        });
+        let unit = match asked {
+            // systemd names the unit the cgroup belongs to: its own only if the names
+            // agree (a container's `foo.service` below a docker scope is the scope's).
+            Ok(found) => found.filter(|u| *u == name),
+            Err(e) => {
+                self.warn_once(&e);
+                return None; // not remembered: asked again next time
+            }
+        };
+        let mut units = self
+            .shared
+            .units
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if units.len() >= MAX_KNOWN {
+            units.clear();
+        }
+        units.insert(cgroup.to_owned(), unit.clone());
+        unit
+    }
+
+    /// Sets runtime property `name` of `unit` (kept by systemd across reloads, shown
+    /// by `systemctl status`).
+    ///
+    /// # Errors
+    /// systemd refused, or did not answer in time.
+    pub fn set_property(&self, unit: &str, name: &'static str, value: u64) -> Result<(), String> {
+        let unit = unit.to_owned();
+        self.call("SetUnitProperties", move |bus| {
+            let v = zbus::zvariant::Value::U64(value);
+            bus.manager(|m| m.set_unit_properties(&unit, true, &[&(name, &v)]))
+                .map_err(|e| format!("{unit}: {name}={value}: {e}"))
+        })
+    }
+
+    /// `FreezeUnit` / `ThawUnit`.
+    ///
+    /// # Errors
+    /// systemd refused, or did not answer in time.
+    pub fn set_frozen(&self, unit: &str, frozen: bool) -> Result<(), String> {
+        let unit = unit.to_owned();
+        self.call(if frozen { "FreezeUnit" } else { "ThawUnit" }, move |bus| {
+            bus.manager(|m| {
+                if frozen {
+                    m.freeze_unit(&unit)
+                } else {
+                    m.thaw_unit(&unit)
+                }
+            })
+            .map_err(|e| format!("{unit}: {e}"))
+        })
+    }
+
+    /// Says once that systemd is not answering (the cgroup files are used meanwhile).
+    pub fn warn_once(&self, why: &str) {
+        let mut warned = self
+            .shared
+            .warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !*warned {
+            warn!(
+                "{why}: acting through the cgroup files meanwhile (systemd may write them back on its next reload)"
+            );
+            *warned = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_become_unit_properties() {
+        assert_eq!(
+            property_for("memory.high", "104857600"),
+            Some(("MemoryHigh", 104_857_600))
+        );
+        assert_eq!(
+            property_for("memory.high", "max"),
+            Some(("MemoryHigh", u64::MAX))
+        );
+        assert_eq!(property_for("pids.max", "256"), Some(("TasksMax", 256)));
+        assert_eq!(
+            property_for("cpu.max", "50000 100000"),
+            Some(("CPUQuotaPerSecUSec", 500_000))
+        );
+        assert_eq!(
+            property_for("cpu.max", "max 100000"),
+            Some(("CPUQuotaPerSecUSec", u64::MAX))
+        );
+        assert_eq!(property_for("cpu.weight", "10"), Some(("CPUWeight", 10)));
+        assert_eq!(
+            property_for("memory.swap.max", "0"),
+            Some(("MemorySwapMax", 0))
+        );
+        assert_eq!(property_for("cgroup.procs", "1"), None);
+        assert_eq!(property_for("cpu.max", "nonsense"), None);
+    }
+
+    #[test]
+    fn unit_names_from_object_paths() {
+        assert_eq!(
+            unit_from_path("/org/freedesktop/systemd1/unit/pool_2eservice").as_deref(),
+            Some("pool.service")
+        );
+        assert_eq!(
+            unit_from_path("/org/freedesktop/systemd1/unit/user_401000_2eservice").as_deref(),
+            Some("user@1000.service")
+        );
+        assert_eq!(unit_from_path("/elsewhere"), None);
+        assert_eq!(
+            named_unit("/system.slice/pool.service"),
+            Some("pool.service")
+        );
+        assert_eq!(named_unit("/system.slice/docker-1.scope/init"), None);
+        assert_eq!(named_unit("/leak"), None);
+    }
+
+    /// A D-Bus thread stuck in a call: the next ones fail at once instead of queueing.
+    #[test]
+    fn a_stuck_call_fails_the_next_ones_fast() {
+        let sd = Systemd::start().unwrap();
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let started = Instant::now();
+        let r = sd.call("stuck", move |_| {
+            let _ = wait.lock().unwrap().recv();
+            Ok(())
+        });
+        assert!(r.unwrap_err().contains("did not answer"));
+        assert!(started.elapsed() < CALL_DEADLINE + Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let r = sd.call("next", |_| Ok(()));
+        assert!(
+            r.as_ref()
+                .unwrap_err()
+                .contains("has not answered an earlier call"),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < Duration::from_millis(200));
+        release.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(sd.call("after", |_| Ok(7)), Ok(7));
+    }
+}
