@@ -30,15 +30,8 @@ const PACKAGES: &str = "systemd,systemd-sysv,systemd-oomd,dbus,udev,procps,util-
 const SUITE: &str = "bookworm";
 /// Size of a scenario's root disk (sparse).
 const DISK_BYTES: u64 = 2 << 30;
-/// virtio modules in load order, then the block driver.
-const MODULES: &[&str] = &[
-    "virtio/virtio_ring",
-    "virtio/virtio",
-    "virtio/virtio_pci_legacy_dev",
-    "virtio/virtio_pci_modern_dev",
-    "virtio/virtio_pci",
-    "block/virtio_blk",
-];
+/// virtio modules in load order, then the block driver (the swap disk's, for the root).
+const MODULES: &[&str] = crate::vm::SWAP_MODULES;
 
 /// The cached root file system for [`PACKAGES`], built when missing.
 ///

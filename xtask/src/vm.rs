@@ -28,7 +28,7 @@ const APPLETS: &[&str] = &[
     "ifconfig",
 ];
 /// Loaded in this order for a swap disk (no virtio is built into the cloud kernel).
-const SWAP_MODULES: &[&str] = &[
+pub(crate) const SWAP_MODULES: &[&str] = &[
     "virtio/virtio_ring",
     "virtio/virtio",
     "virtio/virtio_pci_legacy_dev",

@@ -191,6 +191,31 @@ struct Running {
     pumps: Vec<std::thread::JoinHandle<()>>,
     /// When it was started, since the run started.
     started: Duration,
+    /// On a Debian image: `started` is the unit's own start (see
+    /// [`crate::systemd::unit_started_ago`]).
+    unit_started: bool,
+}
+
+impl Running {
+    /// The agent, an observer from the run's start.
+    fn agent(
+        cgroup: &str,
+        child: Child,
+        lines: Lines,
+        pumps: Vec<std::thread::JoinHandle<()>>,
+    ) -> Self {
+        Self {
+            name: "agent".into(),
+            cgroup: cgroup.to_owned(),
+            role: Role::Observer,
+            child,
+            exit: None,
+            lines,
+            pumps,
+            started: Duration::ZERO,
+            unit_started: false,
+        }
+    }
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -266,6 +291,29 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// Pumps for an agent's output: its stdout (into `ticks`, when it prints JSON ticks;
+/// else shown as its log, like stderr).
+fn agent_pumps(
+    child: &mut Child,
+    ticks: Option<Lines>,
+    t0: Instant,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let out = if ticks.is_some() {
+        "agent"
+    } else {
+        "agent-log"
+    };
+    vec![
+        pump(out.into(), child.stdout.take().expect("piped"), ticks, t0),
+        pump(
+            "agent-log".into(),
+            child.stderr.take().expect("piped"),
+            None,
+            t0,
+        ),
+    ]
+}
+
 /// Starts `cgsentry` as the scenario says; its JSON ticks go to `lines`.
 fn start_agent(
     spec: &crate::scenario::Agent,
@@ -273,20 +321,7 @@ fn start_agent(
     t0: Instant,
 ) -> Result<(Child, Vec<std::thread::JoinHandle<()>>)> {
     let mut child = spawn_in(&spec.cgroup, "/bin/cgsentry", &spec.args)?;
-    let pumps = vec![
-        pump(
-            "agent".into(),
-            child.stdout.take().expect("piped"),
-            Some(lines.clone()),
-            t0,
-        ),
-        pump(
-            "agent-log".into(),
-            child.stderr.take().expect("piped"),
-            None,
-            t0,
-        ),
-    ];
+    let pumps = agent_pumps(&mut child, Some(lines.clone()), t0);
     Ok((child, pumps))
 }
 
@@ -334,6 +369,7 @@ fn start_guard(spec: &crate::scenario::Guard, hits: &Hits, t0: Instant) -> Resul
         lines: Arc::new(Mutex::new(Vec::new())),
         pumps,
         started: Duration::ZERO,
+        unit_started: false,
     })
 }
 
@@ -384,18 +420,68 @@ fn is_capped(rel: &str) -> bool {
     std::fs::read_to_string(cgroup_dir(rel).join("memory.high")).is_ok_and(|v| v.trim() != "max")
 }
 
-/// Runs the scenario's operator command once its condition holds (see
+/// The limits an operator step must leave as they were (see [`crate::scenario::Operator`]).
+const KEPT_LIMITS: [&str; 4] = ["memory.high", "pids.max", "memory.swap.max", "cpu.weight"];
+
+fn limits(rel: &str) -> Vec<Option<String>> {
+    KEPT_LIMITS
+        .iter()
+        .map(|f| std::fs::read_to_string(cgroup_dir(rel).join(f)).ok())
+        .collect()
+}
+
+/// Processes in `rel` and every cgroup below it (0 once it is gone).
+fn procs_below(rel: &str) -> Vec<u32> {
+    fn walk(dir: &Path, out: &mut Vec<u32>) {
+        if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&cgroup_dir(rel), &mut out);
+    out
+}
+
+/// Whether process `pid` is alive (anywhere: moved out of its cgroup counts too).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Where a scenario's operator step stands: `Some(t)` once its condition first held.
+type OperatorState<'a> = (&'a crate::scenario::Operator, Option<Duration>);
+
+/// Runs an operator step once its condition has held for its `after_s` (see
 /// [`crate::scenario::Operator`]); true once it has run.
 fn operator_step(
-    op: &crate::scenario::Operator,
+    (op, since): &mut OperatorState<'_>,
     elapsed: Duration,
+    debian: bool,
     metrics: &mut serde_json::Map<String, Value>,
 ) -> bool {
-    if !is_capped(&op.when_capped) {
+    if since.is_none() && is_capped(&op.when_capped) {
+        *since = Some(elapsed);
+    }
+    let Some(at) = *since else { return false };
+    if elapsed.saturating_sub(at).as_secs_f64() < op.after_s {
         return false;
     }
-    let shown = format!("cgsentry {}", op.command.join(" "));
-    match Command::new("/bin/cgsentry").args(&op.command).output() {
+    let key = |m: &str| match &op.name {
+        Some(n) => format!("{m}:{n}"),
+        None => m.to_owned(),
+    };
+    let shown = format!("{} {}", op.program, op.command.join(" "));
+    let before = limits(&op.when_capped);
+    let procs_before = procs_below(&op.when_capped);
+    match Command::new(&op.program).args(&op.command).output() {
         Ok(out) => {
             let code = out.status.code().unwrap_or(-1);
             say(&format!(
@@ -408,11 +494,43 @@ fn operator_step(
             {
                 say(&format!("operator:   {l}"));
             }
-            metrics.insert("operator_exit".into(), json!(code));
+            metrics.insert(key("operator_exit"), json!(code));
         }
         Err(e) => say(&format!("operator: cannot run `{shown}`: {e}")),
     }
-    metrics.insert("operator_s".into(), json!(elapsed.as_secs_f64()));
+    let after = limits(&op.when_capped);
+    let left = procs_below(&op.when_capped).len();
+    // What `systemctl stop` must end: every process the unit had, wherever it is now.
+    let still_alive = procs_before.iter().filter(|p| alive(**p)).count();
+    say(&format!(
+        "operator: {} after it: {}; {left} processes ({still_alive} of its {} before alive)",
+        op.when_capped,
+        KEPT_LIMITS
+            .iter()
+            .zip(&after)
+            .map(|(f, v)| format!("{f}={}", v.as_deref().map_or("-", str::trim)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        procs_before.len()
+    ));
+    metrics.insert(key("operator_s"), json!(elapsed.as_secs_f64()));
+    metrics.insert(key("alive_after"), json!(still_alive));
+    metrics.insert(key("kept_limits"), json!(before == after));
+    metrics.insert(key("procs_after"), json!(left));
+    if debian && let Some(unit) = op.when_capped.rsplit('/').next() {
+        let shown = Command::new("systemctl")
+            .args(["show", "-P", "MemoryHigh", unit])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        say(&format!(
+            "operator: systemctl show -P MemoryHigh {unit}: {shown}"
+        ));
+        metrics.insert(
+            key("unit_capped"),
+            json!(!shown.is_empty() && shown != "infinity"),
+        );
+    }
     true
 }
 
@@ -462,31 +580,14 @@ pub fn vm_run(path: &Path) -> Result<()> {
         run_metrics.insert("agent_active_after_boot_s".into(), json!(active));
         let mut child = crate::systemd::follow_agent_log()?;
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let pumps = vec![
-            pump(
-                "agent-log".into(),
-                child.stdout.take().expect("piped"),
-                None,
-                t0,
-            ),
-            pump(
-                "agent-log".into(),
-                child.stderr.take().expect("piped"),
-                None,
-                t0,
-            ),
-        ];
+        let pumps = agent_pumps(&mut child, None, t0);
         journal_at_start = crate::systemd::agent_journal_lines();
-        agent = Some(Running {
-            name: "agent".into(),
-            cgroup: "/system.slice/cgsentry.service".into(),
-            role: Role::Observer,
+        agent = Some(Running::agent(
+            "/system.slice/cgsentry.service",
             child,
-            exit: None,
             lines,
             pumps,
-            started: Duration::ZERO,
-        });
+        ));
     } else if let Some(spec) = &scenario.agent {
         install_policies(spec)?;
         drops = spec.drops.iter().collect();
@@ -509,16 +610,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
             "agent ready after {:.1} s",
             t0.elapsed().as_secs_f64()
         ));
-        agent = Some(Running {
-            name: "agent".into(),
-            cgroup: spec.cgroup.clone(),
-            role: Role::Observer,
-            child,
-            exit: None,
-            lines,
-            pumps,
-            started: Duration::ZERO,
-        });
+        agent = Some(Running::agent(&spec.cgroup, child, lines, pumps));
     }
 
     let hits: Hits = Arc::new(Mutex::new(Vec::new()));
@@ -547,13 +639,15 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut restart = Restart::Waiting;
     // Children still there after a SIGKILL (see [`REAP_WITHIN`]).
     let mut stuck: Vec<String> = Vec::new();
-    let mut operator = scenario.agent.as_ref().and_then(|a| a.operator.as_ref());
+    let mut operators: Vec<OperatorState> = scenario
+        .agent
+        .iter()
+        .flat_map(|a| a.operator.iter().map(|op| (op, None)))
+        .collect();
     let mut quiet_measured = false;
     let stop_reason = loop {
         let elapsed = run_start.elapsed();
-        if operator.is_some_and(|op| operator_step(op, elapsed, &mut run_metrics)) {
-            operator = None;
-        }
+        operators.retain_mut(|op| !operator_step(op, elapsed, debian, &mut run_metrics));
         drops.retain(|d| {
             if elapsed.as_secs_f64() < d.at_s {
                 return true;
@@ -620,6 +714,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
                     lines,
                     pumps,
                     started: run_start.elapsed(),
+                    unit_started: false,
                 });
                 pending.remove(i);
             } else {
@@ -627,6 +722,21 @@ pub fn vm_run(path: &Path) -> Result<()> {
             }
         }
         for r in &mut running {
+            if debian
+                && !r.unit_started
+                && let Some(ago) = crate::systemd::unit_started_ago(&r.cgroup)
+            {
+                // The unit's own start (systemd forked it), not systemd-run's.
+                let at = run_start.elapsed().saturating_sub(ago);
+                say(&format!(
+                    "{} started by systemd at {:.2} s (asked at {:.2} s)",
+                    r.name,
+                    at.as_secs_f64(),
+                    r.started.as_secs_f64()
+                ));
+                r.started = r.started.max(at);
+                r.unit_started = true;
+            }
             if r.exit.is_none()
                 && let Ok(Some(st)) = r.child.try_wait()
             {
@@ -864,6 +974,19 @@ pub fn vm_run(path: &Path) -> Result<()> {
             "agent_journal_lines_per_min".into(),
             json!(lines.saturating_sub(journal_at_start) as f64 / minutes),
         );
+        // What the agent cost under its unit's own CPU quota, and how often the quota
+        // held it back.
+        let svc = "/system.slice/cgsentry.service";
+        for (key, metric) in [
+            ("usage_usec", "agent_cpu_ms"),
+            ("throttled_usec", "agent_cpu_throttled_ms"),
+            ("nr_throttled", "agent_cpu_nr_throttled"),
+        ] {
+            if let Some(v) = cgroup_value(svc, "cpu.stat", Some(key)) {
+                let v = if key.ends_with("usec") { v / 1000 } else { v };
+                metrics.insert(metric.into(), json!(v));
+            }
+        }
         if let Some(a) = &agent {
             // Every cgroup the scenario names (and those above them) is one the agent
             // saw: what it never did there counts 0, as the busybox agent's ticks say.

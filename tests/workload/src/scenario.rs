@@ -115,18 +115,50 @@ pub struct Agent {
     pub cgroup: String,
     /// Kill the agent with SIGKILL mid-containment and start it again.
     pub restart: Option<Restart>,
-    /// A `cgsentry` command run once, as an operator would, while the agent runs.
-    pub operator: Option<Operator>,
+    /// Commands run once each, as an operator would, while the agent runs: one table
+    /// (`operator = {...}`) or several (`[[agent.operator]]`).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub operator: Vec<Operator>,
 }
 
-/// `cgsentry <command>` (for instance `release /leak --hold-off 60s`) run once, as soon
-/// as `when_capped`'s memory.high is below max (the agent has throttled it). Metrics:
-/// `operator_exit` (its exit code), `operator_s` (when, since the run started).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Operator>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Operator),
+        Many(Vec<Operator>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(o) => vec![o],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// `program command...` (by default `cgsentry`, for instance `release /leak --hold-off
+/// 60s`; or `systemctl daemon-reload`) run once, `after_s` after `when_capped`'s
+/// memory.high is first below max (the agent has throttled it). Metrics, each with
+/// `:<name>` when the step has a name: `operator_exit` (its exit code), `operator_s`
+/// (when, since the run started), `kept_limits` (the cgroup's memory.high, pids.max,
+/// memory.swap.max and cpu.weight are what they were before the command),
+/// `procs_after` (processes left in the cgroup and below it once the command
+/// returned), `alive_after` (of the processes it had before, those still alive
+/// anywhere: what `systemctl stop` must end) and, on a Debian image, `unit_capped` (systemd's `MemoryHigh` of the unit
+/// is set: what `systemctl status` shows).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Operator {
+    #[serde(default)]
+    pub name: Option<String>,
     pub when_capped: String,
+    #[serde(default)]
+    pub after_s: f64,
+    #[serde(default = "default_operator_program")]
+    pub program: String,
     pub command: Vec<String>,
+}
+
+fn default_operator_program() -> String {
+    "/bin/cgsentry".into()
 }
 
 /// A guard other than cgsentry: `program args` in `cgroup`, started before the

@@ -149,6 +149,39 @@ pub fn spawn_unit(
         .with_context(|| format!("systemd-run {unit} in {slice}"))
 }
 
+/// How long ago (by `CLOCK_MONOTONIC`) the unit `rel` names started its main process (a
+/// service) or began to start (a scope); `None` while systemd has no time for it.
+/// `systemd-run` itself takes a while to start a unit (~0.4 s under TCG): the workload
+/// starts when systemd forks it, not when the runner asked for it.
+#[must_use]
+pub fn unit_started_ago(rel: &str) -> Option<Duration> {
+    let unit = rel.rsplit('/').next()?;
+    let show = |prop: &str| -> Option<u64> {
+        let out = Command::new("systemctl")
+            .args(["show", "-P", prop, unit])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|us| *us > 0)
+    };
+    let at_us = show("ExecMainStartTimestampMonotonic")
+        .or_else(|| show("InactiveExitTimestampMonotonic"))?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer to a timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) } != 0 {
+        return None;
+    }
+    let now_us =
+        u64::try_from(now.tv_sec).ok()? * 1_000_000 + u64::try_from(now.tv_nsec).ok()? / 1000;
+    Some(Duration::from_micros(now_us.checked_sub(at_us)?))
+}
+
 /// The agent's events since `since` (wall clock) as the agent ticks the metrics read
 /// (`findings`, `decisions`, `actions`), each at its time since `t0`: one tick per
 /// event (a finding counts when it appears or changes, not every tick).
