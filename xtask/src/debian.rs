@@ -26,7 +26,10 @@ use cgsentry_workload::scenario::Scenario;
 use crate::cmd::run;
 
 /// Debian's packages in the image (and the suite). A change here builds a new image.
-const PACKAGES: &str = "systemd,systemd-sysv,systemd-oomd,dbus,udev,procps,util-linux";
+/// `dbus-user-session`: a lingering user's manager on its own bus (`systemd-run --user`);
+/// `openssh-server`: the sshd that containment of a user's scope must leave alone.
+const PACKAGES: &str = "systemd,systemd-sysv,systemd-oomd,dbus,dbus-user-session,udev,procps,\
+                        util-linux,openssh-server";
 const SUITE: &str = "bookworm";
 /// Size of a scenario's root disk (sparse).
 const DISK_BYTES: u64 = 2 << 30;
@@ -110,6 +113,13 @@ pub fn build(dir: &Path, i: &Inputs<'_>) -> Result<(PathBuf, PathBuf)> {
     std::fs::write(root.join("etc/hostname"), "cgsentry-vm\n")?;
     std::fs::write(root.join("etc/fstab"), "/dev/vda / ext4 rw,relatime 0 1\n")?;
     install_agent(&root, i)?;
+    if i.scenario
+        .workloads
+        .iter()
+        .any(|w| cgsentry_workload::systemd::user_manager_uid(&w.cgroup).is_some())
+    {
+        lingering_user(&root)?;
+    }
     std::fs::copy(i.workload, root.join("usr/bin/workload"))
         .with_context(|| format!("copying {}", i.workload.display()))?;
     std::fs::copy(i.scenario_file, root.join("scenario.toml"))?;
@@ -124,6 +134,34 @@ pub fn build(dir: &Path, i: &Inputs<'_>) -> Result<(PathBuf, PathBuf)> {
     std::fs::remove_dir_all(&root)?;
     let initrd = initramfs(dir, i.modules)?;
     Ok((disk, initrd))
+}
+
+/// The scenario's user, as `useradd -m` and `loginctl enable-linger` make it: systemd
+/// starts its manager (user@UID.service, with app.slice for its units) at boot.
+fn lingering_user(root: &Path) -> Result<()> {
+    use std::io::Write as _;
+    let (name, uid) = cgsentry_workload::systemd::LINGERING_USER;
+    let append = |file: &str, line: String| -> Result<()> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join(file))
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .with_context(|| format!("adding {name} to /{file}"))
+    };
+    append(
+        "etc/passwd",
+        format!("{name}:x:{uid}:{uid}::/home/{name}:/bin/sh\n"),
+    )?;
+    append("etc/group", format!("{name}:x:{uid}:\n"))?;
+    append("etc/shadow", format!("{name}:!:20000:0:99999:7:::\n"))?;
+    let home = root.join("home").join(name);
+    std::fs::create_dir_all(&home)?;
+    std::os::unix::fs::chown(&home, Some(uid), Some(uid))?;
+    let linger = root.join("var/lib/systemd/linger");
+    std::fs::create_dir_all(&linger)?;
+    std::fs::write(linger.join(name), "")?;
+    Ok(())
 }
 
 /// cgsentry as `cargo xtask install --root` puts it, enabled, with the scenario's

@@ -722,8 +722,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
             }
         }
         for r in &mut running {
+            // (A user manager's units are not the system manager's to show: their
+            // start is when they were asked for.)
             if debian
                 && !r.unit_started
+                && crate::systemd::user_manager_uid(&r.cgroup).is_none()
                 && let Some(ago) = crate::systemd::unit_started_ago(&r.cgroup)
             {
                 // The unit's own start (systemd forked it), not systemd-run's.
@@ -996,6 +999,15 @@ pub fn vm_run(path: &Path) -> Result<()> {
                 while !p.is_empty() {
                     seen.push(p.clone());
                     p.truncate(p.rfind('/').unwrap_or(0));
+                }
+            }
+            // And every cgroup an expectation names (sshd's service: what the agent
+            // never did there must count 0 too).
+            for key in scenario.expect.keys() {
+                if let Some(("agent_decisions" | "agent_findings", rest)) = key.split_once(':')
+                    && let Some((_, path)) = rest.split_once(':')
+                {
+                    seen.push(path.to_owned());
                 }
             }
             seen.sort();

@@ -105,10 +105,51 @@ fn property(file: &str, value: &str) -> Result<String> {
     Ok(format!("{name}={value}"))
 }
 
+/// The uid whose user manager `rel` is below (`/user.slice/user-1000.slice/
+/// user@1000.service/app.slice/leak.scope`: 1000), if it is.
+#[must_use]
+pub fn user_manager_uid(rel: &str) -> Option<u32> {
+    let mut parts = rel.strip_prefix("/user.slice/")?.split('/');
+    let slice = parts
+        .next()?
+        .strip_prefix("user-")?
+        .strip_suffix(".slice")?;
+    let manager = parts
+        .next()?
+        .strip_prefix("user@")?
+        .strip_suffix(".service")?;
+    (slice == manager && parts.next().is_some())
+        .then(|| manager.parse().ok())
+        .flatten()
+}
+
+/// The user whose manager the image starts at boot (lingering) for a scenario's
+/// workloads in `/user.slice/user-1000.slice/user@1000.service/…`.
+pub const LINGERING_USER: (&str, u32) = ("alice", 1000);
+
+/// Waits (up to `within`) for the user manager of `uid` to listen on its bus (systemd
+/// starts a lingering user's manager at boot, after the system is up).
+fn wait_for_user_bus(uid: u32, within: Duration) -> Result<()> {
+    let bus = format!("/run/user/{uid}/bus");
+    let deadline = Instant::now() + within;
+    while !Path::new(&bus).exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "{bus}: user@{uid}.service has no bus after {} s",
+                within.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// Starts `program args` as the transient unit `rel` names — `/system.slice/pool.service`
 /// is the service pool.service in system.slice (its output piped here, through
 /// `systemd-run --pipe --wait`), a `.scope` a scope of this runner's — as user `uid`
-/// when given, with the scenario's control files as unit properties.
+/// when given, with the scenario's control files as unit properties. Below a user's
+/// manager (`/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope`) it is
+/// that user's unit, started by its manager (`systemd-run --user`, as the user).
 pub fn spawn_unit(
     rel: &str,
     program: &str,
@@ -119,7 +160,24 @@ pub fn spawn_unit(
     let mut parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
     let unit = parts.pop().context("a unit name")?;
     let slice = parts.last().copied().unwrap_or("system.slice");
-    let mut cmd = Command::new("systemd-run");
+    let user = user_manager_uid(rel);
+    let mut cmd = match user {
+        Some(owner) => {
+            // Unit types are spelt in lower case: systemd knows no ".SLICE".
+            if slice.rsplit_once('.').map(|(_, kind)| kind) != Some("slice") {
+                bail!("{rel}: a user's unit is in a slice of its manager (app.slice)");
+            }
+            wait_for_user_bus(owner, Duration::from_mins(1))?;
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={owner}"))
+                .arg(format!("--regid={owner}"))
+                .args(["--clear-groups", "--", "env"])
+                .arg(format!("XDG_RUNTIME_DIR=/run/user/{owner}"))
+                .args(["systemd-run", "--user"]);
+            c
+        }
+        None => Command::new("systemd-run"),
+    };
     cmd.args(["--quiet", "--collect"])
         .arg(format!("--unit={unit}"))
         .arg(format!("--slice={slice}"));
@@ -133,7 +191,7 @@ pub fn spawn_unit(
         }
         _ => bail!("{rel}: a Debian scenario's cgroup is a .service or a .scope in a slice"),
     }
-    if let Some(uid) = uid {
+    if let Some(uid) = uid.filter(|_| user.is_none()) {
         cmd.arg(format!("--uid={uid}")).arg(format!("--gid={uid}"));
     }
     for (file, value) in files {
@@ -214,6 +272,25 @@ pub fn agent_events(path: &Path, t0: SystemTime) -> Vec<(Duration, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_manager_units() {
+        let uid = user_manager_uid;
+        assert_eq!(
+            uid("/user.slice/user-1000.slice/user@1000.service/app.slice/leak.scope"),
+            Some(1000)
+        );
+        assert_eq!(uid("/user.slice/user-1000.slice/session-3.scope"), None);
+        assert_eq!(
+            uid("/user.slice/user-1000.slice/user@1001.service/app.slice"),
+            None
+        );
+        assert_eq!(uid("/user.slice/user-1000.slice/user@1000.service"), None);
+        assert_eq!(
+            uid("/system.slice/user@1000.service/app.slice/x.scope"),
+            None
+        );
+    }
 
     #[test]
     fn events_become_ticks() {
