@@ -63,6 +63,8 @@ pub enum ActError {
     },
     #[error("{path}: the cgroup is gone")]
     Gone { path: PathBuf },
+    #[error("{unit}: systemd is stopping it; {file} left as it is")]
+    Stopping { unit: String, file: String },
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("journal {path}: {source}")]
@@ -154,25 +156,28 @@ impl Writer {
 
     /// `file` of `rel` set to `value` through systemd, when `rel` is a unit's own cgroup
     /// and systemd has a property (or the freezer) for that file; `None`: the caller
-    /// writes the file (not a unit, no such property, or systemd did not answer).
-    fn via_systemd(&self, rel: &str, file: &str, value: &str) -> Option<()> {
+    /// writes the file (not a unit, no such property, or systemd refused or did not
+    /// answer). A unit systemd is stopping is left alone: its stop must not wait for
+    /// processes frozen or throttled behind its back.
+    fn via_systemd(&self, rel: &str, file: &str, value: &str) -> Option<Result<(), ActError>> {
+        use crate::systemd::Refusal;
         let sd = self.systemd.as_ref()?;
-        let set = |unit: &str| {
-            if file == "cgroup.freeze" {
-                sd.set_frozen(unit, value.trim() == "1")
-            } else {
-                let (name, v) = crate::systemd::property_for(file, value)
-                    .ok_or_else(|| format!("{file}: no unit property"))?;
-                sd.set_property(unit, name, v)
-            }
-        };
-        if file != "cgroup.freeze" && crate::systemd::property_for(file, value).is_none() {
+        let property = crate::systemd::property_for(file, value);
+        if file != "cgroup.freeze" && property.is_none() {
             return None;
         }
         let unit = sd.unit_of(rel)?;
-        match set(&unit) {
-            Ok(()) => Some(()),
-            Err(e) => {
+        let done = match property {
+            Some((name, v)) => sd.set_property(&unit, name, v),
+            None => sd.set_frozen(&unit, value.trim() == "1"),
+        };
+        match done {
+            Ok(()) => Some(Ok(())),
+            Err(Refusal::Stopping) => Some(Err(ActError::Stopping {
+                unit,
+                file: file.to_owned(),
+            })),
+            Err(Refusal::Failed(e)) => {
                 sd.warn_once(&e);
                 None
             }
@@ -247,8 +252,9 @@ impl Writer {
         value: &str,
         expect: &str,
     ) -> Result<(), ActError> {
-        if self.via_systemd(rel, file, value).is_none() {
-            self.write_raw(rel, file, value)?;
+        match self.via_systemd(rel, file, value) {
+            Some(done) => done?,
+            None => self.write_raw(rel, file, value)?,
         }
         let read = self.read(rel, file)?.ok_or_else(|| ActError::Gone {
             path: self.dir(rel),

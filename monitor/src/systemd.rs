@@ -57,6 +57,32 @@ trait Manager {
     fn freeze_unit(&self, name: &str) -> zbus::Result<()>;
 
     fn thaw_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn get_unit(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+}
+
+/// A unit's state, asked when systemd refused to act on it.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1",
+    gen_async = false,
+    blocking_name = "UnitBlocking"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
+/// Why systemd did not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// systemd is stopping the unit (it refuses to freeze a unit with a job pending):
+    /// its processes and cgroup are going away, and freezing them behind its back
+    /// would leave its stop waiting for processes that cannot exit.
+    Stopping,
+    /// Refused for another reason (a unit still starting is refused too), or no answer:
+    /// the caller writes the cgroup file itself.
+    Failed(String),
 }
 
 /// The D-Bus thread's connection: opened on first use, dropped after a failed call (so
@@ -72,22 +98,49 @@ impl Bus {
         &mut self,
         f: impl FnOnce(&ManagerBlocking<'_>) -> zbus::Result<T>,
     ) -> Result<T, String> {
+        self.with(|c| ManagerBlocking::new(c).and_then(|m| f(&m)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs `f` on the connection (opened when there is none); any failure but
+    /// systemd's own refusal (a method error, which says nothing about the connection)
+    /// drops it.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&zbus::blocking::Connection) -> zbus::Result<T>,
+    ) -> zbus::Result<T> {
         let connection = match self.connection.take() {
             Some(c) => c,
-            None => zbus::blocking::Connection::system().map_err(|e| format!("system bus: {e}"))?,
+            None => zbus::blocking::Connection::system()?,
         };
-        let result = ManagerBlocking::new(&connection).and_then(|m| f(&m));
-        match result {
-            Ok(v) => {
-                self.connection = Some(connection);
-                Ok(v)
-            }
-            // systemd's own refusal (a method error) says nothing about the connection.
+        let result = f(&connection);
+        if matches!(result, Ok(_) | Err(zbus::Error::MethodError(..))) {
+            self.connection = Some(connection);
+        }
+        result
+    }
+
+    /// `f`'s outcome for `unit`: when systemd refused, [`Refusal::Stopping`] if the unit
+    /// is being stopped.
+    fn outcome(
+        &mut self,
+        unit: &str,
+        f: impl FnOnce(&ManagerBlocking<'_>) -> zbus::Result<()>,
+    ) -> Result<(), Refusal> {
+        match self.with(|c| ManagerBlocking::new(c).and_then(|m| f(&m))) {
+            Ok(()) => Ok(()),
             Err(e @ zbus::Error::MethodError(..)) => {
-                self.connection = Some(connection);
-                Err(e.to_string())
+                let state = self.with(|c| {
+                    let path = ManagerBlocking::new(c)?.get_unit(unit)?;
+                    UnitBlocking::builder(c).path(path)?.build()?.active_state()
+                });
+                if state.is_ok_and(|s| s == "deactivating") {
+                    Err(Refusal::Stopping)
+                } else {
+                    Err(Refusal::Failed(format!("{unit}: {e}")))
+                }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Refusal::Failed(format!("{unit}: {e}"))),
         }
     }
 }
@@ -300,32 +353,39 @@ impl Systemd {
     /// by `systemctl status`).
     ///
     /// # Errors
-    /// systemd refused, or did not answer in time.
-    pub fn set_property(&self, unit: &str, name: &'static str, value: u64) -> Result<(), String> {
+    /// systemd refused (or is stopping the unit), or did not answer in time.
+    pub fn set_property(&self, unit: &str, name: &'static str, value: u64) -> Result<(), Refusal> {
         let unit = unit.to_owned();
         self.call("SetUnitProperties", move |bus| {
             let v = zbus::zvariant::Value::U64(value);
-            bus.manager(|m| m.set_unit_properties(&unit, true, &[&(name, &v)]))
-                .map_err(|e| format!("{unit}: {name}={value}: {e}"))
+            Ok(bus
+                .outcome(&unit, |m| {
+                    m.set_unit_properties(&unit, true, &[&(name, &v)])
+                })
+                .map_err(|r| match r {
+                    Refusal::Failed(e) => Refusal::Failed(format!("{e} ({name}={value})")),
+                    Refusal::Stopping => Refusal::Stopping,
+                }))
         })
+        .map_err(Refusal::Failed)?
     }
 
     /// `FreezeUnit` / `ThawUnit`.
     ///
     /// # Errors
-    /// systemd refused, or did not answer in time.
-    pub fn set_frozen(&self, unit: &str, frozen: bool) -> Result<(), String> {
+    /// systemd refused (or is stopping the unit), or did not answer in time.
+    pub fn set_frozen(&self, unit: &str, frozen: bool) -> Result<(), Refusal> {
         let unit = unit.to_owned();
         self.call(if frozen { "FreezeUnit" } else { "ThawUnit" }, move |bus| {
-            bus.manager(|m| {
+            Ok(bus.outcome(&unit, |m| {
                 if frozen {
                     m.freeze_unit(&unit)
                 } else {
                     m.thaw_unit(&unit)
                 }
-            })
-            .map_err(|e| format!("{unit}: {e}"))
+            }))
         })
+        .map_err(Refusal::Failed)?
     }
 
     /// Says once that systemd is not answering (the cgroup files are used meanwhile).

@@ -456,8 +456,9 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-/// Where a scenario's operator step stands: `Some(t)` once its condition first held.
-type OperatorState<'a> = (&'a crate::scenario::Operator, Option<Duration>);
+/// Where a scenario's operator step stands: once its condition first held, when, and
+/// the processes of its cgroup then.
+type OperatorState<'a> = (&'a crate::scenario::Operator, Option<(Duration, Vec<u32>)>);
 
 /// Runs an operator step once its condition has held for its `after_s` (see
 /// [`crate::scenario::Operator`]); true once it has run.
@@ -468,9 +469,12 @@ fn operator_step(
     metrics: &mut serde_json::Map<String, Value>,
 ) -> bool {
     if since.is_none() && is_capped(&op.when_capped) {
-        *since = Some(elapsed);
+        *since = Some((elapsed, procs_below(&op.when_capped)));
     }
-    let Some(at) = *since else { return false };
+    let Some((at, when_capped)) = since else {
+        return false;
+    };
+    let at = *at;
     if elapsed.saturating_sub(at).as_secs_f64() < op.after_s {
         return false;
     }
@@ -480,7 +484,11 @@ fn operator_step(
     };
     let shown = format!("{} {}", op.program, op.command.join(" "));
     let before = limits(&op.when_capped);
-    let procs_before = procs_below(&op.when_capped);
+    // Its processes when it was capped and now, before the command.
+    let mut procs_before = procs_below(&op.when_capped);
+    procs_before.extend(when_capped.iter());
+    procs_before.sort_unstable();
+    procs_before.dedup();
     match Command::new(&op.program).args(&op.command).output() {
         Ok(out) => {
             let code = out.status.code().unwrap_or(-1);
@@ -665,7 +673,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
             if elapsed.as_secs_f64() >= w.start_after_s {
                 let program = workload_program(w.comm.as_deref())?;
                 let mut child = if debian {
-                    crate::systemd::spawn_unit(&w.cgroup, &program, &w.args, w.uid, &w.files)?
+                    crate::systemd::spawn_unit(w, &program)?
                 } else {
                     spawn_as(&w.cgroup, &program, &w.args, w.uid)?
                 };

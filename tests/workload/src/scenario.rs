@@ -141,8 +141,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Operator>, 
 /// (when, since the run started), `kept_limits` (the cgroup's memory.high, pids.max,
 /// memory.swap.max and cpu.weight are what they were before the command),
 /// `procs_after` (processes left in the cgroup and below it once the command
-/// returned), `alive_after` (of the processes it had before, those still alive
-/// anywhere: what `systemctl stop` must end) and, on a Debian image, `unit_capped` (systemd's `MemoryHigh` of the unit
+/// returned), `alive_after` (of the processes it had when first capped or just
+/// before the command, those still alive anywhere: what `systemctl stop` must end)
+/// and, on a Debian image, `unit_capped` (systemd's `MemoryHigh` of the unit
 /// is set: what `systemctl status` shows).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +250,10 @@ pub struct Workload {
     /// Run as this user (uid, and the same gid) instead of root: an unprivileged
     /// user's process.
     pub uid: Option<u32>,
+    /// On a Debian image, more properties of its transient unit, as `systemd-run
+    /// --property` takes them: `unit_properties = ["ExecStop=/bin/sleep 8"]`.
+    #[serde(default)]
+    pub unit_properties: Vec<String>,
 }
 
 /// An expected metric: a range (`min`, `max`, inclusive) or an exact value.

@@ -2,7 +2,6 @@
 //! cgsentry runs as its installed service, workloads start as transient units where a
 //! real distribution puts them, and what the agent did is read from its event log.
 use std::{
-    collections::BTreeMap,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -147,16 +146,12 @@ fn wait_for_user_bus(uid: u32, within: Duration) -> Result<()> {
 /// Starts `program args` as the transient unit `rel` names — `/system.slice/pool.service`
 /// is the service pool.service in system.slice (its output piped here, through
 /// `systemd-run --pipe --wait`), a `.scope` a scope of this runner's — as user `uid`
-/// when given, with the scenario's control files as unit properties. Below a user's
+/// when given, with the scenario's control files and `unit_properties` as unit
+/// properties. Below a user's
 /// manager (`/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope`) it is
 /// that user's unit, started by its manager (`systemd-run --user`, as the user).
-pub fn spawn_unit(
-    rel: &str,
-    program: &str,
-    args: &[String],
-    uid: Option<u32>,
-    files: &BTreeMap<String, String>,
-) -> Result<Child> {
+pub fn spawn_unit(w: &crate::scenario::Workload, program: &str) -> Result<Child> {
+    let rel = w.cgroup.as_str();
     let mut parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
     let unit = parts.pop().context("a unit name")?;
     let slice = parts.last().copied().unwrap_or("system.slice");
@@ -191,15 +186,18 @@ pub fn spawn_unit(
         }
         _ => bail!("{rel}: a Debian scenario's cgroup is a .service or a .scope in a slice"),
     }
-    if let Some(uid) = uid.filter(|_| user.is_none()) {
+    if let Some(uid) = w.uid.filter(|_| user.is_none()) {
         cmd.arg(format!("--uid={uid}")).arg(format!("--gid={uid}"));
     }
-    for (file, value) in files {
+    for (file, value) in &w.files {
         cmd.arg("--property").arg(property(file, value)?);
+    }
+    for p in &w.unit_properties {
+        cmd.arg("--property").arg(p);
     }
     cmd.arg("--")
         .arg(program)
-        .args(args)
+        .args(&w.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
