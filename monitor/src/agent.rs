@@ -680,10 +680,22 @@ impl Guard {
         }
     }
 
+    /// Where the agent contains something now (dry runs do nothing): the detectors do
+    /// not count that memory against their ancestors.
+    fn contained(&self) -> Vec<String> {
+        self.actuator
+            .entries()
+            .iter()
+            .filter(|a| !a.dry_run)
+            .map(|a| a.target().to_owned())
+            .collect()
+    }
+
     /// Detects, decides, logs, writes the state file; returns what this tick found and
     /// decided.
     pub fn on_snapshot(&mut self, snap: &Snapshot, interval_ms: u64) -> report::Judgement {
         self.t += snap.interval_ns as f64 / 1e9;
+        self.detector.set_contained(self.contained());
         let mut findings = self.detector.observe(snap);
         // Where each finding's processes are now: a quarantined offender's are in its
         // quarantine cgroup, which the finding names before it is mapped back.

@@ -409,17 +409,41 @@ impl CgroupReader {
     /// must not fail because one subtree is odd).
     #[must_use]
     pub fn walk(&self) -> HashMap<CgroupId, String> {
+        self.walk_checked().0
+    }
+
+    /// [`Self::walk`], and whether it saw the whole tree: false when a directory or
+    /// entry could not be read for another reason than being gone (EMFILE, ENOMEM
+    /// under pressure), so that its subtree may be missing.
+    #[must_use]
+    pub fn walk_checked(&self) -> (HashMap<CgroupId, String>, bool) {
         let mut out = HashMap::new();
+        let mut complete = true;
         let mut stack = vec![(self.root.clone(), String::from("/"))];
         while let Some((dir, rel)) = stack.pop() {
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
+            let meta = match std::fs::metadata(&dir) {
+                Ok(m) => m,
+                Err(e) => {
+                    complete &= gone(&e);
+                    continue;
+                }
             };
             out.insert(meta.ino(), rel.clone());
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    complete &= gone(&e);
+                    continue;
+                }
             };
-            for entry in entries.flatten() {
+            for entry in entries {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        complete &= gone(&e);
+                        continue;
+                    }
+                };
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     let name = path_text(entry.file_name().as_bytes());
                     let child = if rel == "/" {
@@ -431,7 +455,7 @@ impl CgroupReader {
                 }
             }
         }
-        out
+        (out, complete)
     }
 }
 
@@ -467,6 +491,8 @@ pub fn parse_proc_cgroup(bytes: &[u8]) -> Option<String> {
 pub struct CgroupIndex {
     reader: CgroupReader,
     by_id: HashMap<CgroupId, String>,
+    /// Whether the last walk saw the whole tree ([`CgroupReader::walk_checked`]).
+    complete: bool,
     /// `cgroup.stat` of the root at the last walk; `None` where it cannot be read.
     root_stat: Option<HashMap<String, u64>>,
 }
@@ -475,10 +501,11 @@ impl CgroupIndex {
     #[must_use]
     pub fn new(reader: CgroupReader) -> Self {
         let root_stat = reader.read_keyed("/", "cgroup.stat").ok().flatten();
-        let by_id = reader.walk();
+        let (by_id, complete) = reader.walk_checked();
         Self {
             reader,
             by_id,
+            complete,
             root_stat,
         }
     }
@@ -496,7 +523,7 @@ impl CgroupIndex {
             return false;
         }
         self.root_stat = now;
-        self.by_id = self.reader.walk();
+        (self.by_id, self.complete) = self.reader.walk_checked();
         true
     }
 
@@ -524,10 +551,16 @@ impl CgroupIndex {
         &self.by_id
     }
 
+    /// Whether the last walk saw the whole tree (see [`CgroupReader::walk_checked`]).
+    #[must_use]
+    pub fn complete(&self) -> bool {
+        self.complete
+    }
+
     /// Walks the tree again (finds cgroups created and deleted since).
     pub fn refresh(&mut self) {
         self.root_stat = self.reader.read_keyed("/", "cgroup.stat").ok().flatten();
-        self.by_id = self.reader.walk();
+        (self.by_id, self.complete) = self.reader.walk_checked();
     }
 
     /// Id of the cgroup at `rel`, looked up by `stat` (cheap, exact).

@@ -631,14 +631,19 @@ impl Collector {
 
         let (paths, vanished) = self.resolve(&totals, &deltas);
         let mut cgroups = self.sample_cgroups(&paths, &deltas, secs);
-        // Ids are never reused (the directory's inode), and each tick's set comes from a
-        // complete walk of the tree: an id the previous tick lacked is a new cgroup.
+        // Ids are never reused (the directory's inode): an id the previous tick's
+        // complete walk lacked is a new cgroup. After a walk that could not read part
+        // of the tree nothing is taken as new on the next tick (the missing subtree
+        // would all look born).
         if let Some(previous) = &self.previous {
             for c in &mut cgroups {
                 c.born = !previous.contains(&c.id);
             }
         }
-        self.previous = Some(paths.keys().copied().collect());
+        self.previous = self
+            .index
+            .complete()
+            .then(|| paths.keys().copied().collect());
         cgroups.sort_by(|a, b| b.on_cpu_ns.cmp(&a.on_cpu_ns).then(a.id.cmp(&b.id)));
 
         let mut ebpf = self.probes.stats();

@@ -371,6 +371,8 @@ pub struct Point {
     pub memory_full_avg10: Option<f64>,
     /// Worst run-queue p99 among the *other* cgroups in this tick, µs.
     pub others_runq_p99_us: Option<f64>,
+    /// A cgroup's birth (see `birth_point`), not a sample.
+    pub birth: bool,
 }
 
 /// Theil–Sen slope (median of pairwise slopes): robust to outliers and sawtooth.
@@ -656,7 +658,15 @@ pub fn explosion(
         (Some(a), Some(b)) => b.1 - a.1,
         _ => 0.0,
     };
-    let slope = theil_sen(&mem).unwrap_or(0.0);
+    // The rate is projected from samples: a birth point's zero says that the cgroup is
+    // new, not how fast it grows now (a service that loaded 200 MiB as it started and
+    // now adds a little is no burst).
+    let sampled: Vec<(f64, f64)> = w
+        .iter()
+        .filter(|p| !p.birth)
+        .filter_map(|p| Some((p.t, p.memory?)))
+        .collect();
+    let slope = theil_sen(&sampled).unwrap_or(0.0);
     let headroom = w.iter().rev().find_map(|p| p.headroom).map(|h| h.max(0.0));
     let time_to_limit_s = headroom.filter(|_| slope > 0.0).map(|h| h / slope);
     let memory_burst = rising
@@ -752,13 +762,15 @@ pub fn point(
         memory_some_avg10: f.memory_pressure.map(|p| p.some.avg10),
         memory_full_avg10: f.memory_pressure.and_then(|p| p.full.map(|l| l.avg10)),
         others_runq_p99_us,
+        birth: false,
     }
 }
 
-/// What a cgroup created since the previous tick looked like then: no memory, no
-/// tasks, nothing done. A point for the short-window detectors only (the leak window
-/// judges what a cgroup keeps, not how it started), so a burst in a new unit is judged
-/// on its second sight, as one in a cgroup made in advance is.
+/// What a cgroup created since the previous tick looked like then: no memory, nothing
+/// done. A point for the short-window detectors only (the leak window judges what a
+/// cgroup keeps, not how it started), so a memory burst in a new unit is judged on its
+/// second sight, as one in a cgroup made in advance is. Its tasks are those of the
+/// first sight: the threads a service starts with are no burst of new tasks.
 fn birth_point(first: &Point) -> Point {
     Point {
         t: first.t - first.interval_s,
@@ -769,11 +781,12 @@ fn birth_point(first: &Point) -> Point {
         voluntary: 0,
         forks: 0,
         exits: 0,
-        pids: first.pids.map(|_| 0),
+        pids: first.pids,
         reclaim_ms_per_s: 0.0,
         memory_some_avg10: None,
         memory_full_avg10: None,
         others_runq_p99_us: None,
+        birth: true,
     }
 }
 
@@ -859,6 +872,8 @@ pub struct Detector {
     rss: HashMap<u32, (u64, History)>,
     saturated: HashMap<u32, ProcessStreak>,
     gpu: GpuHistory,
+    /// Cgroups under containment (see [`Detector::set_contained`]).
+    contained: HashSet<String>,
 }
 
 /// GPU memory windows: per (cgroup, device) and per (pid, device), and since when
@@ -885,7 +900,16 @@ impl Detector {
             rss: HashMap::new(),
             saturated: HashMap::new(),
             gpu: GpuHistory::default(),
+            contained: HashSet::new(),
         }
+    }
+
+    /// The cgroups the agent contains now. Their memory is not counted in their
+    /// ancestors' series: an ancestor is judged on what is not contained yet, so a
+    /// contained leak (throttled, frozen) does not start a ladder on its slice — which
+    /// would cap its siblings — while a sibling's own growth still shows there.
+    pub fn set_contained(&mut self, cgroups: impl IntoIterator<Item = String>) {
+        self.contained = cgroups.into_iter().collect();
     }
 
     #[must_use]
@@ -929,6 +953,14 @@ impl Detector {
             .window_sec
             .max(self.config.explosion.window_sec)
             + 2) as f64;
+        let contained: Vec<(&str, f64)> = snap
+            .cgroups
+            .iter()
+            .filter_map(|c| {
+                let p = c.path.as_deref().filter(|p| self.contained.contains(*p))?;
+                Some((p, c.files.memory_current? as f64))
+            })
+            .collect();
         let mut seen = HashSet::new();
         let mut findings = Vec::new();
         for c in &snap.cgroups {
@@ -941,7 +973,7 @@ impl Detector {
             } else {
                 worst[0]
             };
-            let p = point(
+            let mut p = point(
                 t,
                 interval_s,
                 c,
@@ -949,6 +981,14 @@ impl Detector {
                 self.config.leak.reserve_percent,
                 others.0.map(|_| others.1),
             );
+            let below: f64 = contained
+                .iter()
+                .filter(|(q, _)| *q != path && in_subtree(path, q))
+                .map(|(_, m)| m)
+                .sum();
+            if below > 0.0 {
+                p.memory = p.memory.map(|m| (m - below).max(0.0));
+            }
             let h = self.history.entry(c.id).or_insert_with(|| {
                 let mut h = History::default();
                 if c.born {
@@ -2071,16 +2111,58 @@ mod tests {
         );
     }
 
+    /// A contained child's memory is not its parent's to answer for: the parent's
+    /// series holds what is not contained (its other child), which still shows growth
+    /// of its own; nothing contained, the parent holds it all.
+    #[test]
+    fn contained_memory_is_not_counted_against_ancestors() {
+        let parent_memory = |contained: &[&str]| {
+            let mut d = Detector::new(DetectConfig::default());
+            d.set_contained(contained.iter().map(|c| (*c).to_owned()));
+            let mut last = Vec::new();
+            for tick in 1..=3u64 {
+                let sibling = 50 + 10 * tick;
+                d.observe(&snapshot(
+                    tick,
+                    2,
+                    vec![
+                        cgroup(70, "/app.slice", 500 + sibling, 0.0),
+                        cgroup(71, "/app.slice/leak.scope", 500, 0.0),
+                        cgroup(72, "/app.slice/editor.scope", sibling, 1.0),
+                        cgroup(73, "/app.slice/leak.scopex", 7, 0.0),
+                    ],
+                    vec![],
+                ));
+                let p = d.history(70).unwrap().back().unwrap();
+                last.push((p.memory.unwrap() / f64::from(1u32 << 20)).round());
+            }
+            last
+        };
+        assert_eq!(
+            parent_memory(&["/app.slice/leak.scope"]),
+            [60.0, 70.0, 80.0]
+        );
+        assert_eq!(parent_memory(&[]), [560.0, 570.0, 580.0]);
+        // Only below: a contained cgroup is not subtracted from itself, nor from a
+        // cgroup whose name it merely starts with.
+        assert_eq!(
+            parent_memory(&["/app.slice", "/app"]),
+            [560.0, 570.0, 580.0]
+        );
+    }
+
     /// A unit started between two ticks (its cgroup made by systemd at start, not in
     /// advance) bursts: judged on its second sight, from a past of "nothing" a tick
     /// before the first — as early as a burst in a cgroup made in advance. Not born
     /// (present at the agent's start, or only unresolved before), it waits for three
-    /// points of its own. And a new unit that loads what it needs and then holds it (a
-    /// service starting) is no burst: its memory does not rise twice in a row.
+    /// points of its own. A new unit that loads what it needs and then holds it (a
+    /// service starting) is no burst: its memory does not rise twice in a row; nor are
+    /// the 150 threads a JVM starts with a burst of new tasks.
     #[test]
     fn a_burst_in_a_new_cgroup_is_judged_from_its_birth() {
-        // Ticks of 1 s; 6 GiB available: +600 MiB a second ends the headroom in ~10 s.
-        let first_explosion = |born: bool, mib: &[u64]| {
+        // Ticks of 1 s; the cgroup's memory.max (1 GiB) is the nearer limit: +200 MiB a
+        // second from 300 MiB ends its headroom in ~4 s.
+        let first_explosion = |born: bool, series: &[(u64, u64)]| {
             let mut d = Detector::new(DetectConfig::default());
             d.observe(&snapshot(
                 1,
@@ -2088,10 +2170,11 @@ mod tests {
                 vec![cgroup(1, "/system.slice", 10, 1.0)],
                 vec![],
             ));
-            for (i, m) in mib.iter().enumerate() {
-                let mut c = cgroup(60, "/system.slice/pool.service", *m, 50.0);
+            for (i, (mib, tasks)) in series.iter().enumerate() {
+                let mut c = cgroup(60, "/system.slice/pool.service", *mib, 50.0);
                 c.born = born && i == 0;
                 c.forks = 5;
+                Arc::make_mut(&mut c.files).pids_current = Some(*tasks);
                 let tick = 2 + i as u64;
                 let found = d.observe(&snapshot(tick, 2, vec![c], vec![]));
                 if found.iter().any(|f| f.kind == FindingKind::Explosion) {
@@ -2100,9 +2183,17 @@ mod tests {
             }
             None
         };
-        assert_eq!(first_explosion(true, &[300, 900, 1500, 2100]), Some(2));
-        assert_eq!(first_explosion(false, &[300, 900, 1500, 2100]), Some(3));
-        assert_eq!(first_explosion(true, &[600, 600, 600, 600]), None);
+        let burst = [(300, 9), (500, 9), (700, 9), (900, 9)];
+        assert_eq!(first_explosion(true, &burst), Some(2));
+        assert_eq!(first_explosion(false, &burst), Some(3));
+        assert_eq!(
+            first_explosion(true, &[(300, 9), (300, 9), (300, 9), (300, 9)]),
+            None
+        );
+        assert_eq!(
+            first_explosion(true, &[(200, 150), (210, 152), (210, 152), (212, 152)]),
+            None
+        );
     }
 
     /// One process leaks while its cgroup's total stays flat (a sibling shrinks): a
