@@ -154,6 +154,36 @@ impl Writer {
         self.systemd = Some(systemd);
     }
 
+    /// The systemd unit whose own cgroup `rel` is, when the agent acts on units through
+    /// systemd.
+    #[must_use]
+    pub fn unit_of(&self, rel: &str) -> Option<String> {
+        self.systemd.as_ref()?.unit_of(rel)
+    }
+
+    /// Sets `unit`'s property for `file` back to `value` (the file's text) through
+    /// systemd, whatever cgroup the unit has now. `Ok(false)`: nothing to do (no
+    /// systemd here, no property for that file, or the unit is no longer loaded: its
+    /// runtime properties went with it).
+    ///
+    /// # Errors
+    /// systemd refused or did not answer.
+    pub fn restore_unit(&self, unit: &str, file: &str, value: &str) -> Result<bool, String> {
+        use crate::systemd::Refusal;
+        let (Some(sd), Some((name, v))) = (
+            self.systemd.as_ref(),
+            crate::systemd::property_for(file, value),
+        ) else {
+            return Ok(false);
+        };
+        match sd.set_property(unit, name, v) {
+            Ok(()) => Ok(true),
+            Err(Refusal::NoUnit) => Ok(false),
+            Err(Refusal::Stopping) => Err(format!("{unit}: systemd is stopping it")),
+            Err(Refusal::Failed(e)) => Err(e),
+        }
+    }
+
     /// `file` of `rel` set to `value` through systemd, when `rel` is a unit's own cgroup
     /// and systemd has a property (or the freezer) for that file; `None`: the caller
     /// writes the file (not a unit, no such property, or systemd refused or did not
@@ -177,6 +207,7 @@ impl Writer {
                 unit,
                 file: file.to_owned(),
             })),
+            Err(Refusal::NoUnit) => None,
             Err(Refusal::Failed(e)) => {
                 sd.warn_once(&e);
                 None
@@ -688,6 +719,12 @@ pub struct Applied {
     /// First release stage done: thawed, memory.high widened; limits still on.
     #[serde(default)]
     pub relaxed: bool,
+    /// The systemd unit whose own cgroup this is, when its limits went through systemd:
+    /// they are the unit's runtime properties, which outlive the cgroup (a restarted
+    /// unit, or one stopped and started again, would keep them), so a release restores
+    /// them by the unit's name when the cgroup is gone or was replaced.
+    #[serde(default)]
+    pub unit: Option<String>,
     pub dry_run: bool,
     pub updated_ms: u128,
 }
@@ -720,6 +757,11 @@ impl Applied {
             && Some(f) != self.quarantine.as_ref()
         {
             return Some("it froze a cgroup that is neither its own nor its quarantine");
+        }
+        if let Some(u) = &self.unit
+            && self.cgroup.rsplit('/').next() != Some(u.as_str())
+        {
+            return Some("its unit is not the one its cgroup is named after");
         }
         None
     }
@@ -993,13 +1035,30 @@ impl Actuator {
             self.journal.entries[i].cgroup_id.get_or_insert(id);
             return i;
         }
+        // An older entry at this path whose limits went through systemd (the unit was
+        // restarted: a new cgroup, the same unit) holds the unit's own values, which
+        // the new cgroup now shows as the old caps: they pass to this entry, and the
+        // old one no longer restores the unit (it would lift this entry's caps).
+        let mut inherited = BTreeMap::new();
+        let mut unit = None;
+        for old in self
+            .journal
+            .entries
+            .iter_mut()
+            .filter(|a| a.cgroup == d.cgroup && a.cgroup_id != Some(id) && a.unit.is_some())
+        {
+            unit = old.unit.take();
+            for (k, v) in &old.originals {
+                inherited.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
         self.journal.entries.push(Applied {
             cgroup: d.cgroup.clone(),
             cgroup_id: Some(id),
             rule: d.rule.clone(),
             finding: d.finding,
             steps_taken: 0,
-            originals: BTreeMap::new(),
+            originals: inherited,
             quarantine: None,
             quarantine_id: None,
             moved: Vec::new(),
@@ -1007,6 +1066,7 @@ impl Actuator {
             kill_due_ms: None,
             kill_deadline: None,
             relaxed: false,
+            unit,
             dry_run: d.dry_run,
             updated_ms: now_ms(),
         });
@@ -1015,6 +1075,9 @@ impl Actuator {
 
     /// Saves a file's current content as the original to restore, once.
     fn remember(w: &Writer, a: &mut Applied, cgroup: &str, file: &str) -> Result<(), ActError> {
+        if cgroup == a.cgroup && a.unit.is_none() {
+            a.unit = w.unit_of(cgroup);
+        }
         let k = key(cgroup, file);
         if !a.originals.contains_key(&k)
             && let Some(v) = w.read(cgroup, file)?
@@ -1861,7 +1924,21 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             Err(e) => errors.push(e.to_string()),
         }
     }
-    if !origin_ours && w.id_of(&a.cgroup).is_some() {
+    if !origin_ours && let Some(unit) = &a.unit {
+        // Its limits were the unit's properties: they outlive the cgroup.
+        for (k, original) in &a.originals {
+            match k.split_once('\t') {
+                Some((cgroup, file)) if cgroup == a.cgroup && RESTORABLE.contains(&file) => {
+                    match w.restore_unit(unit, file, original) {
+                        Ok(true) => done.push(format!("{unit}: {file} restored to {original}")),
+                        Ok(false) => {}
+                        Err(e) => errors.push(e),
+                    }
+                }
+                _ => {}
+            }
+        }
+    } else if !origin_ours && w.id_of(&a.cgroup).is_some() {
         done.push(format!(
             "{} is a new cgroup now: its limits were left as they are",
             a.cgroup
@@ -2286,6 +2363,52 @@ mod tests {
     /// A cgroup removed and made again at the same path (a restarted service, the next
     /// CI job) is another cgroup: the release restores nothing into it, a restarted
     /// agent drops the entry, and a kill whose grace ends then kills nothing.
+    /// A unit capped through systemd is restarted (a new cgroup at its path, showing
+    /// the old caps: they are the unit's properties) and capped again: the new entry
+    /// takes the unit's own values from the old one, which hands the unit over (its
+    /// release would lift the new caps), so the new entry's release restores what the
+    /// unit had before cgsentry, not the old caps. A journal naming another unit than
+    /// its cgroup's is refused.
+    #[test]
+    fn a_restarted_unit_gets_its_own_values_back_not_the_old_caps() {
+        let (dir, w) = tree();
+        std::fs::write(dir.path().join("app/cgroup.procs"), NO_SUCH_PID).unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let cap = || Step {
+            pids_max: Some(8),
+            ..step(Action::Throttle)
+        };
+        let first = w.id_of("/app").unwrap();
+        let mut d = decision(Action::Throttle, 0, cap());
+        d.cgroup_id = first;
+        assert!(act.apply(&d, None).errors.is_empty());
+        // As the D-Bus path records it (no systemd in a unit test).
+        act.journal.entries[0].unit = Some("app".into());
+        replace_app(dir.path());
+        std::fs::write(w.dir("/app").join("pids.max"), "8").unwrap();
+        let second = w.id_of("/app").unwrap();
+        assert_ne!(first, second);
+        let mut d = decision(Action::Throttle, 0, cap());
+        d.cgroup_id = second;
+        assert!(act.apply(&d, None).errors.is_empty());
+        let (old, new) = (&act.journal.entries[0], &act.journal.entries[1]);
+        assert_eq!(old.unit, None, "the old entry handed the unit over");
+        assert_eq!(new.unit.as_deref(), Some("app"));
+        assert_eq!(
+            new.originals
+                .get(&key("/app", "pids.max"))
+                .map(String::as_str),
+            Some("max")
+        );
+        let r = act.release(&full_release("/app", second)).unwrap();
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(w.read("/app", "pids.max").unwrap().as_deref(), Some("max"));
+
+        let mut forged = act.journal.entries[0].clone();
+        forged.unit = Some("sshd.service".into());
+        assert!(forged.malformed().unwrap().contains("unit"));
+    }
+
     #[test]
     fn a_replaced_cgroup_is_never_touched() {
         let (dir, w) = tree();

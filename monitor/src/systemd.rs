@@ -30,6 +30,12 @@ use tracing::warn;
 
 /// How long one D-Bus call may take.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// A call slower than this (or one not answered) turns the D-Bus path off for
+/// [`SLOW_PAUSE`]: a step makes several calls, and a loop waiting seconds on a PID 1
+/// slowed by memory pressure is the agent stalled when it is needed.
+const SLOW_CALL: Duration = Duration::from_millis(500);
+/// How long the cgroup files are used instead after a slow call.
+const SLOW_PAUSE: Duration = Duration::from_secs(30);
 /// Units known per cgroup path, at most (then forgotten and asked again).
 const MAX_KNOWN: usize = 4096;
 
@@ -80,6 +86,8 @@ pub enum Refusal {
     /// its processes and cgroup are going away, and freezing them behind its back
     /// would leave its stop waiting for processes that cannot exit.
     Stopping,
+    /// No such unit loaded (a transient unit gone with its cgroup).
+    NoUnit,
     /// Refused for another reason (a unit still starting is refused too), or no answer:
     /// the caller writes the cgroup file itself.
     Failed(String),
@@ -129,6 +137,11 @@ impl Bus {
     ) -> Result<(), Refusal> {
         match self.with(|c| ManagerBlocking::new(c).and_then(|m| f(&m))) {
             Ok(()) => Ok(()),
+            Err(zbus::Error::MethodError(name, ..))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                Err(Refusal::NoUnit)
+            }
             Err(e @ zbus::Error::MethodError(..)) => {
                 let state = self.with(|c| {
                     let path = ManagerBlocking::new(c)?.get_unit(unit)?;
@@ -158,6 +171,10 @@ struct Shared {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     /// When the call in progress started (none: idle).
     busy_since: Mutex<Option<Instant>>,
+    /// No calls until then (an earlier one was slow or not answered).
+    paused_until: Mutex<Option<Instant>>,
+    /// [`SLOW_PAUSE`] (shorter in tests).
+    slow_pause: Duration,
     /// cgroup path → its unit (`None`: not a unit of its own).
     units: Mutex<HashMap<String, Option<String>>>,
     warned: Mutex<bool>,
@@ -231,11 +248,11 @@ impl Systemd {
     pub fn detect() -> Option<Self> {
         std::path::Path::new("/run/systemd/system")
             .is_dir()
-            .then(Self::start)
+            .then(|| Self::start(SLOW_PAUSE))
             .flatten()
     }
 
-    fn start() -> Option<Self> {
+    fn start(slow_pause: Duration) -> Option<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new()
             .name("cgsentry-systemd".into())
@@ -255,6 +272,8 @@ impl Systemd {
             shared: Arc::new(Shared {
                 jobs: Mutex::new(Some(tx)),
                 busy_since: Mutex::new(None),
+                paused_until: Mutex::new(None),
+                slow_pause,
                 units: Mutex::new(HashMap::new()),
                 warned: Mutex::new(false),
             }),
@@ -262,7 +281,10 @@ impl Systemd {
     }
 
     /// Runs `f` on the D-Bus thread, waiting [`CALL_DEADLINE`] at most. A call still
-    /// stuck from before refuses new ones at once (they would queue behind it).
+    /// stuck from before refuses new ones at once (they would queue behind it); after
+    /// a call slower than [`SLOW_CALL`] or not answered, calls are refused for
+    /// [`SLOW_PAUSE`]. A job whose caller has given up is dropped, not run late (a
+    /// stale limit must not land after what the caller did meanwhile).
     fn call<T: Send + 'static>(
         &self,
         what: &str,
@@ -276,9 +298,24 @@ impl Systemd {
         if busy.is_some_and(|at| at.elapsed() > CALL_DEADLINE) {
             return Err(format!("{what}: systemd has not answered an earlier call"));
         }
+        let paused = *self
+            .shared
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if paused.is_some_and(|until| Instant::now() < until) {
+            return Err(format!(
+                "{what}: systemd answered slowly; its calls are paused for {} s",
+                self.shared.slow_pause.as_secs()
+            ));
+        }
         let (reply, answer) = mpsc::channel();
         let shared = Arc::clone(&self.shared);
+        let asked = Instant::now();
         let job: Job = Box::new(move |bus| {
+            if asked.elapsed() >= CALL_DEADLINE {
+                return; // its caller has given up
+            }
             *shared
                 .busy_since
                 .lock()
@@ -300,7 +337,16 @@ impl Systemd {
         if sent != Some(true) {
             return Err(format!("{what}: the D-Bus thread is gone"));
         }
-        answer.recv_timeout(CALL_DEADLINE).map_err(|_| {
+        let answered = answer.recv_timeout(CALL_DEADLINE);
+        if answered.is_err() || asked.elapsed() > SLOW_CALL {
+            *self
+                .shared
+                .paused_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some(Instant::now() + self.shared.slow_pause);
+        }
+        answered.map_err(|_| {
             format!(
                 "{what}: systemd did not answer within {} s",
                 CALL_DEADLINE.as_secs()
@@ -364,7 +410,7 @@ impl Systemd {
                 })
                 .map_err(|r| match r {
                     Refusal::Failed(e) => Refusal::Failed(format!("{e} ({name}={value})")),
-                    Refusal::Stopping => Refusal::Stopping,
+                    other => other,
                 }))
         })
         .map_err(Refusal::Failed)?
@@ -455,10 +501,11 @@ mod tests {
         assert_eq!(named_unit("/leak"), None);
     }
 
-    /// A D-Bus thread stuck in a call: the next ones fail at once instead of queueing.
+    /// A D-Bus thread stuck in a call: the next ones fail at once instead of queueing;
+    /// once it returns, calls stay refused for the pause, then work again.
     #[test]
     fn a_stuck_call_fails_the_next_ones_fast() {
-        let sd = Systemd::start().unwrap();
+        let sd = Systemd::start(Duration::from_millis(300)).unwrap();
         let (release, wait) = mpsc::channel::<()>();
         let wait = Mutex::new(wait);
         let started = Instant::now();
@@ -480,6 +527,56 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(200));
         release.send(()).unwrap();
         std::thread::sleep(Duration::from_millis(50));
+        let r = sd.call("paused", |_| Ok(()));
+        assert!(r.as_ref().unwrap_err().contains("paused"), "{r:?}");
+        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(sd.call("after", |_| Ok(7)), Ok(7));
+    }
+
+    /// A call answered, but slowly: it counts, and the next ones are refused for the
+    /// pause (a step's several calls must not add up to seconds of a stalled loop).
+    #[test]
+    fn a_slow_answer_pauses_the_calls() {
+        let sd = Systemd::start(Duration::from_millis(300)).unwrap();
+        let slow = sd.call("slow", |_| {
+            std::thread::sleep(SLOW_CALL + Duration::from_millis(100));
+            Ok(1)
+        });
+        assert_eq!(slow, Ok(1));
+        let r = sd.call("next", |_| Ok(2));
+        assert!(r.as_ref().unwrap_err().contains("paused"), "{r:?}");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(sd.call("later", |_| Ok(3)), Ok(3));
+    }
+
+    /// A job queued behind a call in progress whose caller gave up is dropped, not run
+    /// when the thread gets to it (it would set a stale value).
+    #[test]
+    fn a_job_given_up_on_is_not_run_late() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sd = Systemd::start(Duration::from_millis(10)).unwrap();
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let first = {
+            let sd = sd.clone();
+            std::thread::spawn(move || {
+                sd.call("long", move |_| {
+                    let _ = wait.lock().unwrap().recv();
+                    Ok(())
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let r = sd.call("queued", move |_| {
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        assert!(r.unwrap_err().contains("did not answer"));
+        release.send(()).unwrap();
+        assert!(first.join().unwrap().is_err());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!ran.load(Ordering::SeqCst), "a given-up job ran late");
     }
 }
