@@ -1915,30 +1915,22 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             ));
             continue;
         }
-        if !origin_ours {
-            continue;
-        }
-        match w.restore(cgroup, file, original) {
-            Ok(()) => done.push(format!("{file} restored to {original}")),
-            Err(ActError::Gone { .. }) => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    if !origin_ours && let Some(unit) = &a.unit {
-        // Its limits were the unit's properties: they outlive the cgroup.
-        for (k, original) in &a.originals {
-            match k.split_once('\t') {
-                Some((cgroup, file)) if cgroup == a.cgroup && RESTORABLE.contains(&file) => {
-                    match w.restore_unit(unit, file, original) {
-                        Ok(true) => done.push(format!("{unit}: {file} restored to {original}")),
-                        Ok(false) => {}
-                        Err(e) => errors.push(e),
-                    }
-                }
-                _ => {}
+        if origin_ours {
+            match w.restore(cgroup, file, original) {
+                Ok(()) => done.push(format!("{file} restored to {original}")),
+                Err(ActError::Gone { .. }) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        } else if let Some(unit) = &a.unit {
+            // Its limits were the unit's properties: they outlive the cgroup.
+            match w.restore_unit(unit, file, original) {
+                Ok(true) => done.push(format!("{unit}: {file} restored to {original}")),
+                Ok(false) => {}
+                Err(e) => errors.push(e),
             }
         }
-    } else if !origin_ours && w.id_of(&a.cgroup).is_some() {
+    }
+    if !origin_ours && a.unit.is_none() && w.id_of(&a.cgroup).is_some() {
         done.push(format!(
             "{} is a new cgroup now: its limits were left as they are",
             a.cgroup
@@ -2360,9 +2352,6 @@ mod tests {
         assert!(r.errors.is_empty(), "{r:?}");
     }
 
-    /// A cgroup removed and made again at the same path (a restarted service, the next
-    /// CI job) is another cgroup: the release restores nothing into it, a restarted
-    /// agent drops the entry, and a kill whose grace ends then kills nothing.
     /// A unit capped through systemd is restarted (a new cgroup at its path, showing
     /// the old caps: they are the unit's properties) and capped again: the new entry
     /// takes the unit's own values from the old one, which hands the unit over (its
@@ -2409,6 +2398,9 @@ mod tests {
         assert!(forged.malformed().unwrap().contains("unit"));
     }
 
+    /// A cgroup removed and made again at the same path (a restarted service, the next
+    /// CI job) is another cgroup: the release restores nothing into it, a restarted
+    /// agent drops the entry, and a kill whose grace ends then kills nothing.
     #[test]
     fn a_replaced_cgroup_is_never_touched() {
         let (dir, w) = tree();

@@ -2129,7 +2129,6 @@ mod tests {
                         cgroup(70, "/app.slice", 500 + sibling, 0.0),
                         cgroup(71, "/app.slice/leak.scope", 500, 0.0),
                         cgroup(72, "/app.slice/editor.scope", sibling, 1.0),
-                        cgroup(73, "/app.slice/leak.scopex", 7, 0.0),
                     ],
                     vec![],
                 ));
