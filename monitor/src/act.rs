@@ -65,6 +65,8 @@ pub enum ActError {
     Gone { path: PathBuf },
     #[error("{unit}: systemd is stopping it; {file} left as it is")]
     Stopping { unit: String, file: String },
+    #[error("{unit}: {why}")]
+    Systemd { unit: String, why: String },
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("journal {path}: {source}")]
@@ -555,6 +557,70 @@ impl Writer {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Makes quarantine `q` (`/<slice>/<name>.scope`) a transient scope unit holding
+    /// `pids`, part of `part_of` (see [`crate::systemd::Systemd::start_scope`]), and
+    /// waits for its cgroup: systemd creates it as it runs the start job, just after
+    /// answering.
+    ///
+    /// # Errors
+    /// No systemd here, systemd refused or did not answer, or no cgroup within 2 s.
+    pub fn start_scope(
+        &self,
+        q: &str,
+        part_of: &str,
+        pids: &[u32],
+        limits: &[(&'static str, u64)],
+    ) -> Result<(), ActError> {
+        let (slice, name) = q.trim_start_matches('/').split_once('/').unwrap_or(("", q));
+        let failed = |why: String| ActError::Systemd {
+            unit: name.to_owned(),
+            why,
+        };
+        let sd = self
+            .systemd
+            .as_ref()
+            .ok_or_else(|| failed("no systemd to start it".into()))?;
+        sd.start_scope(name, slice, part_of, pids, limits)
+            .map_err(|r| failed(r.to_string()))?;
+        let until = Instant::now() + Duration::from_secs(2);
+        while self.id_of(q).is_none() {
+            if Instant::now() >= until {
+                return Err(failed(
+                    "started, but its cgroup did not appear within 2 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Ends quarantine scope `q` (unit `unit`) once it is empty: systemd stops it and
+    /// removes its cgroup (a scope's cgroup removed behind its back stays an active
+    /// unit with no cgroup). `Ok(false)`: it still has processes (those left there
+    /// must not be killed by its stop).
+    ///
+    /// # Errors
+    /// `cgroup.procs` unreadable, or systemd refused or did not answer.
+    pub fn stop_scope(&self, q: &str, unit: &str) -> Result<bool, ActError> {
+        match self.procs(q) {
+            Ok(p) if !p.is_empty() => return Ok(false),
+            Err(ActError::Gone { .. }) => return Ok(true),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        let sd = self.systemd.as_ref().ok_or_else(|| ActError::Systemd {
+            unit: unit.to_owned(),
+            why: "no systemd to stop it".into(),
+        })?;
+        match sd.stop(unit) {
+            Ok(()) | Err(crate::systemd::Refusal::NoUnit) => Ok(true),
+            Err(r) => Err(ActError::Systemd {
+                unit: unit.to_owned(),
+                why: r.to_string(),
+            }),
         }
     }
 
@@ -1255,11 +1321,18 @@ impl Actuator {
             }
             Action::Quarantine => {
                 // A name no entry holds and no cgroup has yet (an orphan or someone
-                // else's directory is never merged into).
+                // else's directory is never merged into). A unit of systemd's goes
+                // into a scope of its own in the quarantine slice (see `quarantine`).
                 let q = entry.quarantine.clone().unwrap_or_else(|| {
-                    free_quarantine_path(&parent, &d.cgroup, |q| {
-                        taken.iter().any(|t| t == q) || writer.dir(q).exists()
-                    })
+                    let free = |suffix| {
+                        free_quarantine_path(&parent, &d.cgroup, suffix, |q| {
+                            taken.iter().any(|t| t == q) || writer.dir(q).exists()
+                        })
+                    };
+                    Some(free(".scope"))
+                        .filter(|q| scope_quarantine(&parent, q))
+                        .filter(|_| writer.unit_of(&d.cgroup).is_some())
+                        .unwrap_or_else(|| free(""))
                 });
                 entry.quarantine = Some(q.clone());
                 Intent::Quarantine(q)
@@ -1646,16 +1719,41 @@ const MAX_GRACE_ON_RESTART: Duration = Duration::from_mins(10);
 const QUARANTINE_NAME_MAX: usize = 200;
 
 /// [`quarantine_path`], or with `-2`, `-3`… when `taken` says another offender (one
-/// whose path maps to the same name: `/a-b` and `/a/b`) has it.
-fn free_quarantine_path(parent: &str, cgroup: &str, taken: impl Fn(&str) -> bool) -> String {
+/// whose path maps to the same name: `/a-b` and `/a/b`) has it; `suffix` last.
+fn free_quarantine_path(
+    parent: &str,
+    cgroup: &str,
+    suffix: &str,
+    taken: impl Fn(&str) -> bool,
+) -> String {
     let base = quarantine_path(parent, cgroup);
-    if !taken(&base) {
-        return base;
-    }
-    (2..=4096)
-        .map(|n| format!("{base}-{n}"))
+    std::iter::once(format!("{base}{suffix}"))
+        .chain((2..=4096).map(|n| format!("{base}-{n}{suffix}")))
         .find(|q| !taken(q))
-        .unwrap_or(base)
+        .unwrap_or_else(|| format!("{base}{suffix}"))
+}
+
+/// Whether quarantine `q` can be a systemd scope: its parent is a top-level slice
+/// (`/cgsentry.slice`, which systemd makes on demand) and its name a valid unit name
+/// ending in `.scope` (an offender that is a unit has a path of unit names; anything
+/// else, bytes a cgroup name may have and a unit's may not, stays a plain cgroup).
+fn scope_quarantine(parent: &str, q: &str) -> bool {
+    let unit_name = |n: &str| {
+        !n.is_empty()
+            && n.len() < 256
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+    };
+    let slice = parent.trim_matches('/');
+    let Some(name) = q.strip_prefix(&format!("/{slice}/")) else {
+        return false;
+    };
+    !slice.contains('/')
+        && slice.strip_suffix(".slice").is_some()
+        && unit_name(slice)
+        && name.strip_suffix(".scope").is_some()
+        && !name.contains('/')
+        && unit_name(name)
 }
 
 /// Creates the quarantine cgroup `q` for the entry's offender, inside the offender's
@@ -1673,6 +1771,28 @@ fn quarantine(
     errors: &mut Vec<String>,
 ) {
     let fresh = entry.quarantine_id.is_none();
+    // The offender is a systemd unit: its quarantine is a scope of its own, which
+    // systemd knows (`systemctl status` shows it, its limits are properties) and stops
+    // with the unit it came from. Processes moved into a plain cgroup would escape the
+    // unit's `systemctl stop`.
+    if fresh
+        && q.strip_suffix(".scope").is_some()
+        && let Some(unit) = w.unit_of(&entry.cgroup)
+    {
+        if let Err(e) = quarantine_scope(w, entry, q, &unit, done) {
+            errors.push(e.to_string());
+            entry.quarantine = None; // nothing made: later steps act where it is
+            return;
+        }
+        Actuator::limits(w, q, step, memory_current, done, errors);
+        let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
+        if moved + vanished > 0 {
+            done.push(format!(
+                "moved {moved} more processes to {q} ({vanished} exited mid-move)"
+            ));
+        }
+        return;
+    }
     if let Err(e) = w.create(q) {
         errors.push(e.to_string());
         if fresh {
@@ -1707,6 +1827,63 @@ fn quarantine(
     done.push(format!(
         "moved {moved} processes to {q} ({vanished} exited mid-move)"
     ));
+}
+
+/// Starts quarantine `q` as a scope unit holding the offender's processes, part of
+/// `unit`, with the offender's limits (see [`origin_limits`]) set before they enter;
+/// records the processes systemd moved.
+fn quarantine_scope(
+    w: &Writer,
+    entry: &mut Applied,
+    q: &str,
+    unit: &str,
+    done: &mut Vec<String>,
+) -> Result<(), ActError> {
+    let pids: Vec<u32> = w
+        .procs(&entry.cgroup)?
+        .into_iter()
+        .filter(|p| !untouchable(*p))
+        .collect();
+    if pids.is_empty() {
+        return Err(ActError::Systemd {
+            unit: unit.to_owned(),
+            why: "no processes to quarantine".into(),
+        });
+    }
+    let kept = origin_limits(w, &entry.cgroup);
+    let limits: Vec<(&'static str, u64)> = kept
+        .iter()
+        .filter_map(|(file, value)| crate::systemd::property_for(file, value))
+        .collect();
+    w.start_scope(q, unit, &pids, &limits)?;
+    entry.quarantine_id = w.id_of(q);
+    // systemd moves the processes once the scope's cgroup exists: a moment later.
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut inside = w.procs(q).unwrap_or_default();
+    while Instant::now() < until
+        && w.procs(&entry.cgroup)
+            .is_ok_and(|left| pids.iter().any(|p| left.contains(p)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        inside = w.procs(q).unwrap_or_default();
+    }
+    let moved: Vec<u32> = pids.into_iter().filter(|p| inside.contains(p)).collect();
+    entry.moved.extend(moved.iter().map(|&pid| Moved {
+        pid,
+        from: entry.cgroup.clone(),
+    }));
+    let name = q.rsplit('/').next().unwrap_or(q);
+    done.push(format!(
+        "started {name} (part of {unit}) with {} processes{}",
+        moved.len(),
+        if kept.is_empty() {
+            String::new()
+        } else {
+            let kept: Vec<String> = kept.iter().map(|(f, v)| format!("{f} {v}")).collect();
+            format!(", the offender's limits kept: {}", kept.join(", "))
+        }
+    ));
+    Ok(())
 }
 
 /// The tightest of each limit over `cgroup` and its ancestors (the root has none):
@@ -1896,8 +2073,20 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             &mut errors,
         );
         done.push(format!("moved {n} processes back"));
-        match w.remove(q) {
-            Ok(true) => done.push(format!("removed {q}")),
+        // A scope of systemd's is stopped through it, a plain cgroup removed.
+        let scope = q
+            .strip_suffix(".scope")
+            .and_then(|_| w.unit_of(q))
+            .filter(|u| q.ends_with(&format!("/{u}")));
+        let ended = match &scope {
+            Some(unit) => w.stop_scope(q, unit),
+            None => w.remove(q),
+        };
+        match ended {
+            Ok(true) => done.push(match &scope {
+                Some(unit) => format!("stopped {unit}"),
+                None => format!("removed {q}"),
+            }),
             Ok(false) => errors.push(format!("{q} still has processes; left in place")),
             Err(e) => errors.push(e.to_string()),
         }
@@ -2285,6 +2474,42 @@ mod tests {
             "/cgsentry.slice/quarantine-user.slice-job-1"
         );
         assert_eq!(quarantine_path("/a/b/", "/"), "/a/b/quarantine-root");
+    }
+
+    /// A unit's quarantine is a scope of the quarantine slice when both names are
+    /// valid unit names; any other parent or name stays a plain cgroup.
+    #[test]
+    fn a_quarantine_is_a_scope_only_under_a_slice_with_a_unit_name() {
+        let scope = |parent: &str, cgroup: &str| {
+            let q = free_quarantine_path(parent, cgroup, ".scope", |_| false);
+            (scope_quarantine(parent, &q), q)
+        };
+        assert_eq!(
+            scope("cgsentry.slice", "/system.slice/pool.service"),
+            (
+                true,
+                "/cgsentry.slice/quarantine-system.slice-pool.service.scope".into()
+            )
+        );
+        assert!(scope("/cgsentry.slice/", "/system.slice/getty@tty1.service").0);
+        assert!(scope("cgsentry.slice", "/system.slice/dev-x\\x2dy.service").0);
+        // Not a slice, or not at the top: plain cgroups.
+        assert!(!scope("cgsentry", "/system.slice/pool.service").0);
+        assert!(!scope("/a.slice/b.slice", "/system.slice/pool.service").0);
+        // Bytes a cgroup name may have and a unit name may not.
+        assert!(!scope("cgsentry.slice", "/system.slice/a b.service").0);
+        assert!(!scope("cgsentry.slice", "/system.slice/caf\u{e9}.service").0);
+        // Taken names get a number before the suffix.
+        let taken = ["/cgsentry.slice/quarantine-a.service.scope"];
+        assert_eq!(
+            free_quarantine_path("cgsentry.slice", "/a.service", ".scope", |q| taken
+                .contains(&q)),
+            "/cgsentry.slice/quarantine-a.service-2.scope"
+        );
+        assert!(!scope_quarantine(
+            "cgsentry.slice",
+            "/cgsentry.slice/quarantine-a.service"
+        ));
     }
 
     /// A pid no process has (above the kernel's `pid_max` limit): a test that reaches

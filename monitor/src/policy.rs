@@ -110,7 +110,9 @@ pub enum Action {
     Notify,
     /// Limit in place: `cpu.max`, `memory.high`, `pids.max`.
     Throttle,
-    /// Move into `<quarantine_parent>/quarantine-<name>` with the step's limits.
+    /// Move into `<quarantine_parent>/quarantine-<name>` with the step's limits (a
+    /// systemd unit: into the transient scope `quarantine-<name>.scope` there, part
+    /// of the unit it came from).
     Quarantine,
     /// `cgroup.freeze`: stopped dead, nothing lost; thawed on release.
     Freeze,

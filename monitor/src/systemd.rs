@@ -65,6 +65,16 @@ trait Manager {
     fn thaw_unit(&self, name: &str) -> zbus::Result<()>;
 
     fn get_unit(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+        aux: &[(&str, Vec<(&str, zbus::zvariant::Value<'_>)>)],
+    ) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
 }
 
 /// A unit's state, asked when systemd refused to act on it.
@@ -91,6 +101,16 @@ pub enum Refusal {
     /// Refused for another reason (a unit still starting is refused too), or no answer:
     /// the caller writes the cgroup file itself.
     Failed(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stopping => f.write_str("systemd is stopping it"),
+            Self::NoUnit => f.write_str("no such unit"),
+            Self::Failed(why) => f.write_str(why),
+        }
+    }
 }
 
 /// The D-Bus thread's connection: opened on first use, dropped after a failed call (so
@@ -430,6 +450,55 @@ impl Systemd {
                     m.thaw_unit(&unit)
                 }
             }))
+        })
+        .map_err(Refusal::Failed)?
+    }
+
+    /// Starts the transient scope `name` in `slice` with `pids` in it (systemd moves
+    /// them), `limits` (properties, as [`property_for`] names them) set on its cgroup
+    /// before they enter, and `PartOf=part_of`: a `systemctl stop` or restart of the
+    /// unit the processes came from ends them in quarantine too, as it would have
+    /// where they were.
+    ///
+    /// # Errors
+    /// systemd refused (a unit of that name exists, a PID is gone…), or did not
+    /// answer in time.
+    pub fn start_scope(
+        &self,
+        name: &str,
+        slice: &str,
+        part_of: &str,
+        pids: &[u32],
+        limits: &[(&'static str, u64)],
+    ) -> Result<(), Refusal> {
+        let (name, slice, part_of) = (name.to_owned(), slice.to_owned(), part_of.to_owned());
+        let (pids, limits) = (pids.to_vec(), limits.to_vec());
+        self.call("StartTransientUnit", move |bus| {
+            use zbus::zvariant::Value;
+            let description = format!("cgsentry quarantine of {part_of}");
+            let mut properties: Vec<(&str, Value<'_>)> = vec![
+                ("Description", Value::from(description.as_str())),
+                ("Slice", Value::from(slice.as_str())),
+                ("PIDs", Value::from(pids)),
+                ("PartOf", Value::from(vec![part_of.as_str()])),
+            ];
+            properties.extend(limits.iter().map(|(k, v)| (*k, Value::U64(*v))));
+            Ok(bus.outcome(&name, |m| {
+                m.start_transient_unit(&name, "fail", &properties, &[])
+                    .map(|_job| ())
+            }))
+        })
+        .map_err(Refusal::Failed)?
+    }
+
+    /// `StopUnit` (replacing any job queued for it).
+    ///
+    /// # Errors
+    /// systemd refused, or did not answer in time.
+    pub fn stop(&self, unit: &str) -> Result<(), Refusal> {
+        let unit = unit.to_owned();
+        self.call("StopUnit", move |bus| {
+            Ok(bus.outcome(&unit, |m| m.stop_unit(&unit, "replace").map(|_job| ())))
         })
         .map_err(Refusal::Failed)?
     }
