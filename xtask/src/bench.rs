@@ -47,9 +47,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub vm_runs: u32,
     /// Guards in the containment section (none, earlyoom, earlyoom-c, nohang,
-    /// nohang-psi, cgsentry); default: all. A subset is a partial run (see `--only-vm`).
+    /// nohang-psi, systemd-oomd, cgsentry); default: all. Each table runs those of its
+    /// own that are named. A subset is a partial run (see `--only-vm`).
     #[arg(long, value_delimiter = ',')]
     pub guards: Vec<String>,
+    /// Containment tables by the image their VMs boot (busybox: flat cgroups, the
+    /// guards that need no systemd; debian: Debian 12 with systemd, systemd-oomd);
+    /// default: both. A subset is a partial run.
+    #[arg(long, value_delimiter = ',')]
+    pub images: Vec<String>,
     /// Only the containment section. A partial run (this, or a subset of guards)
     /// writes target/bench/partial.md and partial.json, not BENCHMARKS.md.
     #[arg(long)]
@@ -69,16 +75,91 @@ impl BenchArgs {
             .collect())
     }
 
+    /// The containment tables to run, in order; an unknown image is an error.
+    fn sections(&self) -> Result<Vec<&'static Section>> {
+        if let Some(bad) = self
+            .images
+            .iter()
+            .find(|i| !SECTIONS.iter().any(|s| s.image == i.as_str()))
+        {
+            bail!("unknown image {bad:?}: busybox or debian");
+        }
+        Ok(SECTIONS
+            .iter()
+            .filter(|s| self.images.is_empty() || self.images.iter().any(|i| i == s.image))
+            .collect())
+    }
+
     fn partial(&self) -> bool {
-        self.only_vm || !self.guards.is_empty()
+        self.only_vm || !self.guards.is_empty() || !self.images.is_empty()
     }
 }
 
-/// Containment scenarios measured in the VM, each run under every guard: (short name,
-/// scenario file, subject workload and its cgroup, the innocent workload beside it).
+/// One containment table: the image its VMs boot, its workloads, the guards it runs
+/// (in table order), what it says above its rows.
+#[derive(Debug)]
+struct Section {
+    image: &'static str,
+    workloads: &'static [(
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+    )],
+    guards: &'static [&'static str],
+    title: &'static str,
+    intro: &'static str,
+}
+
+const SECTIONS: &[Section] = &[
+    Section {
+        image: "busybox",
+        workloads: CONTAINMENT,
+        guards: &[
+            "none",
+            "earlyoom",
+            "earlyoom-c",
+            "nohang",
+            "nohang-psi",
+            "cgsentry",
+        ],
+        title: "Containment in the VM, side by side",
+        intro: "Debian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, 1 GiB, pure cgroup v2), the same workloads under each guard, {runs} runs each, **median / worst**. `leak`: 20 MiB/s with no memory.max beside a heartbeat service; `pool`: incident D, 200 x 20 MiB jobs at once with throttled swap beside a heartbeat. Processes are named as on incidents C and D's machines: the service or heartbeat `omnimind`, the leaker `pytest`, the pool `validator`. `none`: no guard; `earlyoom`: Debian's earlyoom 1.7 with its defaults (SIGTERM at ≤ 10 % memory and ≤ 10 % swap free, SIGKILL at 5 %); `earlyoom-c`: the same with incident C's `--avoid '^(omnimind|pytest|code)$'`; `nohang`: Debian's nohang 0.2.0, `nohang --monitor` with its shipped config (SIGTERM at ≤ 5 % memory and ≤ 10 % swap free); `nohang-psi`: the same with `psi_checking_enabled = True` (acts when memory `full_avg10` > 40 for 30 s); `cgsentry`: the shipped policies. Another guard's files (nohang's Python: about 20 MiB) live in the VM's initramfs, which is RAM, so its VM gets that much more memory. A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only).",
+    },
+    Section {
+        image: "debian",
+        workloads: DEBIAN_CONTAINMENT,
+        guards: &["none", "systemd-oomd", "cgsentry"],
+        title: "Containment on a real distribution: Debian 12 with systemd-oomd",
+        intro: "The same kernel and VM booting Debian 12 (systemd 252 as PID 1, journald, the workloads as systemd units), {runs} runs each, **median / worst**. The workloads are a logged-in user's: alice (uid 1000, lingering) runs them as scopes in her manager's app.slice, where the distributions' systemd-oomd defaults apply. `user-leak` (tests/scenarios/debian-user): 20 MiB/s in `leak.scope` beside her editor's heartbeat scope, no swap; `user-pool` (debian-user-pool): incident D's pool as `pool.scope` with throttled swap beside a heartbeat service in system.slice. `none`: neither guard (systemd-oomd.service masked, cgsentry not enabled); `systemd-oomd`: Debian's package as it ships, which is Fedora's default configuration (`ManagedOOMSwap=kill` on -.slice with `SwapUsedLimit=90%`, `ManagedOOMMemoryPressure=kill` at `ManagedOOMMemoryPressureLimit=50%` for `DefaultMemoryPressureDurationSec=20s` on user@.service; `oomctl` lists both), its actions are the `Killed …` lines of its journal, each one cgroup killed whole; `cgsentry`: the installed cgsentry.service on the shipped policies, with systemd-oomd running beside it as shipped (the scenario as CI runs it). A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only).",
+    },
+];
+
+/// Containment scenarios measured in the busybox VM, each run under every guard of
+/// its table: (short name, scenario file, subject workload and its cgroup, the
+/// innocent workload beside it).
 const CONTAINMENT: &[(&str, &str, &str, &str, &str)] = &[
     ("leak", "contain-leak", "leaker", "/leak", "service"),
     ("pool", "contain-pool", "pool", "/pool", "heartbeat"),
+];
+
+/// The same on the Debian image, in a lingering user's session.
+const DEBIAN_CONTAINMENT: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "user-leak",
+        "debian-user",
+        "leaker",
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/leak.scope",
+        "editor",
+    ),
+    (
+        "user-pool",
+        "debian-user-pool",
+        "pool",
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/pool.scope",
+        "heartbeat",
+    ),
 ];
 
 /// Guards compared: none, cgsentry (the scenario as is), and the others below.
@@ -88,6 +169,7 @@ const GUARDS: &[&str] = &[
     "earlyoom-c",
     "nohang",
     "nohang-psi",
+    "systemd-oomd",
     "cgsentry",
 ];
 
@@ -95,6 +177,7 @@ const GUARDS: &[&str] = &[
 /// then `more`), the marker of its action lines, the files it needs in the VM.
 struct OtherGuard {
     variant: &'static str,
+    name: &'static str,
     program: &'static str,
     args: &'static [&'static str],
     more: &'static [&'static str],
@@ -121,6 +204,7 @@ const NOHANG_FILES: &[&str] = &[
 const OTHER_GUARDS: &[OtherGuard] = &[
     OtherGuard {
         variant: "earlyoom",
+        name: "earlyoom",
         program: "/usr/bin/earlyoom",
         args: EARLYOOM_ARGS,
         more: &[],
@@ -130,6 +214,7 @@ const OTHER_GUARDS: &[OtherGuard] = &[
     // Incident C's settings: never kill the backend, the tests or the editor.
     OtherGuard {
         variant: "earlyoom-c",
+        name: "earlyoom",
         program: "/usr/bin/earlyoom",
         args: EARLYOOM_ARGS,
         more: &["--avoid", "^(omnimind|pytest|code)$"],
@@ -138,6 +223,7 @@ const OTHER_GUARDS: &[OtherGuard] = &[
     },
     OtherGuard {
         variant: "nohang",
+        name: "nohang",
         program: "/usr/bin/python3.11",
         args: NOHANG_ARGS,
         more: &["/etc/nohang/nohang.conf"],
@@ -147,11 +233,29 @@ const OTHER_GUARDS: &[OtherGuard] = &[
     // Its PSI check on (`psi_checking_enabled = True`, written by `nohang_psi_config`).
     OtherGuard {
         variant: "nohang-psi",
+        name: "nohang",
         program: "/usr/bin/python3.11",
         args: NOHANG_ARGS,
         more: &["/etc/nohang/nohang-psi.conf"],
         action: "to the victim",
         files: NOHANG_FILES,
+    },
+    // systemd-oomd runs as the Debian image's own service (the package's defaults).
+    // The run follows its journal, where each kill is a line "Killed <cgroup> due to
+    // memory pressure …" or "… due to swap used …"; its log shows what oomd monitors
+    // 20 s in (`oomctl dump`: at the start a lingering user's manager is still
+    // activating, and not yet monitored).
+    OtherGuard {
+        variant: "systemd-oomd",
+        name: "systemd-oomd",
+        program: "/bin/sh",
+        args: &[
+            "-c",
+            "(sleep 20; oomctl dump) & exec journalctl --unit=systemd-oomd.service --follow --lines=0 --output=cat",
+        ],
+        more: &[],
+        action: "Killed ",
+        files: &[],
     },
 ];
 
@@ -203,7 +307,7 @@ const CONTAINMENT_COLUMNS: &[(&str, &[&str], bool)] = &[
         &["agent_reaction_s:{cg}"],
         true,
     ),
-    ("processes killed by the guard", &["guard_actions"], true),
+    ("kills by the guard", &["guard_actions"], true),
     ("kernel OOM kills", &["oom_kills"], true),
     ("heartbeat max gap ms", &["heartbeat_max_gap_ms"], true),
     (
@@ -215,7 +319,8 @@ const CONTAINMENT_COLUMNS: &[(&str, &[&str], bool)] = &[
 
 /// Writes the scenario `base` as run under `guard` into `dir`: `cgsentry` is the file as
 /// it is; otherwise its agent and expectations are dropped (they are cgsentry's), the
-/// guard added, and a run that froze the machine for 30 s is stopped.
+/// guard added, and a run that froze the machine for 30 s is stopped. On the Debian
+/// image, `none` also masks systemd-oomd.service (its package enables it).
 ///
 /// `files_mib` sizes a guard's files (`crate::vm::guard_files_mib`); its VM gets that
 /// much more memory.
@@ -253,10 +358,20 @@ fn variant(
             toml::Value::Float(30_000.0),
         );
     }
+    let debian = t
+        .get("vm")
+        .and_then(|vm| vm.get("image"))
+        .and_then(toml::Value::as_str)
+        == Some("debian");
+    if debian
+        && guard == "none"
+        && let Some(toml::Value::Table(vm)) = t.get_mut("vm")
+    {
+        vm.insert("masked".into(), vec!["systemd-oomd.service"].into());
+    }
     if let Some(g) = other {
-        let name = g.variant.split('-').next().unwrap_or(g.variant);
         let mut spec = toml::Table::new();
-        spec.insert("name".into(), name.into());
+        spec.insert("name".into(), g.name.into());
         spec.insert("program".into(), g.program.into());
         spec.insert("args".into(), [g.args, g.more].concat().into());
         spec.insert("action".into(), g.action.into());
@@ -292,22 +407,37 @@ fn median_worst(values: &[f64], larger_is_worse: bool) -> String {
     format!("{:.1} / {worst:.1}", median(values.to_vec()))
 }
 
-/// Runs the containment scenarios under each guard `args.vm_runs` times and renders
-/// the table.
+/// Runs each table's scenarios under each of its guards `args.vm_runs` times (one
+/// suite: every VM one after another) and renders the tables.
 fn containment(args: &BenchArgs) -> Result<(String, Value)> {
-    crate::vm::ensure_guards(GUARD_PACKAGES)?;
-    nohang_psi_config()?;
     let guards = args.guards()?;
+    let sections = args.sections()?;
+    if sections.iter().any(|s| s.image == "busybox") {
+        crate::vm::ensure_guards(GUARD_PACKAGES)?;
+        nohang_psi_config()?;
+    }
     let dir = workspace_root().join("target/bench/scenarios");
     std::fs::create_dir_all(&dir)?;
+    let chosen = |s: &Section| -> Vec<&'static str> {
+        s.guards
+            .iter()
+            .copied()
+            .filter(|g| guards.contains(g))
+            .collect()
+    };
     let mut files = Vec::new();
-    for (short, base, ..) in CONTAINMENT {
-        let base = workspace_root().join(format!("tests/scenarios/{base}.toml"));
-        for guard in &guards {
-            files.push(variant(&base, short, guard, &dir, &|f| {
-                crate::vm::guard_files_mib(f)
-            })?);
+    for section in &sections {
+        for (short, base, ..) in section.workloads {
+            let base = workspace_root().join(format!("tests/scenarios/{base}.toml"));
+            for guard in chosen(section) {
+                files.push(variant(&base, short, guard, &dir, &|f| {
+                    crate::vm::guard_files_mib(f)
+                })?);
+            }
         }
+    }
+    if files.is_empty() {
+        bail!("no table runs any of the guards named: see --guards and --images");
     }
     let vm_args = crate::vm::VmTestArgs {
         scenarios: files.iter().map(|f| f.display().to_string()).collect(),
@@ -319,55 +449,76 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
         policies: None,
     };
     let (table, hangs) = crate::vm::run_suite(&vm_args)?;
-    let mut md = format!(
-        "## Containment in the VM, side by side\n\nDebian's 6.1 cloud kernel under QEMU TCG (2 vCPUs, 1 GiB, pure cgroup v2), the same workloads under each guard, {} runs each, **median / worst**. `leak`: 20 MiB/s with no memory.max beside a heartbeat service; `pool`: incident D, 200 x 20 MiB jobs at once with throttled swap beside a heartbeat. Processes are named as on incidents C and D's machines: the service or heartbeat `omnimind`, the leaker `pytest`, the pool `validator`. `none`: no guard; `earlyoom`: Debian's earlyoom 1.7 with its defaults (SIGTERM at ≤ 10 % memory and ≤ 10 % swap free, SIGKILL at 5 %); `earlyoom-c`: the same with incident C's `--avoid '^(omnimind|pytest|code)$'`; `nohang`: Debian's nohang 0.2.0, `nohang --monitor` with its shipped config (SIGTERM at ≤ 5 % memory and ≤ 10 % swap free); `nohang-psi`: the same with `psi_checking_enabled = True` (acts when memory `full_avg10` > 40 for 30 s); `cgsentry`: the shipped policies. Another guard's files (nohang's Python: about 20 MiB) live in the VM's initramfs, which is RAM, so its VM gets that much more memory. A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only). {hangs} run(s) were re-run after the emulator wedged.\n\n| workload | guard | runs | expectations met | offender survived | innocent survived |",
-        args.vm_runs
-    );
-    for (h, _, _) in CONTAINMENT_COLUMNS {
-        let _ = write!(md, " {h} |");
-    }
-    md.push_str("\n|---|---|---|---|---|---|");
-    md.push_str(&"---|".repeat(CONTAINMENT_COLUMNS.len()));
-    md.push('\n');
+    let mut md = String::new();
     let mut raw = Vec::new();
-    for (short, _, workload, cg, innocent) in CONTAINMENT {
-        for guard in &guards {
-            let name = format!("{short}-{guard}");
-            let runs = table.get(&name).map_or(&[][..], Vec::as_slice);
-            let count = |pred: &dyn Fn(&crate::vm::Outcome) -> bool| {
-                runs.iter().filter(|o| pred(o)).count()
-            };
-            let met = if *guard == "cgsentry" {
-                format!("{}/{}", count(&|o| o.failures.is_empty()), runs.len())
-            } else {
-                "-".into()
-            };
-            let _ = write!(
-                md,
-                "| {short} | {guard} | {} | {met} | {}/{} | {}/{} |",
-                runs.len(),
-                count(&|o| o.metrics[format!("survived:{workload}")] == json!(true)),
-                runs.len(),
-                count(&|o| o.metrics[format!("survived:{innocent}")] == json!(true)),
-                runs.len(),
-            );
-            for (_, keys, larger_is_worse) in CONTAINMENT_COLUMNS {
-                let values: Vec<f64> = runs
-                    .iter()
-                    .filter_map(|o| {
-                        keys.iter()
-                            .find_map(|k| o.metrics[&k.replace("{cg}", cg)].as_f64())
-                    })
-                    .collect();
-                let _ = write!(md, " {} |", median_worst(&values, *larger_is_worse));
-            }
-            md.push('\n');
-            raw.push(json!({"workload": short, "guard": guard,
-                "runs": runs.iter().map(|o| &o.metrics).collect::<Vec<_>>()}));
+    for section in &sections {
+        let guards = chosen(section);
+        if guards.is_empty() {
+            continue;
         }
+        let intro = section.intro.replace("{runs}", &args.vm_runs.to_string());
+        let _ = write!(
+            md,
+            "## {}\n\n{intro} {hangs} run(s) of the suite were re-run after the emulator wedged.\n\n| workload | guard | runs | expectations met | offender survived | innocent survived |",
+            section.title
+        );
+        for (h, _, _) in CONTAINMENT_COLUMNS {
+            let _ = write!(md, " {h} |");
+        }
+        md.push_str("\n|---|---|---|---|---|---|");
+        md.push_str(&"---|".repeat(CONTAINMENT_COLUMNS.len()));
+        md.push('\n');
+        for (short, _, workload, cg, innocent) in section.workloads {
+            for guard in &guards {
+                let name = format!("{short}-{guard}");
+                let runs = table.get(&name).map_or(&[][..], Vec::as_slice);
+                render_row(&mut md, (short, guard, workload, cg, innocent), runs);
+                raw.push(
+                    json!({"image": section.image, "workload": short, "guard": guard,
+                    "runs": runs.iter().map(|o| &o.metrics).collect::<Vec<_>>()}),
+                );
+            }
+        }
+        md.push('\n');
     }
-    md.push_str("\nNot in this table: systemd-oomd and Meta's oomd (they need systemd and its cgroup tree, which this VM does not run), and a faster-swap variant of the pool.\n");
+    md.push_str("Not in these tables: Meta's oomd (it needs its own build and configuration, which no Debian package provides), earlyoom and nohang on the Debian image, and a faster-swap variant of the pool.\n");
     Ok((md, Value::Array(raw)))
+}
+
+/// One row of a containment table: `(short, guard, workload, cgroup, innocent)` over
+/// its runs.
+fn render_row(
+    md: &mut String,
+    (short, guard, workload, cg, innocent): (&str, &str, &str, &str, &str),
+    runs: &[crate::vm::Outcome],
+) {
+    let count =
+        |pred: &dyn Fn(&crate::vm::Outcome) -> bool| runs.iter().filter(|o| pred(o)).count();
+    let met = if guard == "cgsentry" {
+        format!("{}/{}", count(&|o| o.failures.is_empty()), runs.len())
+    } else {
+        "-".into()
+    };
+    let _ = write!(
+        md,
+        "| {short} | {guard} | {} | {met} | {}/{} | {}/{} |",
+        runs.len(),
+        count(&|o| o.metrics[format!("survived:{workload}")] == json!(true)),
+        runs.len(),
+        count(&|o| o.metrics[format!("survived:{innocent}")] == json!(true)),
+        runs.len(),
+    );
+    for (_, keys, larger_is_worse) in CONTAINMENT_COLUMNS {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|o| {
+                keys.iter()
+                    .find_map(|k| o.metrics[&k.replace("{cg}", cg)].as_f64())
+            })
+            .collect();
+        let _ = write!(md, " {} |", median_worst(&values, *larger_is_worse));
+    }
+    md.push('\n');
 }
 
 fn release(bin: &str) -> PathBuf {
@@ -999,6 +1150,70 @@ mod tests {
         assert!(parse(&["bench", "--only-vm"]).unwrap().partial());
         let bad = parse(&["bench", "--guards", "oomd"]).unwrap();
         assert!(bad.guards().unwrap_err().to_string().contains("oomd"));
+        // Tables by image: both by default, one when named (a partial run).
+        let images = |a: &BenchArgs| -> Vec<&str> {
+            a.sections().unwrap().iter().map(|s| s.image).collect()
+        };
+        assert_eq!(images(&all), ["busybox", "debian"]);
+        let debian = parse(&["bench", "--images", "debian"]).unwrap();
+        assert_eq!(images(&debian), ["debian"]);
+        assert!(debian.partial());
+        let bad = parse(&["bench", "--images", "fedora"]).unwrap();
+        assert!(bad.sections().unwrap_err().to_string().contains("fedora"));
+        // Every table's guards are known ones, every table runs cgsentry and none.
+        for s in SECTIONS {
+            assert!(s.guards.iter().all(|g| GUARDS.contains(g)), "{}", s.image);
+            assert!(s.guards.contains(&"cgsentry") && s.guards.contains(&"none"));
+        }
+    }
+
+    #[test]
+    fn on_debian_no_guard_masks_systemd_oomd_and_oomd_is_followed_in_its_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = |files: &[&str]| Ok(u32::try_from(files.len()).unwrap());
+        for (short, base, workload, cg, _) in DEBIAN_CONTAINMENT {
+            let base = workspace_root().join(format!("tests/scenarios/{base}.toml"));
+            let load = |guard| {
+                let f = variant(&base, short, guard, dir.path(), &size).unwrap();
+                cgsentry_workload::scenario::Scenario::load(&f).unwrap()
+            };
+            let original = cgsentry_workload::scenario::Scenario::load(&base).unwrap();
+            assert_eq!(
+                original.vm.image,
+                cgsentry_workload::scenario::Image::Debian
+            );
+            assert!(
+                original.vm.masked.is_empty(),
+                "CI runs it beside systemd-oomd"
+            );
+            assert!(
+                original
+                    .workloads
+                    .iter()
+                    .any(|w| w.name == *workload && w.cgroup == *cg)
+            );
+            let none = load("none");
+            assert!(none.agent.is_none() && none.guard.is_none());
+            assert_eq!(none.vm.masked, ["systemd-oomd.service"]);
+            let oomd = load("systemd-oomd");
+            assert!(oomd.agent.is_none() && oomd.expect.is_empty());
+            assert!(oomd.vm.masked.is_empty());
+            assert_eq!(oomd.vm.mem_mib, original.vm.mem_mib, "no files carried");
+            let g = oomd.guard.unwrap();
+            assert_eq!(g.program, "/bin/sh");
+            assert!(g.args[1].starts_with("(sleep 20; oomctl dump) &"));
+            assert!(g.args[1].contains("journalctl --unit=systemd-oomd.service --follow"));
+            assert!(g.files.is_empty());
+            // One of its kill lines (systemd 252's oomd-manager.c) is an action.
+            assert!(
+                "Killed /user.slice/user-1000.slice/user@1000.service/app.slice/leak.scope \
+                 due to memory pressure for /user.slice/user-1000.slice/user@1000.service \
+                 being 62.57% > 50.00% for > 20s with reclaim activity"
+                    .contains(&g.action)
+            );
+            let ours = load("cgsentry");
+            assert!(ours.agent.is_some() && ours.vm.masked.is_empty());
+        }
     }
 
     #[test]
@@ -1035,6 +1250,7 @@ mod tests {
             processes: 100,
             vm_runs: 0,
             guards: Vec::new(),
+            images: Vec::new(),
             only_vm: false,
         };
         let run = |cgroups, cpu_percent, rss| AgentRun {

@@ -124,6 +124,7 @@ pub fn build(dir: &Path, i: &Inputs<'_>) -> Result<(PathBuf, PathBuf)> {
         .with_context(|| format!("copying {}", i.workload.display()))?;
     std::fs::copy(i.scenario_file, root.join("scenario.toml"))?;
     units(&root, i.kept_subsystems)?;
+    mask(&root, &i.scenario.vm.masked)?;
     let disk = dir.join("disk.img");
     let _ = std::fs::remove_file(&disk);
     std::fs::File::create(&disk)?.set_len(DISK_BYTES)?;
@@ -197,12 +198,29 @@ fn install_agent(root: &Path, i: &Inputs<'_>) -> Result<()> {
     for (name, text) in spec.map(|a| &a.policy_files).into_iter().flatten() {
         std::fs::write(policies.join(name), text)?;
     }
-    let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    std::fs::create_dir_all(&wants)?;
-    std::os::unix::fs::symlink(
-        "/etc/systemd/system/cgsentry.service",
-        wants.join("cgsentry.service"),
-    )?;
+    // Enabled only where the scenario has an agent: a run under another guard (or
+    // none) has cgsentry installed but not running.
+    if spec.is_some() {
+        let wants = root.join("etc/systemd/system/multi-user.target.wants");
+        std::fs::create_dir_all(&wants)?;
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/cgsentry.service",
+            wants.join("cgsentry.service"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `systemctl mask` of the scenario's `masked` units, offline: a link to /dev/null in
+/// /etc/systemd/system overrides the unit and its enablement.
+fn mask(root: &Path, units: &[String]) -> Result<()> {
+    let system = root.join("etc/systemd/system");
+    for unit in units {
+        let link = system.join(unit);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/null", &link)
+            .with_context(|| format!("masking {unit}"))?;
+    }
     Ok(())
 }
 

@@ -580,9 +580,11 @@ pub fn vm_run(path: &Path) -> Result<()> {
     let mut run_metrics = serde_json::Map::new();
     let mut journal_at_start = 0;
     if debian {
+        crate::systemd::swap_on();
+    }
+    if debian && scenario.agent.is_some() {
         // systemd started cgsentry.service (installed with the scenario's policies);
         // its log is followed, its decisions read from its event log at the end.
-        crate::systemd::swap_on();
         let active = crate::systemd::wait_for_agent(Duration::from_mins(2))?;
         say(&format!("cgsentry.service active {active:.1} s after boot"));
         run_metrics.insert("agent_active_after_boot_s".into(), json!(active));
@@ -699,7 +701,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
                     w.comm.as_deref().unwrap_or("workload"),
                     w.args.join(" ")
                 ));
-                if debian && w.role == Role::Subject && !quiet_measured {
+                if agent.is_some() && debian && w.role == Role::Subject && !quiet_measured {
                     // The journal from the agent's start to the first offender: what
                     // it writes when nothing happens.
                     quiet_measured = true;
@@ -976,7 +978,7 @@ pub fn vm_run(path: &Path) -> Result<()> {
         metrics.insert(metric.into(), json!(v));
     }
     metrics.extend(run_metrics);
-    if debian {
+    if debian && agent.is_some() {
         // What the agent wrote to the journal while the scenario ran, per minute.
         let lines = crate::systemd::agent_journal_lines();
         metrics.insert("agent_journal_lines".into(), json!(lines));

@@ -42,6 +42,9 @@ pub struct Vm {
     /// What the guest runs: a busybox initramfs (fast, flat cgroups) or a real Debian
     /// with systemd as PID 1 and cgsentry installed as its service.
     pub image: Image,
+    /// Debian image: units masked in it (`systemctl mask`), e.g. `systemd-oomd.service`
+    /// for a run with no guard at all.
+    pub masked: Vec<String>,
 }
 
 /// The guest's user space.
@@ -66,6 +69,7 @@ impl Default for Vm {
             cpus: 2,
             timeout_s: 300,
             image: Image::Busybox,
+            masked: Vec::new(),
         }
     }
 }
@@ -360,6 +364,18 @@ impl Scenario {
         if names.windows(2).any(|p| p[0] == p[1]) {
             bail!("workload names must be unique");
         }
+        if let Some(u) = s.vm.masked.first()
+            && s.vm.image != Image::Debian
+        {
+            bail!("vm: masked unit {u:?} needs image = \"debian\"");
+        }
+        if let Some(u) =
+            s.vm.masked
+                .iter()
+                .find(|u| u.is_empty() || u.contains('/') || !u.contains('.') || u.starts_with('.'))
+        {
+            bail!("vm: masked {u:?} is not a unit name like \"systemd-oomd.service\"");
+        }
         if s.vm.mem_mib < 128 || s.vm.cpus == 0 || s.vm.timeout_s == 0 {
             bail!("vm: mem_mib ≥ 128, cpus ≥ 1 and timeout_s ≥ 1 are required");
         }
@@ -421,6 +437,14 @@ args = ["spin"]
             (
                 &format!("{MINIMAL}comm = \"a-name-too-long-for-comm\"\n"),
                 "comm",
+            ),
+            (
+                &format!("{MINIMAL}[vm]\nmasked = [\"systemd-oomd.service\"]\n"),
+                "needs image",
+            ),
+            (
+                &format!("{MINIMAL}[vm]\nimage = \"debian\"\nmasked = [\"../x.service\"]\n"),
+                "unit name",
             ),
         ] {
             let err = format!("{:#}", Scenario::parse(bad).unwrap_err());
