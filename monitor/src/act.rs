@@ -597,7 +597,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Ends quarantine scope `q` (unit `unit`) once it is empty: systemd stops it and
+    /// Ends quarantine scope `q` (unit `unit`) once it and every cgroup below it are
+    /// empty: systemd stops it and
     /// removes its cgroup (a scope's cgroup removed behind its back stays an active
     /// unit with no cgroup). `Ok(false)`: it still has processes (those left there
     /// must not be killed by its stop).
@@ -605,7 +606,8 @@ impl Writer {
     /// # Errors
     /// `cgroup.procs` unreadable, or systemd refused or did not answer.
     pub fn stop_scope(&self, q: &str, unit: &str) -> Result<bool, ActError> {
-        match self.procs(q) {
+        // Below it too: a process may have made cgroups of its own in there.
+        match self.procs_below(q) {
             Ok(p) if !p.is_empty() => return Ok(false),
             Err(ActError::Gone { .. }) => return Ok(true),
             Err(e) => return Err(e),
@@ -1616,8 +1618,14 @@ impl Actuator {
     fn release_orphan(&self, q: &str, cgroups: &[&str]) -> Report {
         let mut done = Vec::new();
         let mut errors = Vec::new();
+        // A scope's name is the cgroup's with `.scope` after it.
+        let unsuffixed = q
+            .strip_suffix(".scope")
+            .filter(|_| is_scope_quarantine(q))
+            .unwrap_or(q);
         let named_after = |c: &str| {
             let base = quarantine_path(&self.quarantine_parent, c);
+            let q = unsuffixed;
             q == base
                 || q.strip_prefix(&base)
                     .and_then(|rest| rest.strip_prefix('-'))
@@ -1637,9 +1645,9 @@ impl Actuator {
         if let Some(origin) = &origin {
             let n = move_back(&self.w, q, |_| origin.clone(), &mut errors);
             done.push(format!("moved {n} processes back to {origin}"));
-            match self.w.remove(q) {
-                Ok(true) => done.push(format!("removed {q}")),
-                Ok(false) => errors.push(format!("{q} still has processes; left in place")),
+            match end_quarantine(&self.w, q) {
+                Ok(Some(ended)) => done.push(ended),
+                Ok(None) => errors.push(format!("{q} still has processes; left in place")),
                 Err(e) => errors.push(e.to_string()),
             }
         } else {
@@ -1748,7 +1756,10 @@ fn scope_quarantine(parent: &str, q: &str) -> bool {
     let Some(name) = q.strip_prefix(&format!("/{slice}/")) else {
         return false;
     };
+    // A dash nests a slice (`a-b.slice` is /a.slice/a-b.slice; `-.slice` is the
+    // root): only a top-level slice's path is its name.
     !slice.contains('/')
+        && !slice.contains('-')
         && slice.strip_suffix(".slice").is_some()
         && unit_name(slice)
         && name.strip_suffix(".scope").is_some()
@@ -1770,19 +1781,31 @@ fn quarantine(
     done: &mut Vec<String>,
     errors: &mut Vec<String>,
 ) {
-    let fresh = entry.quarantine_id.is_none();
+    let mut fresh = entry.quarantine_id.is_none();
+    let scope = is_scope_quarantine(q);
+    // A scope systemd ended once it was empty (its processes gone) is started anew
+    // for a relapse: made by hand, that path would be no unit's.
+    if scope && !fresh && w.id_of(q).is_none() {
+        entry.quarantine_id = None;
+        fresh = true;
+    }
     // The offender is a systemd unit: its quarantine is a scope of its own, which
     // systemd knows (`systemctl status` shows it, its limits are properties) and stops
     // with the unit it came from. Processes moved into a plain cgroup would escape the
     // unit's `systemctl stop`.
     if fresh
-        && q.strip_suffix(".scope").is_some()
+        && scope
         && let Some(unit) = w.unit_of(&entry.cgroup)
     {
         if let Err(e) = quarantine_scope(w, entry, q, &unit, done) {
             errors.push(e.to_string());
-            entry.quarantine = None; // nothing made: later steps act where it is
-            return;
+            // systemd may have started it all the same (an answer past the deadline,
+            // a cgroup slow to appear): what is there is adopted, not left unknown.
+            let Some(id) = w.id_of(q) else {
+                entry.quarantine = None; // nothing made: later steps act where it is
+                return;
+            };
+            entry.quarantine_id = Some(id);
         }
         Actuator::limits(w, q, step, memory_current, done, errors);
         let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
@@ -1829,9 +1852,34 @@ fn quarantine(
     ));
 }
 
-/// Starts quarantine `q` as a scope unit holding the offender's processes, part of
-/// `unit`, with the offender's limits (see [`origin_limits`]) set before they enter;
-/// records the processes systemd moved.
+/// Whether quarantine path `q` was chosen as a systemd scope ([`scope_quarantine`]
+/// for the slice it is in).
+fn is_scope_quarantine(q: &str) -> bool {
+    q.trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(slice, _)| scope_quarantine(slice, q))
+}
+
+/// Ends quarantine `q` once its processes are out: a systemd scope through systemd
+/// (removed behind its back, a scope stays an active unit with no cgroup), a plain
+/// cgroup by removing it. `Ok(None)`: processes are still in it, left in place;
+/// otherwise what was done.
+fn end_quarantine(w: &Writer, q: &str) -> Result<Option<String>, ActError> {
+    let unit = Some(q)
+        .filter(|q| is_scope_quarantine(q))
+        .and_then(|q| w.unit_of(q))
+        .filter(|u| q.ends_with(&format!("/{u}")));
+    match unit {
+        Some(unit) => Ok(w.stop_scope(q, &unit)?.then(|| format!("stopped {unit}"))),
+        None => Ok(w.remove(q)?.then(|| format!("removed {q}"))),
+    }
+}
+
+/// Starts quarantine `q` as a scope unit part of `unit`, with the offender's limits
+/// (see [`origin_limits`]) set before anything enters, and one of its processes in it
+/// (systemd refuses a whole start when one PID of its list has exited meanwhile: a
+/// forking offender would never be quarantined; the others are moved after, as in a
+/// plain quarantine).
 fn quarantine_scope(
     w: &Writer,
     entry: &mut Applied,
@@ -1839,43 +1887,38 @@ fn quarantine_scope(
     unit: &str,
     done: &mut Vec<String>,
 ) -> Result<(), ActError> {
-    let pids: Vec<u32> = w
+    let first = w
         .procs(&entry.cgroup)?
         .into_iter()
-        .filter(|p| !untouchable(*p))
-        .collect();
-    if pids.is_empty() {
-        return Err(ActError::Systemd {
+        .find(|p| !untouchable(*p))
+        .ok_or_else(|| ActError::Systemd {
             unit: unit.to_owned(),
             why: "no processes to quarantine".into(),
-        });
-    }
+        })?;
     let kept = origin_limits(w, &entry.cgroup);
     let limits: Vec<(&'static str, u64)> = kept
         .iter()
         .filter_map(|(file, value)| crate::systemd::property_for(file, value))
         .collect();
-    w.start_scope(q, unit, &pids, &limits)?;
+    w.start_scope(q, unit, &[first], &limits)?;
     entry.quarantine_id = w.id_of(q);
-    // systemd moves the processes once the scope's cgroup exists: a moment later.
+    // systemd moves the process once the scope's cgroup exists: a moment later.
     let until = Instant::now() + Duration::from_secs(1);
-    let mut inside = w.procs(q).unwrap_or_default();
     while Instant::now() < until
         && w.procs(&entry.cgroup)
-            .is_ok_and(|left| pids.iter().any(|p| left.contains(p)))
+            .is_ok_and(|left| left.contains(&first))
     {
         std::thread::sleep(Duration::from_millis(20));
-        inside = w.procs(q).unwrap_or_default();
     }
-    let moved: Vec<u32> = pids.into_iter().filter(|p| inside.contains(p)).collect();
-    entry.moved.extend(moved.iter().map(|&pid| Moved {
-        pid,
-        from: entry.cgroup.clone(),
-    }));
+    if w.procs(q).is_ok_and(|inside| inside.contains(&first)) {
+        entry.moved.push(Moved {
+            pid: first,
+            from: entry.cgroup.clone(),
+        });
+    }
     let name = q.rsplit('/').next().unwrap_or(q);
     done.push(format!(
-        "started {name} (part of {unit}) with {} processes{}",
-        moved.len(),
+        "started {name} (part of {unit}) with process {first}{}",
         if kept.is_empty() {
             String::new()
         } else {
@@ -2073,21 +2116,9 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             &mut errors,
         );
         done.push(format!("moved {n} processes back"));
-        // A scope of systemd's is stopped through it, a plain cgroup removed.
-        let scope = q
-            .strip_suffix(".scope")
-            .and_then(|_| w.unit_of(q))
-            .filter(|u| q.ends_with(&format!("/{u}")));
-        let ended = match &scope {
-            Some(unit) => w.stop_scope(q, unit),
-            None => w.remove(q),
-        };
-        match ended {
-            Ok(true) => done.push(match &scope {
-                Some(unit) => format!("stopped {unit}"),
-                None => format!("removed {q}"),
-            }),
-            Ok(false) => errors.push(format!("{q} still has processes; left in place")),
+        match end_quarantine(w, q) {
+            Ok(Some(ended)) => done.push(ended),
+            Ok(None) => errors.push(format!("{q} still has processes; left in place")),
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -2493,9 +2524,21 @@ mod tests {
         );
         assert!(scope("/cgsentry.slice/", "/system.slice/getty@tty1.service").0);
         assert!(scope("cgsentry.slice", "/system.slice/dev-x\\x2dy.service").0);
-        // Not a slice, or not at the top: plain cgroups.
+        // Not a slice, not at the top, or a dashed name (systemd nests it): plain
+        // cgroups.
         assert!(!scope("cgsentry", "/system.slice/pool.service").0);
         assert!(!scope("/a.slice/b.slice", "/system.slice/pool.service").0);
+        assert!(!scope("system-cgsentry.slice", "/system.slice/pool.service").0);
+        assert!(!scope("-.slice", "/system.slice/pool.service").0);
+        // The path alone says which (an offender that is a scope itself, under a
+        // parent that is no slice, stays plain).
+        assert!(is_scope_quarantine(
+            "/cgsentry.slice/quarantine-system.slice-pool.service.scope"
+        ));
+        assert!(!is_scope_quarantine(
+            "/cgsentry/quarantine-user.slice-session-3.scope"
+        ));
+        assert!(!is_scope_quarantine("/a.slice/b.slice/quarantine-x.scope"));
         // Bytes a cgroup name may have and a unit name may not.
         assert!(!scope("cgsentry.slice", "/system.slice/a b.service").0);
         assert!(!scope("cgsentry.slice", "/system.slice/caf\u{e9}.service").0);
@@ -2909,6 +2952,32 @@ mod tests {
         assert_eq!(
             w.read("/paused", "cgroup.freeze").unwrap().as_deref(),
             Some("1")
+        );
+    }
+
+    /// A unit's quarantine scope that no journal explains goes back to the unit it is
+    /// named after, as a plain one does.
+    #[test]
+    fn an_unexplained_quarantine_scope_goes_back_to_its_unit() {
+        let (dir, w) = tree();
+        let origin = "/system.slice/app.service";
+        let q = "/cgsentry.slice/quarantine-system.slice-app.service.scope";
+        for (cgroup, procs) in [(origin, ""), (q, "101\n")] {
+            std::fs::create_dir_all(w.dir(cgroup)).unwrap();
+            std::fs::write(w.dir(cgroup).join("cgroup.procs"), procs).unwrap();
+        }
+        let act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        let all = ["/", "/system.slice", origin, "/cgsentry.slice", q];
+        let reports = act.orphans(&all);
+        let r = reports.iter().find(|r| r.cgroup == q).unwrap();
+        assert!(
+            r.done
+                .contains(&format!("moved 1 processes back to {origin}")),
+            "{r:?}"
+        );
+        assert_eq!(
+            w.read(origin, "cgroup.procs").unwrap().as_deref(),
+            Some("101")
         );
     }
 
