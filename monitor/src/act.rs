@@ -1332,7 +1332,7 @@ impl Actuator {
                         })
                     };
                     Some(free(".scope"))
-                        .filter(|q| scope_quarantine(&parent, q))
+                        .filter(|q| is_scope_quarantine(q))
                         .filter(|_| writer.unit_of(&d.cgroup).is_some())
                         .unwrap_or_else(|| free(""))
                 });
@@ -1741,32 +1741,6 @@ fn free_quarantine_path(
         .unwrap_or_else(|| format!("{base}{suffix}"))
 }
 
-/// Whether quarantine `q` can be a systemd scope: its parent is a top-level slice
-/// (`/cgsentry.slice`, which systemd makes on demand) and its name a valid unit name
-/// ending in `.scope` (an offender that is a unit has a path of unit names; anything
-/// else, bytes a cgroup name may have and a unit's may not, stays a plain cgroup).
-fn scope_quarantine(parent: &str, q: &str) -> bool {
-    let unit_name = |n: &str| {
-        !n.is_empty()
-            && n.len() < 256
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-    };
-    let slice = parent.trim_matches('/');
-    let Some(name) = q.strip_prefix(&format!("/{slice}/")) else {
-        return false;
-    };
-    // A dash nests a slice (`a-b.slice` is /a.slice/a-b.slice; `-.slice` is the
-    // root): only a top-level slice's path is its name.
-    !slice.contains('/')
-        && !slice.contains('-')
-        && slice.strip_suffix(".slice").is_some()
-        && unit_name(slice)
-        && name.strip_suffix(".scope").is_some()
-        && !name.contains('/')
-        && unit_name(name)
-}
-
 /// Creates the quarantine cgroup `q` for the entry's offender, inside the offender's
 /// own limits (the smallest `memory.max`, `memory.high`, `memory.swap.max`, `pids.max`
 /// and `cpu.max` of its cgroup and ancestors: a process moved out of a service or a
@@ -1793,11 +1767,9 @@ fn quarantine(
     // systemd knows (`systemctl status` shows it, its limits are properties) and stops
     // with the unit it came from. Processes moved into a plain cgroup would escape the
     // unit's `systemctl stop`.
-    if fresh
-        && scope
-        && let Some(unit) = w.unit_of(&entry.cgroup)
-    {
-        if let Err(e) = quarantine_scope(w, entry, q, &unit, done) {
+    let unit = (fresh && scope).then(|| w.unit_of(&entry.cgroup)).flatten();
+    if let Some(unit) = &unit {
+        if let Err(e) = quarantine_scope(w, entry, q, unit, done) {
             errors.push(e.to_string());
             // systemd may have started it all the same (an answer past the deadline,
             // a cgroup slow to appear): what is there is adopted, not left unknown.
@@ -1807,57 +1779,71 @@ fn quarantine(
             };
             entry.quarantine_id = Some(id);
         }
-        Actuator::limits(w, q, step, memory_current, done, errors);
-        let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
-        if moved + vanished > 0 {
-            done.push(format!(
-                "moved {moved} more processes to {q} ({vanished} exited mid-move)"
-            ));
+    } else {
+        if let Err(e) = w.create(q) {
+            errors.push(e.to_string());
+            if fresh {
+                // Nothing was made: later steps act on the offender where it is.
+                entry.quarantine = None;
+            }
+            return;
         }
-        return;
-    }
-    if let Err(e) = w.create(q) {
-        errors.push(e.to_string());
+        // The origin's limits go into a new, still empty quarantine only: there they
+        // cost the kernel nothing (a limit below the usage of a populated cgroup makes
+        // the write reclaim, or kill, in the writer's context).
         if fresh {
-            // Nothing was made: later steps act on the offender where it is.
-            entry.quarantine = None;
-        }
-        return;
-    }
-    // The origin's limits go into a new, still empty quarantine only: there they cost
-    // the kernel nothing (a limit below the usage of a populated cgroup makes the
-    // write reclaim, or kill, in the writer's context).
-    if fresh {
-        entry.quarantine_id = w.id_of(q);
-        let kept: Vec<String> = origin_limits(w, &entry.cgroup)
-            .into_iter()
-            .filter_map(
-                |(file, value)| match w.write_verified(q, file, &value, &value) {
-                    Ok(()) => Some(format!("{file} {value}")),
-                    Err(e) => {
-                        errors.push(e.to_string());
-                        None
-                    }
-                },
-            )
-            .collect();
-        if !kept.is_empty() {
-            done.push(format!("kept the offender's limits: {}", kept.join(", ")));
+            entry.quarantine_id = w.id_of(q);
+            let kept: Vec<String> = origin_limits(w, &entry.cgroup)
+                .into_iter()
+                .filter_map(
+                    |(file, value)| match w.write_verified(q, file, &value, &value) {
+                        Ok(()) => Some(format!("{file} {value}")),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            None
+                        }
+                    },
+                )
+                .collect();
+            if !kept.is_empty() {
+                done.push(format!("kept the offender's limits: {}", kept.join(", ")));
+            }
         }
     }
     Actuator::limits(w, q, step, memory_current, done, errors);
     let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
-    done.push(format!(
-        "moved {moved} processes to {q} ({vanished} exited mid-move)"
-    ));
+    // A started scope has said which process it began with: the rest, if any.
+    if unit.is_none() || moved + vanished > 0 {
+        let more = if unit.is_some() { " more" } else { "" };
+        done.push(format!(
+            "moved {moved}{more} processes to {q} ({vanished} exited mid-move)"
+        ));
+    }
 }
 
-/// Whether quarantine path `q` was chosen as a systemd scope ([`scope_quarantine`]
-/// for the slice it is in).
+/// Whether quarantine `q` is (or is to be) a systemd scope: it is `/<slice>/<name>`
+/// with a top-level slice (`/cgsentry.slice`, which systemd makes on demand) and a
+/// valid unit name ending in `.scope` (an offender that is a unit has a path of unit
+/// names; anything else, bytes a cgroup name may have and a unit's may not, stays a
+/// plain cgroup).
 fn is_scope_quarantine(q: &str) -> bool {
-    q.trim_start_matches('/')
-        .split_once('/')
-        .is_some_and(|(slice, _)| scope_quarantine(slice, q))
+    let unit_name = |n: &str| {
+        !n.is_empty()
+            && n.len() < 256
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+    };
+    let Some((slice, name)) = q.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    // A dash nests a slice (`a-b.slice` is /a.slice/a-b.slice; `-.slice` is the
+    // root): only a top-level slice's path is its name.
+    !slice.contains('-')
+        && slice.strip_suffix(".slice").is_some()
+        && unit_name(slice)
+        && name.strip_suffix(".scope").is_some()
+        && !name.contains('/')
+        && unit_name(name)
 }
 
 /// Ends quarantine `q` once its processes are out: a systemd scope through systemd
@@ -1867,8 +1853,7 @@ fn is_scope_quarantine(q: &str) -> bool {
 fn end_quarantine(w: &Writer, q: &str) -> Result<Option<String>, ActError> {
     let unit = Some(q)
         .filter(|q| is_scope_quarantine(q))
-        .and_then(|q| w.unit_of(q))
-        .filter(|u| q.ends_with(&format!("/{u}")));
+        .and_then(|q| w.unit_of(q)); // its own unit: named as its cgroup is
     match unit {
         Some(unit) => Ok(w.stop_scope(q, &unit)?.then(|| format!("stopped {unit}"))),
         None => Ok(w.remove(q)?.then(|| format!("removed {q}"))),
@@ -2513,7 +2498,7 @@ mod tests {
     fn a_quarantine_is_a_scope_only_under_a_slice_with_a_unit_name() {
         let scope = |parent: &str, cgroup: &str| {
             let q = free_quarantine_path(parent, cgroup, ".scope", |_| false);
-            (scope_quarantine(parent, &q), q)
+            (is_scope_quarantine(&q), q)
         };
         assert_eq!(
             scope("cgsentry.slice", "/system.slice/pool.service"),
@@ -2549,10 +2534,7 @@ mod tests {
                 .contains(&q)),
             "/cgsentry.slice/quarantine-a.service-2.scope"
         );
-        assert!(!scope_quarantine(
-            "cgsentry.slice",
-            "/cgsentry.slice/quarantine-a.service"
-        ));
+        assert!(!is_scope_quarantine("/cgsentry.slice/quarantine-a.service"));
     }
 
     /// A pid no process has (above the kernel's `pid_max` limit): a test that reaches
