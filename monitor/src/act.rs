@@ -709,17 +709,61 @@ impl Writer {
         Ok(n)
     }
 
-    /// Kills every process of the cgroup at once (`cgroup.kill`, Linux 5.14+), else
-    /// SIGKILL to each.
+    /// `signal` to every process of `rel` through systemd (`KillUnit`), when `rel` is a
+    /// unit's own cgroup: `Some(unit)` when systemd took it; `None`: not a unit, or
+    /// systemd refused or did not answer (the caller signals the processes itself).
+    /// A unit being stopped is signalled too: a kill is what its stop ends in anyway.
+    fn signal_unit(&self, rel: &str, signal: nix::sys::signal::Signal) -> Option<String> {
+        let sd = self.systemd.as_ref()?;
+        let unit = sd.unit_of(rel)?;
+        match sd.kill(&unit, signal) {
+            Ok(()) => Some(unit),
+            Err(crate::systemd::Refusal::Failed(e)) => {
+                sd.warn_once(&e);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// SIGTERM to every process of `rel`: through systemd for a unit's own cgroup, else
+    /// to each. Says what was done (how many processes it reached).
     ///
     /// # Errors
-    /// Both ways failed.
-    pub fn kill_all(&self, rel: &str) -> Result<(), ActError> {
+    /// `cgroup.procs` unreadable.
+    pub fn terminate_all(&self, rel: &str) -> Result<String, ActError> {
+        let term = nix::sys::signal::Signal::SIGTERM;
+        if self.unit_of(rel).is_some() {
+            let n = self
+                .procs_below(rel)?
+                .into_iter()
+                .filter(|p| !untouchable(*p))
+                .count();
+            if let Some(unit) = self.signal_unit(rel, term) {
+                return Ok(format!(
+                    "SIGTERM to {n} processes through systemd (KillUnit {unit})"
+                ));
+            }
+        }
+        let n = self.signal_all(rel, term)?;
+        Ok(format!("SIGTERM to {n} processes"))
+    }
+
+    /// Kills every process of the cgroup at once: through systemd for a unit's own
+    /// cgroup (`KillUnit`, SIGKILL), else `cgroup.kill` (Linux 5.14+), else SIGKILL to
+    /// each. Returns how, when through systemd.
+    ///
+    /// # Errors
+    /// Every way failed.
+    pub fn kill_all(&self, rel: &str) -> Result<Option<String>, ActError> {
+        if let Some(unit) = self.signal_unit(rel, nix::sys::signal::Signal::SIGKILL) {
+            return Ok(Some(format!("through systemd (KillUnit {unit} SIGKILL)")));
+        }
         match self.write_raw(rel, "cgroup.kill", "1") {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(None),
             Err(ActError::Gone { .. }) if self.dir(rel).exists() => self
                 .signal_all(rel, nix::sys::signal::Signal::SIGKILL)
-                .map(|_| ()),
+                .map(|_| None),
             Err(e) => Err(e),
         }
     }
@@ -1376,17 +1420,12 @@ impl Actuator {
                         vec![format!("refused: {target} is never acted on ({why})")],
                     )
                 } else {
-                    let errors = self
-                        .w
-                        .kill_all(&target)
-                        .err()
-                        .map(|e| e.to_string())
-                        .into_iter()
-                        .collect();
-                    (
-                        format!("grace over: killed what was left in {target}"),
-                        errors,
-                    )
+                    let done = format!("grace over: killed what was left in {target}");
+                    match self.w.kill_all(&target) {
+                        Ok(Some(how)) => (format!("{done} {how}"), Vec::new()),
+                        Ok(None) => (done, Vec::new()),
+                        Err(e) => (done, vec![e.to_string()]),
+                    }
                 };
                 out.push(Report {
                     cgroup: a.cgroup.clone(),
@@ -1702,8 +1741,8 @@ fn carry_out(
                     errors.push(e.to_string());
                 }
             }
-            match writer.signal_all(&target, nix::sys::signal::Signal::SIGTERM) {
-                Ok(n) => done.push(format!("SIGTERM to {n} processes; SIGKILL in {grace} s")),
+            match writer.terminate_all(&target) {
+                Ok(what) => done.push(format!("{what}; SIGKILL in {grace} s")),
                 Err(e) => errors.push(e.to_string()),
             }
         }

@@ -75,6 +75,8 @@ trait Manager {
     ) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
 
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
 }
 
 /// A unit's state, asked when systemd refused to act on it.
@@ -499,6 +501,21 @@ impl Systemd {
         let unit = unit.to_owned();
         self.call("StopUnit", move |bus| {
             Ok(bus.outcome(&unit, |m| m.stop_unit(&unit, "replace").map(|_job| ())))
+        })
+        .map_err(Refusal::Failed)?
+    }
+
+    /// `KillUnit` with whom `all`: `signal` to every process of the unit's cgroup and
+    /// those below it (systemd follows a SIGTERM with SIGCONT, so a stopped process
+    /// gets to act on it). Unlike a signal sent behind its back, systemd knows who sent
+    /// it: the unit's state and journal say so.
+    ///
+    /// # Errors
+    /// systemd refused, or did not answer in time.
+    pub fn kill(&self, unit: &str, signal: nix::sys::signal::Signal) -> Result<(), Refusal> {
+        let unit = unit.to_owned();
+        self.call("KillUnit", move |bus| {
+            Ok(bus.outcome(&unit, |m| m.kill_unit(&unit, "all", signal as i32)))
         })
         .map_err(Refusal::Failed)?
     }

@@ -130,9 +130,9 @@ const SECTIONS: &[Section] = &[
     Section {
         image: "debian",
         workloads: DEBIAN_CONTAINMENT,
-        guards: &["none", "systemd-oomd", "cgsentry"],
-        title: "Containment on a real distribution: Debian 12 with systemd-oomd",
-        intro: "The same kernel and VM booting Debian 12 (systemd 252 as PID 1, journald, the workloads as systemd units), {runs} runs each, **median / worst**. The workloads are a logged-in user's: alice (uid 1000, lingering) runs them as scopes in her manager's app.slice, where the distributions' systemd-oomd defaults apply. `user-leak` (tests/scenarios/debian-user): 20 MiB/s in `leak.scope` beside her editor's heartbeat scope, no swap; `user-pool` (debian-user-pool): incident D's pool as `pool.scope` with throttled swap beside a heartbeat service in system.slice. `none`: neither guard (systemd-oomd.service masked, cgsentry not enabled); `systemd-oomd`: Debian's package as it ships, which is Fedora's default configuration (`ManagedOOMSwap=kill` on -.slice with `SwapUsedLimit=90%`, `ManagedOOMMemoryPressure=kill` at `ManagedOOMMemoryPressureLimit=50%` for `DefaultMemoryPressureDurationSec=20s` on user@.service; `oomctl` lists both), its actions are the `Killed …` lines of its journal, each one cgroup killed whole; `cgsentry`: the installed cgsentry.service on the shipped policies, with systemd-oomd running beside it as shipped (the scenario as CI runs it). A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only).",
+        guards: &["none", "earlyoom", "nohang", "systemd-oomd", "cgsentry"],
+        title: "Containment on a real distribution: Debian 12 with systemd-oomd, earlyoom and nohang",
+        intro: "The same kernel and VM booting Debian 12 (systemd 252 as PID 1, journald, the workloads as systemd units), {runs} runs each, **median / worst**. The workloads are a logged-in user's: alice (uid 1000, lingering) runs them as scopes in her manager's app.slice, where the distributions' systemd-oomd defaults apply. `user-leak` (tests/scenarios/debian-user): 20 MiB/s in `leak.scope` beside her editor's heartbeat scope, no swap; `user-pool` (debian-user-pool): incident D's pool as `pool.scope` with throttled swap beside a heartbeat service in system.slice. `none`: no guard (systemd-oomd.service masked, cgsentry not enabled); `earlyoom` and `nohang`: Debian's packages, installed in the image but not enabled, started for the run as their own services (`systemctl start earlyoom.service` with /etc/default/earlyoom's `-r 3600`: SIGTERM at ≤ 10 % memory and ≤ 10 % swap free; `nohang.service`: `--monitor` with /etc/nohang/nohang.conf in hostcritical.slice), systemd-oomd masked, their actions the `sending SIG… to process` / `Sending … to the victim` lines of their journal; `systemd-oomd`: Debian's package as it ships, which is Fedora's default configuration (`ManagedOOMSwap=kill` on -.slice with `SwapUsedLimit=90%`, `ManagedOOMMemoryPressure=kill` at `ManagedOOMMemoryPressureLimit=50%` for `DefaultMemoryPressureDurationSec=20s` on user@.service; `oomctl` lists both), its actions are the `Killed …` lines of its journal, each one cgroup killed whole; `cgsentry`: the installed cgsentry.service on the shipped policies, with systemd-oomd running beside it as shipped (the scenario as CI runs it). A run under another guard stops once the heartbeat has stalled 30 s. \"expectations met\" is the scenario's own checks (cgsentry only).",
     },
 ];
 
@@ -240,6 +240,40 @@ const OTHER_GUARDS: &[OtherGuard] = &[
         action: "to the victim",
         files: NOHANG_FILES,
     },
+];
+
+/// The other guards on the Debian image: each is the distribution's own package and
+/// service (the image has them installed, not enabled), started as Debian ships it and
+/// followed in its journal. earlyoom: `earlyoom.service` with /etc/default/earlyoom
+/// (`-r 3600`: the same decisions as the busybox row, its memory report hourly);
+/// nohang: `nohang.service` (`--monitor` with /etc/nohang/nohang.conf, in
+/// hostcritical.slice). Each one's journal from this boot is followed from its start,
+/// so no line between the start and the follower is lost.
+const DEBIAN_GUARDS: &[OtherGuard] = &[
+    OtherGuard {
+        variant: "earlyoom",
+        name: "earlyoom",
+        program: "/bin/sh",
+        args: &[
+            "-c",
+            "systemctl start earlyoom.service && exec journalctl --unit=earlyoom.service --boot --lines=all --follow --output=cat",
+        ],
+        more: &[],
+        action: "to process",
+        files: &[],
+    },
+    OtherGuard {
+        variant: "nohang",
+        name: "nohang",
+        program: "/bin/sh",
+        args: &[
+            "-c",
+            "systemctl start nohang.service && exec journalctl --unit=nohang.service --boot --lines=all --follow --output=cat",
+        ],
+        more: &[],
+        action: "to the victim",
+        files: &[],
+    },
     // systemd-oomd runs as the Debian image's own service (the package's defaults).
     // The run follows its journal, where each kill is a line "Killed <cgroup> due to
     // memory pressure …" or "… due to swap used …"; its log shows what oomd monitors
@@ -331,15 +365,6 @@ fn variant(
     dir: &Path,
     files_mib: &dyn Fn(&[&str]) -> Result<u32>,
 ) -> Result<PathBuf> {
-    let other = match guard {
-        "none" | "cgsentry" => None,
-        _ => Some(
-            OTHER_GUARDS
-                .iter()
-                .find(|g| g.variant == guard)
-                .with_context(|| format!("unknown guard {guard}"))?,
-        ),
-    };
     let text = std::fs::read_to_string(base)?;
     let out = dir.join(format!("{short}-{guard}.toml"));
     if guard == "cgsentry" {
@@ -347,6 +372,20 @@ fn variant(
         return Ok(out);
     }
     let mut t: toml::Table = toml::from_str(&text)?;
+    let debian = t
+        .get("vm")
+        .and_then(|vm| vm.get("image"))
+        .and_then(toml::Value::as_str)
+        == Some("debian");
+    let other = match guard {
+        "none" => None,
+        _ => Some(
+            if debian { DEBIAN_GUARDS } else { OTHER_GUARDS }
+                .iter()
+                .find(|g| g.variant == guard)
+                .with_context(|| format!("no guard {guard} on the image of {short}"))?,
+        ),
+    };
     t.remove("agent");
     t.remove("expect");
     if let Some(toml::Value::String(d)) = t.get_mut("description") {
@@ -358,13 +397,9 @@ fn variant(
             toml::Value::Float(30_000.0),
         );
     }
-    let debian = t
-        .get("vm")
-        .and_then(|vm| vm.get("image"))
-        .and_then(toml::Value::as_str)
-        == Some("debian");
+    // Each guard alone: systemd-oomd (enabled by its package) runs only in its own row.
     if debian
-        && guard == "none"
+        && guard != "systemd-oomd"
         && let Some(toml::Value::Table(vm)) = t.get_mut("vm")
     {
         vm.insert("masked".into(), vec!["systemd-oomd.service"].into());
@@ -481,7 +516,7 @@ fn containment(args: &BenchArgs) -> Result<(String, Value)> {
         }
         md.push('\n');
     }
-    md.push_str("Not in these tables: Meta's oomd (it needs its own build and configuration, which no Debian package provides), earlyoom and nohang on the Debian image, and a faster-swap variant of the pool.\n");
+    md.push_str("Not in these tables: Meta's oomd (it needs its own build and configuration, which no Debian package provides) and a faster-swap variant of the pool.\n");
     Ok((md, Value::Array(raw)))
 }
 
@@ -1168,7 +1203,7 @@ mod tests {
     }
 
     #[test]
-    fn on_debian_no_guard_masks_systemd_oomd_and_oomd_is_followed_in_its_journal() {
+    fn on_debian_each_guard_runs_alone_as_its_package_service_followed_in_its_journal() {
         let dir = tempfile::tempdir().unwrap();
         let size = |files: &[&str]| Ok(u32::try_from(files.len()).unwrap());
         for (short, base, workload, cg, _) in DEBIAN_CONTAINMENT {
@@ -1213,7 +1248,40 @@ mod tests {
             );
             let ours = load("cgsentry");
             assert!(ours.agent.is_some() && ours.vm.masked.is_empty());
+            // earlyoom and nohang: the packages' own services, alone (oomd masked),
+            // followed from their start; a line of each one's kill is an action.
+            for (guard, line) in [
+                (
+                    "earlyoom",
+                    "sending SIGTERM to process 812 uid 1000 \"pytest\": badness 870, VmRSS 801 MiB",
+                ),
+                ("nohang", "Sending SIGTERM to the victim"),
+            ] {
+                let other = load(guard);
+                assert!(other.agent.is_none() && other.expect.is_empty());
+                assert_eq!(other.vm.masked, ["systemd-oomd.service"]);
+                assert_eq!(other.vm.mem_mib, original.vm.mem_mib, "no files carried");
+                let g = other.guard.unwrap();
+                assert_eq!(g.program, "/bin/sh");
+                assert!(
+                    g.args[1].starts_with(&format!("systemctl start {guard}.service && exec journalctl --unit={guard}.service --boot --lines=all --follow")),
+                    "{}",
+                    g.args[1]
+                );
+                assert!(g.files.is_empty());
+                assert!(line.contains(&g.action), "{guard}");
+                // Its banner is no action.
+                assert!(
+                    !"sending SIGTERM when mem <= 10.00% and swap <= 10.00%,".contains(&g.action)
+                );
+            }
         }
+        // On the busybox image the same names carry their files into the VM.
+        let base = workspace_root().join("tests/scenarios/contain-leak.toml");
+        let f = variant(&base, "leak", "earlyoom", dir.path(), &size).unwrap();
+        let busybox = cgsentry_workload::scenario::Scenario::load(&f).unwrap();
+        assert_eq!(busybox.guard.unwrap().program, "/usr/bin/earlyoom");
+        assert!(variant(&base, "leak", "systemd-oomd", dir.path(), &size).is_err());
     }
 
     #[test]

@@ -27,9 +27,19 @@ use crate::cmd::run;
 
 /// Debian's packages in the image (and the suite). A change here builds a new image.
 /// `dbus-user-session`: a lingering user's manager on its own bus (`systemd-run --user`);
-/// `openssh-server`: the sshd that containment of a user's scope must leave alone.
+/// `openssh-server`: the sshd that containment of a user's scope must leave alone;
+/// `earlyoom`, `nohang`: the other guards `cargo xtask bench` compares on this image
+/// (installed, not enabled: see [`GUARD_UNITS`]).
 const PACKAGES: &str = "systemd,systemd-sysv,systemd-oomd,dbus,dbus-user-session,udev,procps,\
-                        util-linux,openssh-server";
+                        util-linux,openssh-server,earlyoom,nohang";
+/// The other guards' services, which their packages enable: disabled in every disk, so
+/// that only a benchmark run that starts one has it (systemd-oomd stays as Debian
+/// ships it: enabled, the neighbour cgsentry meets on a real machine).
+const GUARD_UNITS: &[&str] = &[
+    "earlyoom.service",
+    "nohang.service",
+    "nohang-desktop.service",
+];
 const SUITE: &str = "bookworm";
 /// Size of a scenario's root disk (sparse).
 const DISK_BYTES: u64 = 2 << 30;
@@ -124,6 +134,7 @@ pub fn build(dir: &Path, i: &Inputs<'_>) -> Result<(PathBuf, PathBuf)> {
         .with_context(|| format!("copying {}", i.workload.display()))?;
     std::fs::copy(i.scenario_file, root.join("scenario.toml"))?;
     units(&root, i.kept_subsystems)?;
+    disable(&root, GUARD_UNITS)?;
     mask(&root, &i.scenario.vm.masked)?;
     let disk = dir.join("disk.img");
     let _ = std::fs::remove_file(&disk);
@@ -211,6 +222,24 @@ fn install_agent(root: &Path, i: &Inputs<'_>) -> Result<()> {
     Ok(())
 }
 
+/// `systemctl disable`, offline: the units' links in /etc/systemd/system/*.wants go.
+fn disable(root: &Path, units: &[&str]) -> Result<()> {
+    for entry in std::fs::read_dir(root.join("etc/systemd/system"))? {
+        let dir = entry?.path();
+        if dir.extension().is_none_or(|e| e != "wants") {
+            continue;
+        }
+        for unit in units {
+            match std::fs::remove_file(dir.join(unit)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("disabling {unit}")),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `systemctl mask` of the scenario's `masked` units, offline: a link to /dev/null in
 /// /etc/systemd/system overrides the unit and its enablement.
 fn mask(root: &Path, units: &[String]) -> Result<()> {
@@ -293,4 +322,30 @@ fn initramfs(dir: &Path, modules: &Path) -> Result<PathBuf> {
         initrd.display()
     )))?;
     Ok(initrd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_other_guards_are_installed_but_not_enabled() {
+        let root = tempfile::tempdir().unwrap();
+        let system = root.path().join("etc/systemd/system");
+        let wants = system.join("multi-user.target.wants");
+        std::fs::create_dir_all(&wants).unwrap();
+        std::fs::write(system.join("README"), "").unwrap();
+        for unit in ["earlyoom.service", "nohang.service", "ssh.service"] {
+            std::os::unix::fs::symlink(format!("/lib/systemd/system/{unit}"), wants.join(unit))
+                .unwrap();
+        }
+        disable(root.path(), GUARD_UNITS).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&wants)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["ssh.service"]);
+        assert!(PACKAGES.split(',').any(|p| p.trim() == "earlyoom"));
+        assert!(PACKAGES.split(',').any(|p| p.trim() == "nohang"));
+    }
 }
