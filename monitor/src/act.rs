@@ -139,6 +139,9 @@ pub struct Writer {
     root: PathBuf,
     inflight: InFlight,
     systemd: Option<crate::systemd::Systemd>,
+    /// systemd's runtime state, where its runtime drop-ins are
+    /// ([`crate::systemd::RUN_DIR`]).
+    systemd_run_dir: PathBuf,
 }
 
 impl Writer {
@@ -148,7 +151,20 @@ impl Writer {
             root: root.into(),
             inflight: InFlight::default(),
             systemd: None,
+            systemd_run_dir: PathBuf::from(crate::systemd::RUN_DIR),
         }
+    }
+
+    /// Where systemd's runtime drop-ins are looked for and removed (tests).
+    #[must_use]
+    pub fn with_systemd_run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.systemd_run_dir = dir.into();
+        self
+    }
+
+    /// `unit`'s runtime drop-ins for `property`, when they are ones cgsentry may remove.
+    fn runtime_dropins(&self, unit: &str, property: &str) -> Vec<PathBuf> {
+        crate::systemd::runtime_dropins(&self.systemd_run_dir, unit, property)
     }
 
     /// Sets a unit's limits and freezes it through systemd from now on.
@@ -718,11 +734,10 @@ impl Writer {
         let unit = sd.unit_of(rel)?;
         match sd.kill(&unit, signal) {
             Ok(()) => Some(unit),
-            Err(crate::systemd::Refusal::Failed(e)) => {
-                sd.warn_once(&e);
+            Err(e) => {
+                warn!("{unit}: KillUnit refused ({e}): signalling its processes directly");
                 None
             }
-            Err(_) => None,
         }
     }
 
@@ -757,6 +772,11 @@ impl Writer {
     /// Every way failed.
     pub fn kill_all(&self, rel: &str) -> Result<Option<String>, ActError> {
         if let Some(unit) = self.signal_unit(rel, nix::sys::signal::Signal::SIGKILL) {
+            // systemd signals the processes one by one: what forked meanwhile (an
+            // explosion) is ended by the kernel at once.
+            if self.procs_below(rel).is_ok_and(|p| !p.is_empty()) {
+                let _ = self.write_raw(rel, "cgroup.kill", "1");
+            }
             return Ok(Some(format!("through systemd (KillUnit {unit} SIGKILL)")));
         }
         match self.write_raw(rel, "cgroup.kill", "1") {
@@ -837,6 +857,12 @@ pub struct Applied {
     /// them by the unit's name when the cgroup is gone or was replaced.
     #[serde(default)]
     pub unit: Option<String>,
+    /// The unit's runtime drop-ins (by property, see
+    /// [`crate::systemd::runtime_dropins`]) that did not exist before cgsentry set the
+    /// property: the release removes them once the values are restored, so that the
+    /// unit's own files rule again at systemd's next reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub own_dropins: Vec<String>,
     pub dry_run: bool,
     pub updated_ms: u128,
 }
@@ -1153,6 +1179,7 @@ impl Actuator {
         // old one no longer restores the unit (it would lift this entry's caps).
         let mut inherited = BTreeMap::new();
         let mut unit = None;
+        let mut own_dropins = Vec::new();
         for old in self
             .journal
             .entries
@@ -1163,6 +1190,7 @@ impl Actuator {
             for (k, v) in &old.originals {
                 inherited.entry(k.clone()).or_insert_with(|| v.clone());
             }
+            own_dropins.append(&mut old.own_dropins);
         }
         self.journal.entries.push(Applied {
             cgroup: d.cgroup.clone(),
@@ -1179,6 +1207,7 @@ impl Actuator {
             kill_deadline: None,
             relaxed: false,
             unit,
+            own_dropins,
             dry_run: d.dry_run,
             updated_ms: now_ms(),
         });
@@ -1194,7 +1223,23 @@ impl Actuator {
         if !a.originals.contains_key(&k)
             && let Some(v) = w.read(cgroup, file)?
         {
-            a.originals.insert(k, v);
+            a.originals.insert(k.clone(), v);
+        }
+        // Set through systemd, the limit becomes a runtime drop-in: one missing just
+        // before this write is cgsentry's (asked at each write, not only the first: that
+        // one may have gone to the file while systemd was not answering).
+        if cgroup == a.cgroup
+            && let Some(unit) = &a.unit
+            && let Some((property, _)) = a
+                .originals
+                .get(&k)
+                .and_then(|v| crate::systemd::property_for(file, v))
+            && !a.own_dropins.iter().any(|p| p == property)
+        {
+            let paths = w.runtime_dropins(unit, property);
+            if !paths.is_empty() && !paths.iter().any(|p| p.exists()) {
+                a.own_dropins.push(property.to_owned());
+            }
         }
         Ok(())
     }
@@ -1581,6 +1626,14 @@ impl Actuator {
                 continue;
             }
             if cgroup_there.is_none() && quarantine_there.is_none() {
+                // Gone while no agent ran. A unit's limits were its properties, which
+                // outlive its cgroup (its next start would begin capped): given back.
+                if a.unit.is_some() {
+                    let mut r = undo(&w, &a);
+                    r.action = "reconcile".into();
+                    r.done = format!("{} is gone: {}", a.cgroup, r.done);
+                    reports.push(r);
+                }
                 continue;
             }
             // Journals from before ids were kept: the path is all there is.
@@ -2098,6 +2151,77 @@ fn move_back(w: &Writer, q: &str, dest: impl Fn(u32) -> String, errors: &mut Vec
     n
 }
 
+/// Restores `file` of `cgroup` to `original`: in the cgroup while it is still the one
+/// acted on, else, for a unit, its property (a unit's limits outlive its cgroup).
+/// False when that failed.
+fn restore_one(
+    w: &Writer,
+    a: &Applied,
+    origin_ours: bool,
+    (cgroup, file, original): (&str, &str, &str),
+    done: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) -> bool {
+    if origin_ours {
+        match w.restore(cgroup, file, original) {
+            Ok(()) => done.push(format!("{file} restored to {original}")),
+            Err(ActError::Gone { .. }) => {}
+            Err(e) => {
+                errors.push(e.to_string());
+                return false;
+            }
+        }
+    } else if let Some(unit) = &a.unit {
+        match w.restore_unit(unit, file, original) {
+            Ok(true) => done.push(format!("{unit}: {file} restored to {original}")),
+            Ok(false) => {}
+            Err(e) => {
+                errors.push(e);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The values are the unit's own again (or it is gone): the drop-ins cgsentry's
+/// limits made go, so that the unit's files rule at systemd's next reload. One whose
+/// restore failed (`unrestored`) stays: that restore may still be carried out late,
+/// through systemd, which would write the file again.
+fn remove_own_dropins(
+    w: &Writer,
+    a: &Applied,
+    unrestored: &[&str],
+    done: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    let Some(unit) = &a.unit else {
+        return;
+    };
+    for property in &a.own_dropins {
+        let paths = w.runtime_dropins(unit, property);
+        if paths.is_empty() {
+            errors.push(format!(
+                "journal names {property:?} of {unit} as cgsentry's drop-in: not one it writes; ignored"
+            ));
+            continue;
+        }
+        if unrestored.contains(&property.as_str()) {
+            errors.push(format!(
+                "{unit}: its {property} drop-in kept (the restore did not go through)"
+            ));
+            continue;
+        }
+        for path in paths {
+            match std::fs::remove_file(&path) {
+                Ok(()) => done.push(format!("removed {}", path.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("removing {}: {e}", path.display())),
+            }
+        }
+    }
+}
+
 /// Undoes an entry where its cgroups are still the ones it acted on (same id): a new
 /// cgroup at the same path is never thawed, moved into or given the old one's limits.
 /// Only files of [`RESTORABLE`] on the entry's own cgroups are restored, whatever the
@@ -2146,6 +2270,8 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             Err(e) => errors.push(e.to_string()),
         }
     }
+    // Properties whose restore failed (it may still land, late, through systemd).
+    let mut unrestored = Vec::new();
     for (k, original) in &a.originals {
         let Some((cgroup, file)) = k.split_once('\t') else {
             continue;
@@ -2159,21 +2285,19 @@ fn undo(w: &Writer, a: &Applied) -> Report {
             ));
             continue;
         }
-        if origin_ours {
-            match w.restore(cgroup, file, original) {
-                Ok(()) => done.push(format!("{file} restored to {original}")),
-                Err(ActError::Gone { .. }) => {}
-                Err(e) => errors.push(e.to_string()),
-            }
-        } else if let Some(unit) = &a.unit {
-            // Its limits were the unit's properties: they outlive the cgroup.
-            match w.restore_unit(unit, file, original) {
-                Ok(true) => done.push(format!("{unit}: {file} restored to {original}")),
-                Ok(false) => {}
-                Err(e) => errors.push(e),
-            }
+        let restored = restore_one(
+            w,
+            a,
+            origin_ours,
+            (cgroup, file, original),
+            &mut done,
+            &mut errors,
+        );
+        if !restored && let Some((property, _)) = crate::systemd::property_for(file, original) {
+            unrestored.push(property);
         }
     }
+    remove_own_dropins(w, a, &unrestored, &mut done, &mut errors);
     if !origin_ours && a.unit.is_none() && w.id_of(&a.cgroup).is_some() {
         done.push(format!(
             "{} is a new cgroup now: its limits were left as they are",
@@ -2265,6 +2389,109 @@ mod tests {
             cpu_weight: None,
             grace_sec: None,
         }
+    }
+
+    /// An entry of rule "r" on /app, a unit's own cgroup, from its journal form.
+    fn unit_entry(unit: &str, own_dropins: &[&str]) -> Applied {
+        serde_json::from_value(serde_json::json!({
+            "cgroup": "/app", "rule": "r", "finding": "leak", "steps_taken": 1,
+            "originals": { "/app\tmemory.high": "max" }, "quarantine": null,
+            "moved": [], "frozen": null, "kill_due_ms": null, "unit": unit,
+            "own_dropins": own_dropins, "dry_run": false, "updated_ms": 0
+        }))
+        .unwrap()
+    }
+
+    /// A limit set through systemd is a runtime drop-in: one that was not there before
+    /// cgsentry's first write is cgsentry's; one the operator made is not.
+    #[test]
+    fn the_runtime_dropins_cgsentry_makes_are_known_before_it_writes() {
+        let (dir, w) = tree();
+        let run = dir.path().join("run");
+        let w = w.with_systemd_run_dir(&run);
+        // The operator's, one of a unit with a file and one of a transient unit.
+        for d in ["system.control/app.service.d", "transient/app.service.d"] {
+            std::fs::create_dir_all(run.join(d)).unwrap();
+        }
+        std::fs::write(
+            run.join("system.control/app.service.d/50-TasksMax.conf"),
+            "",
+        )
+        .unwrap();
+        std::fs::write(run.join("transient/app.service.d/50-CPUWeight.conf"), "").unwrap();
+        let mut a = unit_entry("app.service", &[]);
+        a.originals.clear();
+        for file in [
+            "memory.high",
+            "pids.max",
+            "cpu.max",
+            "cpu.weight",
+            "memory.high",
+        ] {
+            Actuator::remember(&w, &mut a, "/app", file).unwrap();
+        }
+        assert_eq!(a.own_dropins, ["MemoryHigh", "CPUQuotaPerSecUSec"]);
+        // A later write of a file whose first went behind systemd's back (no drop-in
+        // then, none now): still cgsentry's.
+        std::fs::write(run.join("transient/app.service.d/50-MemoryHigh.conf"), "").unwrap();
+        let mut late = unit_entry("app.service", &[]);
+        late.originals.clear();
+        late.unit = None;
+        Actuator::remember(&w, &mut late, "/app", "pids.max").unwrap();
+        late.unit = Some("app.service".into());
+        std::fs::remove_file(run.join("system.control/app.service.d/50-TasksMax.conf")).unwrap();
+        Actuator::remember(&w, &mut late, "/app", "pids.max").unwrap();
+        Actuator::remember(&w, &mut late, "/app", "memory.high").unwrap();
+        assert_eq!(late.own_dropins, ["TasksMax"]);
+        // No unit, no drop-in.
+        let mut plain = unit_entry("app.service", &[]);
+        plain.unit = None;
+        plain.originals.clear();
+        Actuator::remember(&w, &mut plain, "/app", "memory.high").unwrap();
+        assert!(plain.own_dropins.is_empty());
+    }
+
+    /// The release removes the drop-ins cgsentry's limits made (the unit's own files
+    /// rule again at systemd's next reload), never the operator's, and never a file a
+    /// journal names that is not one.
+    #[test]
+    fn a_release_removes_only_the_runtime_dropins_cgsentry_made() {
+        let (dir, w) = tree();
+        let run = dir.path().join("run");
+        let w = w.with_systemd_run_dir(&run);
+        let control = run.join("system.control");
+        let d = control.join("app.service.d");
+        let transient = run.join("transient/app.service.d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&transient).unwrap();
+        for f in ["50-MemoryHigh.conf", "50-CPUWeight.conf"] {
+            std::fs::write(d.join(f), "[Service]\n").unwrap();
+        }
+        std::fs::write(transient.join("50-CPUQuota.conf"), "[Service]\n").unwrap();
+        let a = unit_entry(
+            "app.service",
+            &["MemoryHigh", "CPUQuotaPerSecUSec", "TasksMax", "../../../x"],
+        );
+        let r = undo(&w, &a);
+        assert!(!d.join("50-MemoryHigh.conf").exists(), "{r:?}");
+        assert!(
+            !transient.join("50-CPUQuota.conf").exists(),
+            "a transient unit's"
+        );
+        assert!(d.join("50-CPUWeight.conf").exists(), "the operator's");
+        assert!(r.done.contains("50-MemoryHigh.conf"), "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("not one it writes"));
+        assert_eq!(
+            w.read("/app", "memory.high").unwrap().as_deref(),
+            Some("max")
+        );
+        // A unit name that is a path: nothing removed.
+        std::fs::create_dir_all(control.join("x.d")).unwrap();
+        std::fs::write(control.join("x.d/50-CPUWeight.conf"), "").unwrap();
+        let evil = unit_entry("../system.control/x", &["CPUWeight"]);
+        let r = undo(&w, &evil);
+        assert!(control.join("x.d/50-CPUWeight.conf").exists(), "{r:?}");
     }
 
     #[test]
@@ -2511,6 +2738,38 @@ mod tests {
                 .entries()
                 .is_empty()
         );
+    }
+
+    /// A unit stopped while no agent ran: its cgroup is gone, but the caps cgsentry set
+    /// are its properties, which would cap its next start. The restarted agent gives
+    /// them back (and removes its drop-ins) instead of forgetting them.
+    #[test]
+    fn reconcile_gives_a_gone_unit_its_properties_back() {
+        let (dir, w) = tree();
+        let run = dir.path().join("run");
+        let dropin = run.join("system.control/gone.service.d/50-MemoryHigh.conf");
+        std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+        std::fs::write(&dropin, "[Service]\nMemoryHigh=1048576\n").unwrap();
+        let journal = dir.path().join("j");
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        act.w = w.with_systemd_run_dir(&run);
+        let mut gone = unit_entry("gone.service", &["MemoryHigh"]);
+        gone.cgroup = "/gone.service".into();
+        gone.originals = BTreeMap::from([(key("/gone.service", "memory.high"), "max".into())]);
+        let mut plain = unit_entry("x.service", &[]);
+        plain.cgroup = "/gone-plain".into();
+        plain.unit = None;
+        act.journal.entries = vec![gone, plain];
+        let (adopt, reports) = act.reconcile();
+        assert!(adopt.is_empty());
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(reports[0].cgroup, "/gone.service");
+        assert!(
+            reports[0].done.starts_with("/gone.service is gone: "),
+            "{reports:?}"
+        );
+        assert!(!dropin.exists(), "{reports:?}");
+        assert!(act.entries().is_empty());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! (containment first) and says so.
 use std::{
     collections::HashMap,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, mpsc},
     time::{Duration, Instant},
 };
@@ -232,6 +233,47 @@ pub fn property_for(file: &str, value: &str) -> Option<(&'static str, u64)> {
         }
         _ => None,
     }
+}
+
+/// Where systemd keeps its runtime state: the runtime properties of its units
+/// (`SetUnitProperties` with `runtime`, `systemctl set-property --runtime`) are one
+/// drop-in per setting, `<unit>.d/50-<setting>.conf`, in `system.control/` for a unit
+/// with a file of its own and in `transient/` for a transient unit (systemd-run's
+/// services, every scope). They outlive the value they were written for: systemd
+/// re-reads them on every `daemon-reload`, above the unit's own files, until the next
+/// boot or (transient) until the unit goes, so one left behind overrides the
+/// operator's later edit of the unit.
+pub const RUN_DIR: &str = "/run/systemd";
+
+/// The runtime drop-ins under `run_dir` (see [`RUN_DIR`]) that setting `property` of
+/// `unit` may write, for the properties [`property_for`] names; none for any other
+/// property or a name that is not a unit's (a journal is data: it never names the
+/// file root removes).
+#[must_use]
+pub fn runtime_dropins(run_dir: &Path, unit: &str, property: &str) -> Vec<PathBuf> {
+    // systemd names the file by the setting it writes, which for the quota per second
+    // is `CPUQuota=` (dbus-cgroup.c).
+    let setting = match property {
+        "MemoryHigh" | "MemoryMax" | "MemorySwapMax" | "TasksMax" | "CPUWeight" => property,
+        "CPUQuotaPerSecUSec" => "CPUQuota",
+        _ => return Vec::new(),
+    };
+    let is_unit = !unit.is_empty()
+        && !unit.starts_with('.')
+        && !unit.contains('/')
+        && named_unit(unit).is_some();
+    if !is_unit {
+        return Vec::new();
+    }
+    ["system.control", "transient"]
+        .iter()
+        .map(|d| {
+            run_dir
+                .join(d)
+                .join(format!("{unit}.d"))
+                .join(format!("50-{setting}.conf"))
+        })
+        .collect()
 }
 
 /// A unit's name from its D-Bus object path (`/org/freedesktop/systemd1/unit/pool_2eservice`
@@ -506,9 +548,8 @@ impl Systemd {
     }
 
     /// `KillUnit` with whom `all`: `signal` to every process of the unit's cgroup and
-    /// those below it (systemd follows a SIGTERM with SIGCONT, so a stopped process
-    /// gets to act on it). Unlike a signal sent behind its back, systemd knows who sent
-    /// it: the unit's state and journal say so.
+    /// those below it, sent by systemd, which then knows why its unit's processes
+    /// ended (the unit's result and journal say so).
     ///
     /// # Errors
     /// systemd refused, or did not answer in time.
@@ -566,6 +607,48 @@ mod tests {
         );
         assert_eq!(property_for("cgroup.procs", "1"), None);
         assert_eq!(property_for("cpu.max", "nonsense"), None);
+    }
+
+    #[test]
+    fn runtime_dropins_are_named_as_systemd_writes_them() {
+        let run = Path::new("/run/systemd");
+        assert_eq!(
+            runtime_dropins(run, "pool.service", "MemoryHigh"),
+            [
+                run.join("system.control/pool.service.d/50-MemoryHigh.conf"),
+                run.join("transient/pool.service.d/50-MemoryHigh.conf")
+            ]
+        );
+        assert_eq!(
+            runtime_dropins(run, "pool.service", "CPUQuotaPerSecUSec")[0],
+            run.join("system.control/pool.service.d/50-CPUQuota.conf")
+        );
+        // Every property a limit becomes has its drop-ins.
+        for (file, value) in [
+            ("memory.high", "1"),
+            ("memory.max", "1"),
+            ("memory.swap.max", "0"),
+            ("pids.max", "1"),
+            ("cpu.weight", "1"),
+            ("cpu.max", "50000 100000"),
+        ] {
+            let (property, _) = property_for(file, value).unwrap();
+            assert_eq!(runtime_dropins(run, "a.scope", property).len(), 2, "{file}");
+        }
+        // Nothing else: not another property, not a path that is no unit's.
+        assert!(runtime_dropins(run, "pool.service", "ExecStart").is_empty());
+        for unit in [
+            "../../etc/x.service",
+            "a/b.service",
+            "..service",
+            "pool",
+            "",
+        ] {
+            assert!(
+                runtime_dropins(run, unit, "MemoryHigh").is_empty(),
+                "{unit}"
+            );
+        }
     }
 
     #[test]
