@@ -14,6 +14,7 @@ use crate::cmd::{cargo, run, workspace_root};
 pub const SERVICE: &str = include_str!("../deploy/cgsentry.service");
 pub const SLICE: &str = include_str!("../deploy/cgsentry.slice");
 pub const MAIN: &str = include_str!("../deploy/cgsentry.toml");
+pub const TMPFILES: &str = include_str!("../deploy/cgsentry.tmpfiles");
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct InstallArgs {
@@ -45,6 +46,7 @@ struct Layout {
     var_lib: PathBuf,
     var_log: PathBuf,
     units: PathBuf,
+    tmpfiles: PathBuf,
 }
 
 impl Layout {
@@ -58,6 +60,7 @@ impl Layout {
             var_lib: at("var/lib/cgsentry"),
             var_log: at("var/log/cgsentry"),
             units: at("etc/systemd/system"),
+            tmpfiles: at("etc/tmpfiles.d/cgsentry.conf"),
         }
     }
 }
@@ -155,6 +158,7 @@ pub fn install_files(args: &InstallArgs, binary: &Path) -> Result<Vec<(PathBuf, 
     }
     write(&l.units.join("cgsentry.service"), SERVICE, 0o644)?;
     write(&l.units.join("cgsentry.slice"), SLICE, 0o644)?;
+    write(&l.tmpfiles, TMPFILES, 0o644)?;
     for d in [&l.var_lib, &l.var_log] {
         std::fs::create_dir_all(d)?;
     }
@@ -168,6 +172,7 @@ pub fn uninstall_files(root: &Path, purge: bool) -> Result<()> {
         &l.binary,
         &l.units.join("cgsentry.service"),
         &l.units.join("cgsentry.slice"),
+        &l.tmpfiles,
     ] {
         match std::fs::remove_file(f) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -262,6 +267,10 @@ pub fn install(args: &InstallArgs) -> Result<()> {
         }
     }
     if systemctl {
+        // What the boot's systemd-tmpfiles-setup would have made (see the file).
+        run(std::process::Command::new("systemd-tmpfiles")
+            .arg("--create")
+            .arg(Layout::new(&args.root).tmpfiles))?;
         run(std::process::Command::new("systemctl").arg("daemon-reload"))?;
         run(std::process::Command::new("systemctl").args(["enable", "--now", "cgsentry.service"]))?;
         println!("install: cgsentry is running: `cgsentry status`, `journalctl -u cgsentry`");
@@ -317,6 +326,15 @@ mod tests {
             assert!(unit.contains(want), "no {want} in the unit");
         }
         assert!(r.join("etc/systemd/system/cgsentry.slice").is_file());
+        // The directories its ReadWritePaths= names, made at boot.
+        let tmpfiles = std::fs::read_to_string(r.join("etc/tmpfiles.d/cgsentry.conf")).unwrap();
+        for dir in ["/run/systemd/system.control", "/run/systemd/transient"] {
+            assert!(
+                tmpfiles.contains(&format!("d {dir} 0755 root root -")),
+                "{dir}"
+            );
+            assert!(unit.contains(&format!(" -{dir}")), "{dir}");
+        }
         assert_eq!(
             std::fs::read_to_string(r.join("etc/cgsentry/cgsentry.toml")).unwrap(),
             MAIN
@@ -378,6 +396,7 @@ mod tests {
         uninstall_files(r, false).unwrap();
         assert!(!r.join("usr/local/sbin/cgsentry").exists());
         assert!(!r.join("etc/systemd/system/cgsentry.service").exists());
+        assert!(!r.join("etc/tmpfiles.d/cgsentry.conf").exists());
         assert_eq!(std::fs::read_to_string(&edited_path).unwrap(), "# mine\n");
         uninstall_files(r, true).unwrap();
         assert!(!r.join("etc/cgsentry").exists());
