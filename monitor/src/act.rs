@@ -172,6 +172,23 @@ impl Writer {
         self.systemd = Some(systemd);
     }
 
+    /// Whether systemd is this host's init and the agent acts through it.
+    #[must_use]
+    pub fn systemd_here(&self) -> bool {
+        self.systemd.is_some()
+    }
+
+    /// The unit PID 1 counts `rel` in, when it is not a slice (a cgroup directly below
+    /// a slice belongs to no process owner): what a quarantine of it is part of.
+    fn owning_unit(&self, rel: &str) -> Option<String> {
+        self.unit_of(rel).or_else(|| {
+            self.systemd
+                .as_ref()?
+                .unit_containing(rel)
+                .filter(|u| u.strip_suffix(".slice").is_none())
+        })
+    }
+
     /// The systemd unit whose own cgroup `rel` is, when the agent acts on units through
     /// systemd.
     #[must_use]
@@ -577,7 +594,8 @@ impl Writer {
     }
 
     /// Makes quarantine `q` (`/<slice>/<name>.scope`) a transient scope unit holding
-    /// `pids`, part of `part_of` (see [`crate::systemd::Systemd::start_scope`]), and
+    /// `pids`, the quarantine of `origin`, part of `part_of` when given (see
+    /// [`crate::systemd::Systemd::start_scope`]), and
     /// waits for its cgroup: systemd creates it as it runs the start job, just after
     /// answering.
     ///
@@ -586,7 +604,7 @@ impl Writer {
     pub fn start_scope(
         &self,
         q: &str,
-        part_of: &str,
+        (origin, part_of): (&str, Option<&str>),
         pids: &[u32],
         limits: &[(&'static str, u64)],
     ) -> Result<(), ActError> {
@@ -599,7 +617,7 @@ impl Writer {
             .systemd
             .as_ref()
             .ok_or_else(|| failed("no systemd to start it".into()))?;
-        sd.start_scope(name, slice, part_of, pids, limits)
+        sd.start_scope(name, slice, (origin, part_of), pids, limits)
             .map_err(|r| failed(r.to_string()))?;
         let until = Instant::now() + Duration::from_secs(2);
         while self.id_of(q).is_none() {
@@ -1415,15 +1433,15 @@ impl Actuator {
                 // else's directory is never merged into). A unit of systemd's goes
                 // into a scope of its own in the quarantine slice (see `quarantine`).
                 let q = entry.quarantine.clone().unwrap_or_else(|| {
-                    let free = |suffix| {
-                        free_quarantine_path(&parent, &d.cgroup, suffix, |q| {
+                    let free = |cgroup: &str, suffix| {
+                        free_quarantine_path(&parent, cgroup, suffix, |q| {
                             taken.iter().any(|t| t == q) || writer.dir(q).exists()
                         })
                     };
-                    Some(free(".scope"))
+                    Some(free(&unit_safe(&d.cgroup), ".scope"))
                         .filter(|q| is_scope_quarantine(q))
-                        .filter(|_| writer.unit_of(&d.cgroup).is_some())
-                        .unwrap_or_else(|| free(""))
+                        .filter(|_| writer.systemd_here())
+                        .unwrap_or_else(|| free(&d.cgroup, ""))
                 });
                 entry.quarantine = Some(q.clone());
                 Intent::Quarantine(q)
@@ -1855,13 +1873,16 @@ fn quarantine(
         entry.quarantine_id = None;
         fresh = true;
     }
-    // The offender is a systemd unit: its quarantine is a scope of its own, which
-    // systemd knows (`systemctl status` shows it, its limits are properties) and stops
-    // with the unit it came from. Processes moved into a plain cgroup would escape the
-    // unit's `systemctl stop`.
-    let unit = (fresh && scope).then(|| w.unit_of(&entry.cgroup)).flatten();
-    if let Some(unit) = &unit {
-        if let Err(e) = quarantine_scope(w, entry, q, unit, done) {
+    // Under systemd a quarantine is a scope of its own, which systemd knows
+    // (`systemctl status` shows it, its limits are properties) and stops with the unit
+    // the offender came from. Processes moved into a plain cgroup would escape that
+    // unit's `systemctl stop`; and systemd sets cgsentry.slice's controllers by the
+    // units it knows of there, so at its next reload a plain cgroup's limits vanish
+    // (scenario debian-user-quarantine).
+    let started = fresh && scope && w.systemd_here();
+    if started {
+        let part_of = w.owning_unit(&entry.cgroup);
+        if let Err(e) = quarantine_scope(w, entry, q, part_of.as_deref(), done) {
             errors.push(e.to_string());
             // systemd may have started it all the same (an answer past the deadline,
             // a cgroup slow to appear): what is there is adopted, not left unknown.
@@ -1905,8 +1926,8 @@ fn quarantine(
     Actuator::limits(w, q, step, memory_current, done, errors);
     let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
     // A started scope has said which process it began with: the rest, if any.
-    if unit.is_none() || moved + vanished > 0 {
-        let more = if unit.is_some() { " more" } else { "" };
+    if !started || moved + vanished > 0 {
+        let more = if started { " more" } else { "" };
         done.push(format!(
             "moved {moved}{more} processes to {q} ({vanished} exited mid-move)"
         ));
@@ -1919,12 +1940,7 @@ fn quarantine(
 /// names; anything else, bytes a cgroup name may have and a unit's may not, stays a
 /// plain cgroup).
 fn is_scope_quarantine(q: &str) -> bool {
-    let unit_name = |n: &str| {
-        !n.is_empty()
-            && n.len() < 256
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-    };
+    let unit_name = |n: &str| !n.is_empty() && n.len() < 256 && n.chars().all(unit_name_char);
     let Some((slice, name)) = q.strip_prefix('/').and_then(|p| p.split_once('/')) else {
         return false;
     };
@@ -1936,6 +1952,29 @@ fn is_scope_quarantine(q: &str) -> bool {
         && name.strip_suffix(".scope").is_some()
         && !name.contains('/')
         && unit_name(name)
+}
+
+/// `cgroup` with `_` for each character a scope's name may not have (a user names her
+/// cgroups as she likes): the path its scope quarantine is named after.
+fn unit_safe(cgroup: &str) -> String {
+    cgroup
+        .chars()
+        .map(|c| {
+            if c == '/' || unit_name_char(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A character a transient scope's name may have: a unit name's (systemd escapes any
+/// other) but `@`, which makes a template instance's name, and systemd starts no
+/// transient unit of that kind (`getty@tty1.service`'s quarantine is
+/// `quarantine-system.slice-system-getty.slice-getty_tty1.service.scope`).
+fn unit_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || ":-_.\\".contains(c)
 }
 
 /// Ends quarantine `q` once its processes are out: a systemd scope through systemd
@@ -1952,7 +1991,8 @@ fn end_quarantine(w: &Writer, q: &str) -> Result<Option<String>, ActError> {
     }
 }
 
-/// Starts quarantine `q` as a scope unit part of `unit`, with the offender's limits
+/// Starts quarantine `q` as a scope unit (part of `part_of`, the unit the offender is
+/// in, when there is one), with the offender's limits
 /// (see [`origin_limits`]) set before anything enters, and one of its processes in it
 /// (systemd refuses a whole start when one PID of its list has exited meanwhile: a
 /// forking offender would never be quarantined; the others are moved after, as in a
@@ -1961,15 +2001,16 @@ fn quarantine_scope(
     w: &Writer,
     entry: &mut Applied,
     q: &str,
-    unit: &str,
+    part_of: Option<&str>,
     done: &mut Vec<String>,
 ) -> Result<(), ActError> {
+    let name = q.rsplit('/').next().unwrap_or(q);
     let first = w
         .procs(&entry.cgroup)?
         .into_iter()
         .find(|p| !untouchable(*p))
         .ok_or_else(|| ActError::Systemd {
-            unit: unit.to_owned(),
+            unit: name.to_owned(),
             why: "no processes to quarantine".into(),
         })?;
     let kept = origin_limits(w, &entry.cgroup);
@@ -1977,7 +2018,7 @@ fn quarantine_scope(
         .iter()
         .filter_map(|(file, value)| crate::systemd::property_for(file, value))
         .collect();
-    w.start_scope(q, unit, &[first], &limits)?;
+    w.start_scope(q, (&entry.cgroup, part_of), &[first], &limits)?;
     entry.quarantine_id = w.id_of(q);
     // systemd moves the process once the scope's cgroup exists: a moment later.
     let until = Instant::now() + Duration::from_secs(1);
@@ -1993,9 +2034,9 @@ fn quarantine_scope(
             from: entry.cgroup.clone(),
         });
     }
-    let name = q.rsplit('/').next().unwrap_or(q);
     done.push(format!(
-        "started {name} (part of {unit}) with process {first}{}",
+        "started {name}{} with process {first}{}",
+        part_of.map_or(String::new(), |u| format!(" (part of {u})")),
         if kept.is_empty() {
             String::new()
         } else {
@@ -2790,12 +2831,13 @@ mod tests {
         assert_eq!(quarantine_path("/a/b/", "/"), "/a/b/quarantine-root");
     }
 
-    /// A unit's quarantine is a scope of the quarantine slice when both names are
-    /// valid unit names; any other parent or name stays a plain cgroup.
+    /// Under systemd a quarantine is a scope of the quarantine slice when that is a
+    /// top-level slice; any other parent stays a plain cgroup. The scope's name is the
+    /// offender's path with `_` for what a transient unit's name may not have.
     #[test]
     fn a_quarantine_is_a_scope_only_under_a_slice_with_a_unit_name() {
         let scope = |parent: &str, cgroup: &str| {
-            let q = free_quarantine_path(parent, cgroup, ".scope", |_| false);
+            let q = free_quarantine_path(parent, &unit_safe(cgroup), ".scope", |_| false);
             (is_scope_quarantine(&q), q)
         };
         assert_eq!(
@@ -2805,7 +2847,14 @@ mod tests {
                 "/cgsentry.slice/quarantine-system.slice-pool.service.scope".into()
             )
         );
-        assert!(scope("/cgsentry.slice/", "/system.slice/getty@tty1.service").0);
+        // A template instance's `@` (systemd starts no transient unit so named).
+        assert_eq!(
+            scope("/cgsentry.slice/", "/system.slice/getty@tty1.service").1,
+            "/cgsentry.slice/quarantine-system.slice-getty_tty1.service.scope"
+        );
+        assert!(!is_scope_quarantine(
+            "/cgsentry.slice/quarantine-system.slice-getty@tty1.service.scope"
+        ));
         assert!(scope("cgsentry.slice", "/system.slice/dev-x\\x2dy.service").0);
         // Not a slice, not at the top, or a dashed name (systemd nests it): plain
         // cgroups.
@@ -2822,9 +2871,13 @@ mod tests {
             "/cgsentry/quarantine-user.slice-session-3.scope"
         ));
         assert!(!is_scope_quarantine("/a.slice/b.slice/quarantine-x.scope"));
-        // Bytes a cgroup name may have and a unit name may not.
-        assert!(!scope("cgsentry.slice", "/system.slice/a b.service").0);
-        assert!(!scope("cgsentry.slice", "/system.slice/caf\u{e9}.service").0);
+        // Bytes a cgroup name may have and a unit name may not: `_` in the scope's.
+        assert_eq!(
+            scope("cgsentry.slice", "/user.slice/a b/caf\u{e9}\n").1,
+            "/cgsentry.slice/quarantine-user.slice-a_b-caf__.scope"
+        );
+        assert!(scope("cgsentry.slice", "/user.slice/a b/caf\u{e9}\n").0);
+        assert!(!is_scope_quarantine("/cgsentry.slice/quarantine-a b.scope"));
         // Taken names get a number before the suffix.
         let taken = ["/cgsentry.slice/quarantine-a.service.scope"];
         assert_eq!(

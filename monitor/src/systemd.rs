@@ -418,6 +418,24 @@ impl Systemd {
         })?
     }
 
+    /// The unit `cgroup` belongs to as PID 1 sees it (its own, or the unit whose tree
+    /// it is in: a user's manager for her scopes, a container's scope for its cgroups),
+    /// asked each time; `None` when systemd does not answer.
+    #[must_use]
+    pub fn unit_containing(&self, cgroup: &str) -> Option<String> {
+        let path = cgroup.to_owned();
+        match self.call("GetUnitByControlGroup", move |bus| {
+            let object = bus.manager(|m| m.get_unit_by_control_group(&path))?;
+            Ok(unit_from_path(object.as_str()))
+        }) {
+            Ok(unit) => unit,
+            Err(e) => {
+                self.warn_once(&e);
+                None
+            }
+        }
+    }
+
     /// The unit whose own cgroup `cgroup` is (asked once per path), `None` for a cgroup
     /// that is no unit's own (a container's tree below its scope, a cgroup made by
     /// hand) or when systemd does not answer.
@@ -500,9 +518,10 @@ impl Systemd {
 
     /// Starts the transient scope `name` in `slice` with `pids` in it (systemd moves
     /// them), `limits` (properties, as [`property_for`] names them) set on its cgroup
-    /// before they enter, and `PartOf=part_of`: a `systemctl stop` or restart of the
-    /// unit the processes came from ends them in quarantine too, as it would have
-    /// where they were.
+    /// before they enter, described as the quarantine of `origin`, and
+    /// `PartOf=part_of` when given: a `systemctl stop` or restart of the unit the
+    /// processes came from ends them in quarantine too, as it would have where they
+    /// were.
     ///
     /// # Errors
     /// systemd refused (a unit of that name exists, a PID is gone…), or did not
@@ -511,21 +530,27 @@ impl Systemd {
         &self,
         name: &str,
         slice: &str,
-        part_of: &str,
+        (origin, part_of): (&str, Option<&str>),
         pids: &[u32],
         limits: &[(&'static str, u64)],
     ) -> Result<(), Refusal> {
-        let (name, slice, part_of) = (name.to_owned(), slice.to_owned(), part_of.to_owned());
+        let (name, slice) = (name.to_owned(), slice.to_owned());
+        let part_of = part_of.map(str::to_owned);
+        let description = format!(
+            "cgsentry quarantine of {}",
+            part_of.as_deref().unwrap_or(origin)
+        );
         let (pids, limits) = (pids.to_vec(), limits.to_vec());
         self.call("StartTransientUnit", move |bus| {
             use zbus::zvariant::Value;
-            let description = format!("cgsentry quarantine of {part_of}");
             let mut properties: Vec<(&str, Value<'_>)> = vec![
                 ("Description", Value::from(description.as_str())),
                 ("Slice", Value::from(slice.as_str())),
                 ("PIDs", Value::from(pids)),
-                ("PartOf", Value::from(vec![part_of.as_str()])),
             ];
+            if let Some(unit) = &part_of {
+                properties.push(("PartOf", Value::from(vec![unit.as_str()])));
+            }
             properties.extend(limits.iter().map(|(k, v)| (*k, Value::U64(*v))));
             Ok(bus.outcome(&name, |m| {
                 m.start_transient_unit(&name, "fail", &properties, &[])
