@@ -63,6 +63,11 @@ pub enum ActError {
     },
     #[error("{path}: the cgroup is gone")]
     Gone { path: PathBuf },
+    #[error(
+        "{path}: not there: the {controller} controller is not enabled for this cgroup \
+         (its parent's cgroup.subtree_control, the manager's Delegate=)"
+    )]
+    NoController { path: PathBuf, controller: String },
     #[error("{unit}: systemd is stopping it; {file} left as it is")]
     Stopping { unit: String, file: String },
     #[error("{unit}: {why}")]
@@ -83,6 +88,29 @@ pub enum ActError {
 
 fn gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
+/// What a failed write of `value` to control file `file` (at `path`) means: `missing`
+/// when its cgroup is there and the file is not (a controller's file: that controller
+/// is not enabled there; the core's `cgroup.*`: the kernel is older than the file).
+fn write_error(path: &Path, file: &str, value: &str, source: io::Error, missing: bool) -> ActError {
+    let controller = file.split('.').next().filter(|c| *c != "cgroup");
+    let refused = gone(&source) || source.kind() == io::ErrorKind::PermissionDenied;
+    match controller {
+        Some(c) if missing && refused => ActError::NoController {
+            path: path.to_owned(),
+            controller: c.to_owned(),
+        },
+        // (cgroupfs refuses to create a core file the kernel lacks, with EACCES too.)
+        _ if gone(&source) || (missing && refused) => ActError::Gone {
+            path: path.to_owned(),
+        },
+        _ => ActError::Write {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source,
+        },
+    }
 }
 
 /// At most this many `memory.high` writes blocked in the kernel at once (each holds a
@@ -294,15 +322,10 @@ impl Writer {
     fn write_raw(&self, rel: &str, file: &str, value: &str) -> Result<(), ActError> {
         let path = self.dir(rel).join(file);
         std::fs::write(&path, value).map_err(|source| {
-            if gone(&source) {
-                ActError::Gone { path: path.clone() }
-            } else {
-                ActError::Write {
-                    path: path.clone(),
-                    value: value.to_owned(),
-                    source,
-                }
-            }
+            // A control file that is not there (its controller is not enabled for this
+            // cgroup): cgroupfs refuses the create with EACCES, which says nothing.
+            let missing_in = |dir: &Path| dir.is_dir() && !path.exists();
+            write_error(&path, file, value, source, missing_in(&self.dir(rel)))
         })
     }
 
@@ -2206,7 +2229,7 @@ fn restore_one(
     if origin_ours {
         match w.restore(cgroup, file, original) {
             Ok(()) => done.push(format!("{file} restored to {original}")),
-            Err(ActError::Gone { .. }) => {}
+            Err(ActError::Gone { .. } | ActError::NoController { .. }) => {}
             Err(e) => {
                 errors.push(e.to_string());
                 return false;
@@ -2909,6 +2932,41 @@ mod tests {
             ("cgroup.freeze", "0"),
         ] {
             std::fs::write(dir.join("app").join(f), v).unwrap();
+        }
+    }
+
+    /// A control file that is not there (a user's manager enables no cpu controller
+    /// for her scopes; cgroupfs refuses the create with EACCES): the error names the
+    /// missing controller; a cgroup that is gone, or a refusal of a file that is
+    /// there, is still told apart.
+    #[test]
+    fn a_missing_controller_is_named() {
+        let path = Path::new("/sys/fs/cgroup/app/cpu.weight");
+        let eacces = || io::Error::from_raw_os_error(libc::EACCES);
+        let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
+        let e = write_error(path, "cpu.weight", "10", eacces(), true);
+        assert!(matches!(e, ActError::NoController { ref controller, .. } if controller == "cpu"));
+        assert!(
+            e.to_string().contains("cpu controller is not enabled"),
+            "{e}"
+        );
+        // The file is there and the kernel refused: the refusal, as it is.
+        assert!(matches!(
+            write_error(path, "cpu.weight", "10", eacces(), false),
+            ActError::Write { .. }
+        ));
+        // The cgroup is gone.
+        assert!(matches!(
+            write_error(path, "cpu.weight", "10", enoent(), false),
+            ActError::Gone { .. }
+        ));
+        // A file of the cgroup core missing (cgroup.kill before 5.14) is no
+        // controller's: the caller's fallback for a gone file applies.
+        for e in [enoent(), eacces()] {
+            assert!(matches!(
+                write_error(path, "cgroup.kill", "1", e, true),
+                ActError::Gone { .. }
+            ));
         }
     }
 
