@@ -1902,20 +1902,34 @@ fn quarantine(
     // unit's `systemctl stop`; and systemd sets cgsentry.slice's controllers by the
     // units it knows of there, so at its next reload a plain cgroup's limits vanish
     // (scenario debian-user-quarantine).
-    let started = fresh && scope && w.systemd_here();
+    let mut started = fresh && scope && w.systemd_here();
+    let mut q = q.to_owned();
     if started {
         let part_of = w.owning_unit(&entry.cgroup);
-        if let Err(e) = quarantine_scope(w, entry, q, part_of.as_deref(), done) {
+        if let Err(e) = quarantine_scope(w, entry, &q, part_of.as_deref(), done) {
             errors.push(e.to_string());
             // systemd may have started it all the same (an answer past the deadline,
             // a cgroup slow to appear): what is there is adopted, not left unknown.
-            let Some(id) = w.id_of(q) else {
-                entry.quarantine = None; // nothing made: later steps act where it is
-                return;
-            };
-            entry.quarantine_id = Some(id);
+            if let Some(id) = w.id_of(&q) {
+                entry.quarantine_id = Some(id);
+            } else {
+                // Nothing made (systemd slow, paused or refusing): containment first,
+                // in a plain cgroup beside (systemd may drop its limits at a reload;
+                // said so). debian-quarantine once had its leak reach the OOM killer
+                // here, with a one-step ladder and no quarantine at all.
+                let parent = q.rsplit_once('/').map_or("/", |(p, _)| p).to_owned();
+                q = free_quarantine_path(&parent, &entry.cgroup, "", |p| w.dir(p).exists());
+                entry.quarantine = Some(q.clone());
+                started = false;
+                errors.push(format!(
+                    "quarantined in the plain cgroup {q} instead: systemd may drop its \
+                     limits at its next reload"
+                ));
+            }
         }
-    } else {
+    }
+    let q = q.as_str();
+    if !started {
         if let Err(e) = w.create(q) {
             errors.push(e.to_string());
             if fresh {
@@ -2752,6 +2766,34 @@ mod tests {
         assert_eq!(
             w.read(q, "cpu.max").unwrap().as_deref(),
             Some("100000 100000")
+        );
+    }
+
+    /// Under systemd a quarantine is a scope; when systemd cannot start it (slow,
+    /// paused, refusing) and made nothing, the offender is quarantined all the same,
+    /// in a plain cgroup, and the report says so (debian-quarantine once had a one-step
+    /// ladder's leak reach the OOM killer with no quarantine at all).
+    #[test]
+    fn a_scope_systemd_cannot_start_is_a_plain_quarantine() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        act.set_systemd(crate::systemd::Systemd::paused());
+        let r = act.apply(
+            &decision(Action::Quarantine, 0, step(Action::Quarantine)),
+            None,
+        );
+        let q = "/cgsentry.slice/quarantine-app";
+        assert!(w.dir(q).is_dir(), "{r:?}");
+        assert!(!w.dir("/cgsentry.slice/quarantine-app.scope").exists());
+        let a = &act.entries()[0];
+        assert_eq!(a.quarantine.as_deref(), Some(q));
+        let pids: Vec<u32> = a.moved.iter().map(|m| m.pid).collect();
+        assert_eq!(pids, vec![101, 102], "{r:?}");
+        let said = r.errors.join("; ");
+        assert!(said.contains("StartTransientUnit"), "{said}");
+        assert!(
+            said.contains("plain cgroup /cgsentry.slice/quarantine-app"),
+            "{said}"
         );
     }
 

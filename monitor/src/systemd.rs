@@ -310,10 +310,26 @@ impl Systemd {
     /// systemd when it is this host's init (`/run/systemd/system`), else `None`.
     #[must_use]
     pub fn detect() -> Option<Self> {
-        std::path::Path::new("/run/systemd/system")
+        let sd = std::path::Path::new("/run/systemd/system")
             .is_dir()
             .then(|| Self::start(SLOW_PAUSE))
-            .flatten()
+            .flatten()?;
+        // The bus is opened now, not at the first containment: its handshake under
+        // memory pressure (two quarantines at once in debian-quarantine, under TCG)
+        // took past SLOW_CALL and paused the D-Bus path just when it was needed.
+        let warm: Job = Box::new(|bus| {
+            let _ = bus.with(|_| Ok(()));
+        });
+        if let Some(tx) = sd
+            .shared
+            .jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = tx.send(warm);
+        }
+        Some(sd)
     }
 
     fn start(slow_pause: Duration) -> Option<Self> {
@@ -342,6 +358,19 @@ impl Systemd {
                 warned: Mutex::new(false),
             }),
         })
+    }
+
+    /// A connection whose calls are all refused (paused after a slow one) for a
+    /// minute: what the agent sees of a PID 1 slowed by memory pressure. It never
+    /// reaches a bus.
+    #[cfg(test)]
+    pub(crate) fn paused() -> Self {
+        let sd = Self::start(Duration::from_mins(1)).expect("a thread");
+        let _ = sd.call("slow", |_| {
+            std::thread::sleep(SLOW_CALL + Duration::from_millis(50));
+            Ok(())
+        });
+        sd
     }
 
     /// Runs `f` on the D-Bus thread, waiting [`CALL_DEADLINE`] at most. A call still
