@@ -324,8 +324,8 @@ impl Writer {
         std::fs::write(&path, value).map_err(|source| {
             // A control file that is not there (its controller is not enabled for this
             // cgroup): cgroupfs refuses the create with EACCES, which says nothing.
-            let missing_in = |dir: &Path| dir.is_dir() && !path.exists();
-            write_error(&path, file, value, source, missing_in(&self.dir(rel)))
+            let missing = path.parent().is_some_and(Path::is_dir) && !path.exists();
+            write_error(&path, file, value, source, missing)
         })
     }
 
