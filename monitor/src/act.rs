@@ -170,6 +170,8 @@ pub struct Writer {
     /// systemd's runtime state, where its runtime drop-ins are
     /// ([`crate::systemd::RUN_DIR`]).
     systemd_run_dir: PathBuf,
+    /// Where processes' cgroups are read (`/proc`).
+    proc_root: PathBuf,
 }
 
 impl Writer {
@@ -180,7 +182,21 @@ impl Writer {
             inflight: InFlight::default(),
             systemd: None,
             systemd_run_dir: PathBuf::from(crate::systemd::RUN_DIR),
+            proc_root: PathBuf::from("/proc"),
         }
+    }
+
+    /// Where processes' cgroups are read (tests).
+    #[must_use]
+    pub fn with_proc_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.proc_root = dir.into();
+        self
+    }
+
+    /// The cgroup process `pid` is in now; `None` when it is gone.
+    #[must_use]
+    pub fn cgroup_of(&self, pid: u32) -> Option<String> {
+        crate::cgroupfs::cgroup_of_pid(&self.proc_root, pid)
     }
 
     /// Where systemd's runtime drop-ins are looked for and removed (tests).
@@ -282,6 +298,24 @@ impl Writer {
     #[must_use]
     pub fn blocked_writes(&self) -> usize {
         lock(&self.inflight.0.files).len()
+    }
+
+    /// Whether a `memory.high` write to `rel` is still blocked in the kernel (the file
+    /// reads its old value until it returns).
+    #[must_use]
+    pub fn writing(&self, rel: &str, file: &str) -> bool {
+        file == "memory.high"
+            && lock(&self.inflight.0.files).contains_key(&self.dir(rel).join(file))
+    }
+
+    /// Who owns a control file: root, or the user the cgroup is delegated to (a user
+    /// manager's cgroups, a `Delegate=` service's), who can write it.
+    #[must_use]
+    pub fn owner(&self, rel: &str, file: &str) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(self.dir(rel).join(file))
+            .ok()
+            .map(|m| m.uid())
     }
 
     /// `memory.high` writer threads alive (busy or idle).
@@ -405,8 +439,7 @@ impl Writer {
     /// # Errors
     /// Failed, read back wrong, or still blocked after the timeout.
     pub fn set_memory_high(&self, rel: &str, bytes: u64) -> Result<(), ActError> {
-        let page = procfs::page_size();
-        self.set_memory_high_raw(rel, &(bytes / page * page).to_string())
+        self.set_memory_high_raw(rel, &memory_high_text(bytes))
     }
 
     /// Writes `memory.high` through the writer pool and waits for it up to
@@ -904,6 +937,30 @@ pub struct Applied {
     /// unit's own files rule again at systemd's next reload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub own_dropins: Vec<String>,
+    /// What cgsentry's writes left in force, `(cgroup, file) → content`: each tick the
+    /// files of the cgroup the offender is in are compared with it
+    /// ([`Actuator::enforce`]), so that a cap lifted behind cgsentry's back is put back,
+    /// not silently lost.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// The last drift [`Actuator::enforce`] reported, while it lasts: the same one (a
+    /// file that cannot be put back, a unit systemd is stopping) is not logged again
+    /// every tick.
+    #[serde(skip)]
+    pub last_drift: Option<String>,
+    /// The processes a delegated offender's cgroup held at the last tick (at most
+    /// [`SEEN_MAX`]): one that left it alive was moved out by the user (see
+    /// [`Actuator::enforce`]).
+    #[serde(skip)]
+    pub seen: Vec<u32>,
+    /// The user the offender's cgroup was delegated to when `seen` was taken (its
+    /// manager may remove the cgroup once she has moved every process out).
+    #[serde(skip)]
+    pub delegated_to: Option<u32>,
+    /// The offender's processes found outside its cgroup, with where they are: the
+    /// next quarantine takes them too (see [`Actuator::enforce`]).
+    #[serde(skip)]
+    pub strays: Vec<Moved>,
     pub dry_run: bool,
     pub updated_ms: u128,
 }
@@ -970,6 +1027,152 @@ impl Applied {
 
 fn key(cgroup: &str, file: &str) -> String {
     format!("{cgroup}\t{file}")
+}
+
+/// What entry's offender had in place that its new quarantine `q` does not keep by
+/// itself: the caps cgsentry set on the origin (the tightest limits of the origin and
+/// its ancestors are kept already; `cpu.weight` is not one), and its freeze (moving
+/// thawed the processes: the quarantine is frozen instead, and the empty origin
+/// thawed, so that the processes a release moves back do not land frozen).
+fn carry_over(w: &Writer, entry: &mut Applied, q: &str, report: &mut Report) {
+    use std::fmt::Write as _;
+    let origin = entry.cgroup.clone();
+    let prefix = format!("{origin}\t");
+    let caps: Vec<(String, String)> = entry
+        .set
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
+        .collect();
+    for (file, want) in caps {
+        if w.read(q, &file).ok().flatten().as_deref() != Some(want.as_str()) {
+            match w.restore(q, &file, &want) {
+                Ok(()) => {
+                    let _ = write!(report.done, ", {file} {want} on {q}");
+                }
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        in_force(w, &mut entry.set, q, &file);
+    }
+    if entry.frozen.as_deref() == Some(origin.as_str()) {
+        match w.set_frozen(q, true) {
+            Ok(_) => {
+                let _ = write!(report.done, ", froze {q}");
+                entry.frozen = Some(q.to_owned());
+            }
+            Err(e) => report.errors.push(e.to_string()),
+        }
+        if let Err(e) = w.set_frozen(&origin, false) {
+            report.errors.push(e.to_string());
+        }
+    }
+}
+
+/// The most processes of one delegated offender remembered from tick to tick.
+const SEEN_MAX: usize = 4096;
+
+/// `pid` and the processes of cgroup `cgroup` that descend from it (by their parent
+/// pids in `/proc/PID/stat`): a process moved out of its cgroup took none of its
+/// children, but those it forked since were born where it went.
+fn with_descendants(w: &Writer, pid: u32, cgroup: &str) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(w.proc_root.join(p.to_string()).join("stat")).ok()?;
+        // `pid (comm) state ppid …`: comm may hold anything, the last `)` ends it.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let others: Vec<(u32, Option<u32>)> = w
+        .procs(cgroup)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| *p != pid)
+        .map(|p| (p, parent_of(p)))
+        .collect();
+    let mut out = vec![pid];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (p, parent) in &others {
+            if !out.contains(p) && parent.is_some_and(|pp| out.contains(&pp)) {
+                out.push(*p);
+                grew = true;
+            }
+        }
+    }
+    out.retain(|p| !untouchable(*p));
+    out
+}
+
+/// A file cgsentry set that holds something else now.
+struct Drift {
+    file: String,
+    found: String,
+    want: String,
+    /// The file's owner (see [`Writer::owner`]).
+    owner: Option<u32>,
+}
+
+/// What changed in `target`'s files since cgsentry set them (see [`Actuator::enforce`]).
+fn drifted(w: &Writer, a: &Applied, target: &str) -> Vec<Drift> {
+    let prefix = format!("{target}\t");
+    let mut wanted: Vec<(String, String)> = a
+        .set
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
+        .collect();
+    if a.frozen.as_deref() == Some(target) {
+        wanted.push(("cgroup.freeze".into(), "1".into()));
+    }
+    wanted
+        .into_iter()
+        .filter(|(file, _)| !w.writing(target, file))
+        .filter_map(|(file, want)| {
+            let found = w.read(target, &file).ok().flatten()?;
+            (found != want).then(|| Drift {
+                owner: w.owner(target, &file),
+                file,
+                found,
+                want,
+            })
+        })
+        .collect()
+}
+
+/// Records in `set` what `file` of `cgroup` holds now, after cgsentry wrote it (the
+/// kernel's own rendering; nothing when it cannot be read).
+fn in_force(w: &Writer, set: &mut BTreeMap<String, String>, cgroup: &str, file: &str) {
+    if let Ok(Some(v)) = w.read(cgroup, file) {
+        set.insert(key(cgroup, file), v);
+    }
+}
+
+/// Records the `memory.high` cgsentry asked for: once written, or while the write is
+/// still blocked in the kernel (or queued behind one that is), since it lands when the
+/// reclaim ends; the value in the file until then is not a drift to undo.
+fn done_or_pending(
+    w: &Writer,
+    set: &mut BTreeMap<String, String>,
+    cgroup: &str,
+    bytes: u64,
+    r: &Result<(), ActError>,
+) {
+    match r {
+        Ok(()) => in_force(w, set, cgroup, "memory.high"),
+        Err(ActError::Timeout { .. } | ActError::Busy { .. }) => {
+            set.insert(key(cgroup, "memory.high"), memory_high_text(bytes));
+        }
+        Err(_) => {}
+    }
+}
+
+/// `memory.high` for `bytes`, as the kernel keeps it (rounded down to pages).
+fn memory_high_text(bytes: u64) -> String {
+    let page = procfs::page_size();
+    (bytes / page * page).to_string()
 }
 
 /// All of it, persisted.
@@ -1249,6 +1452,11 @@ impl Actuator {
             relaxed: false,
             unit,
             own_dropins,
+            set: BTreeMap::new(),
+            last_drift: None,
+            seen: Vec::new(),
+            delegated_to: None,
+            strays: Vec::new(),
             dry_run: d.dry_run,
             updated_ms: now_ms(),
         });
@@ -1302,37 +1510,52 @@ impl Actuator {
         .collect()
     }
 
-    /// Limits of a step on `target` (originals remembered and journaled before).
+    /// Limits of a step on `target` (originals remembered and journaled before); what
+    /// is in force afterwards goes into `set` (see [`Applied::set`]).
     fn limits(
         w: &Writer,
         target: &str,
         step: &Step,
         memory_current: Option<u64>,
+        set: &mut BTreeMap<String, String>,
         done: &mut Vec<String>,
         errors: &mut Vec<String>,
     ) {
-        let mut set = |what: String, r: Result<(), ActError>| match r {
-            Ok(()) => done.push(what),
-            Err(e) => errors.push(e.to_string()),
+        let mut put = |what: String, file: &str, r: Result<(), ActError>| {
+            match r {
+                Ok(()) => done.push(what),
+                Err(e) => errors.push(e.to_string()),
+            }
+            in_force(w, set, target, file);
         };
         // No more swap first: a memory.high below the usage then reclaims only what can
         // go without I/O and returns at once, instead of paging the offender out onto a
         // slow disk (in the writer's own context). Then no more tasks.
         if let Some(mib) = step.swap_max_mib {
-            set(
+            put(
                 format!("memory.swap.max {mib} MiB"),
+                "memory.swap.max",
                 w.set_swap_max(target, mib),
             );
         }
         if let Some(n) = step.pids_max {
-            set(format!("pids.max {n}"), w.set_pids_max(target, Some(n)));
+            put(
+                format!("pids.max {n}"),
+                "pids.max",
+                w.set_pids_max(target, Some(n)),
+            );
         }
         if let Some(p) = step.cpu_max_percent {
-            set(format!("cpu.max {p} %"), w.set_cpu_max(target, Some(p)));
+            put(
+                format!("cpu.max {p} %"),
+                "cpu.max",
+                w.set_cpu_max(target, Some(p)),
+            );
         }
         if let Some(weight) = step.cpu_weight {
-            set(
+            put(
                 format!("cpu.weight {weight}"),
+                "cpu.weight",
                 w.set_cpu_weight(target, weight),
             );
         }
@@ -1343,10 +1566,12 @@ impl Actuator {
                 reason = "a validated positive percentage of a byte count"
             )]
             let bytes = (mem as f64 * p / 100.0) as u64;
-            set(
-                format!("memory.high {} MiB", bytes >> 20),
-                w.set_memory_high(target, bytes),
-            );
+            let r = w.set_memory_high(target, bytes);
+            done_or_pending(w, set, target, bytes, &r);
+            match r {
+                Ok(()) => done.push(format!("memory.high {} MiB", bytes >> 20)),
+                Err(e) => errors.push(e.to_string()),
+            }
         }
     }
 
@@ -1587,7 +1812,10 @@ impl Actuator {
                 reason = "a share of a byte count"
             )]
             let bytes = mem + (room as f64 * RELAX_SHARE) as u64;
-            match self.w.set_memory_high(&target, bytes) {
+            let r = self.w.set_memory_high(&target, bytes);
+            // The widened cap is the one to keep from now on (not the old one put back).
+            done_or_pending(&self.w, &mut a.set, &target, bytes, &r);
+            match r {
                 Ok(()) => done.push(format!("memory.high widened to {} MiB", bytes >> 20)),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -1607,6 +1835,197 @@ impl Actuator {
             warn!("{e}");
         }
         Some(report)
+    }
+
+    /// Containment undone behind cgsentry's back, put back (each tick). For every entry
+    /// in force, the files cgsentry set on the cgroup the offender is in now are
+    /// compared with what they held after its writes ([`Applied::set`]), and a cgroup it
+    /// froze with `cgroup.freeze`. What changed is written back and reported with who
+    /// could have changed it:
+    /// - a file a user owns: the cgroup is delegated to her (a user manager's scopes, a
+    ///   `Delegate=` service's cgroups), and she can lift a cap in place as often as it
+    ///   is put back, and move the processes among her own cgroups. The offender goes
+    ///   to quarantine, root's cgroup in the quarantine slice, which she can neither
+    ///   write nor move processes out of, with the caps it had;
+    /// - root's file: systemd (limits written to files, not set as properties: systemd
+    ///   was not answering then) or root by hand. Put back, and said so: `cgsentry
+    ///   release` is how a containment ends.
+    ///
+    /// A `memory.high` write still blocked in the kernel is not a change.
+    pub fn enforce(&mut self) -> Vec<Report> {
+        let mut out = Vec::new();
+        for i in 0..self.journal.entries.len() {
+            let a = &self.journal.entries[i];
+            let target = a.target().to_owned();
+            let ours = a.still_ours(&self.w, &target);
+            // A cgroup gone since the last tick may have been emptied by its user.
+            if a.dry_run
+                || a.kill_deadline.is_some()
+                || self.never.contains_key(&target)
+                || (!ours && a.seen.is_empty())
+            {
+                continue;
+            }
+            let drift = if ours {
+                drifted(&self.w, a, &target)
+            } else {
+                Vec::new()
+            };
+            let escaped = self.escaped(i, &target, ours);
+            if drift.is_empty() && escaped.is_empty() {
+                self.journal.entries[i].last_drift = None;
+                continue;
+            }
+            let (mut done, mut errors) = (Vec::new(), Vec::new());
+            for (pid, to) in &escaped {
+                done.push(format!("process {pid} was moved out of {target} to {to}"));
+            }
+            for d in &drift {
+                let put = if d.file == "cgroup.freeze" {
+                    self.w.set_frozen(&target, true).map(|_| ())
+                } else {
+                    self.w.restore(&target, &d.file, &d.want)
+                };
+                let by = match d.owner {
+                    Some(0) | None => "root or systemd".to_owned(),
+                    Some(uid) => format!("uid {uid}, its owner"),
+                };
+                done.push(format!(
+                    "{} was changed to {} (by {by}); {}",
+                    d.file,
+                    d.found,
+                    match put {
+                        Ok(()) => format!("put back to {}", d.want),
+                        Err(ActError::Timeout { .. }) => format!("putting back {}", d.want),
+                        // Its stop must not wait for processes cgsentry holds.
+                        Err(ActError::Stopping { .. }) => "left so: systemd is stopping it".into(),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            "not put back".to_owned()
+                        }
+                    }
+                ));
+            }
+            let delegated = drift
+                .iter()
+                .find_map(|d| d.owner.filter(|u| *u != 0))
+                .or_else(|| escaped.first().and(self.journal.entries[i].delegated_to));
+            if let Some(uid) = delegated
+                && self.journal.entries[i].quarantine.is_none()
+            {
+                done.push(format!(
+                    "{target} is delegated to uid {uid}, who can undo its containment in place"
+                ));
+                let r = self.escalate(i, uid, &escaped);
+                done.push(r.done);
+                errors.extend(r.errors);
+            }
+            let a = &mut self.journal.entries[i];
+            let text = format!("{}; {}", done.join(", "), errors.join("; "));
+            if a.last_drift.as_deref() == Some(text.as_str()) {
+                continue; // said last tick, and nothing else has changed
+            }
+            a.last_drift = Some(text);
+            out.push(Report {
+                cgroup: a.cgroup.clone(),
+                rule: a.rule.clone(),
+                action: "enforce".into(),
+                dry_run: false,
+                done: done.join(", "),
+                errors,
+            });
+        }
+        if !out.is_empty()
+            && let Err(e) = self.save()
+        {
+            warn!("{e}");
+        }
+        out
+    }
+
+    /// The processes of entry `i`'s offender, contained in place in a cgroup delegated
+    /// to a user, that she moved out since the last tick to another of her cgroups
+    /// (one whose `cgroup.procs` is hers: a move by root is root's business), with
+    /// where they are now.
+    fn escaped(&mut self, i: usize, target: &str, ours: bool) -> Vec<(u32, String)> {
+        let w = &self.w;
+        let a = &mut self.journal.entries[i];
+        let uid = if ours {
+            w.owner(target, "cgroup.procs")
+        } else {
+            a.delegated_to
+        };
+        let Some(uid) = uid.filter(|u| *u != 0 && a.quarantine.is_none()) else {
+            a.seen.clear();
+            a.delegated_to = None;
+            return Vec::new();
+        };
+        a.delegated_to = Some(uid);
+        let mut now = if ours {
+            w.procs(target).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let here: std::collections::HashSet<u32> = now.iter().copied().collect();
+        let out = a
+            .seen
+            .iter()
+            .filter(|p| !here.contains(p) && !untouchable(**p))
+            .filter_map(|&p| {
+                let to = w.cgroup_of(p)?;
+                (to != target && w.owner(&to, "cgroup.procs") == Some(uid)).then_some((p, to))
+            })
+            .collect();
+        now.truncate(SEEN_MAX);
+        a.seen = now;
+        out
+    }
+
+    /// Quarantines entry `index`'s offender, whose containment in place a user can
+    /// undo, with the caps it had there (and frozen if it was), and the processes she
+    /// moved out of it (`escaped`, with their descendants in the cgroup they went to).
+    fn escalate(&mut self, index: usize, uid: u32, escaped: &[(u32, String)]) -> Report {
+        let writer = self.w.clone();
+        let entry = &mut self.journal.entries[index];
+        entry.strays = escaped
+            .iter()
+            .flat_map(|(pid, from)| {
+                with_descendants(&writer, *pid, from)
+                    .into_iter()
+                    .map(|pid| Moved {
+                        pid,
+                        from: from.clone(),
+                    })
+            })
+            .collect();
+        let origin = entry.cgroup.clone();
+        let decision = Decision {
+            cgroup_id: entry.cgroup_id.unwrap_or(0),
+            cgroup: origin.clone(),
+            finding: entry.finding,
+            rule: entry.rule.clone(),
+            step: entry.steps_taken.saturating_sub(1),
+            action: Action::Quarantine,
+            params: Step::bare(Action::Quarantine),
+            dry_run: false,
+            protected_by: Vec::new(),
+            refused: None,
+            reason: format!("uid {uid} undid cgsentry's containment of {origin}"),
+        };
+        let mut report = self.apply(&decision, None);
+        let entry = &mut self.journal.entries[index];
+        entry.strays.clear();
+        if let Some(q) = entry
+            .quarantine
+            .clone()
+            .filter(|q| entry.still_ours(&writer, q))
+        {
+            carry_over(&writer, entry, &q, &mut report);
+            if let Err(e) = self.save() {
+                report.errors.push(e.to_string());
+            }
+        }
+        report
     }
 
     /// Cgroups (the offenders' ids) of relaxed entries whose memory is at 90 % of the
@@ -1815,7 +2234,15 @@ fn carry_out(
     match intent {
         Intent::None => {}
         Intent::Throttle(target) => {
-            Actuator::limits(writer, &target, &d.params, memory_current, done, errors);
+            Actuator::limits(
+                writer,
+                &target,
+                &d.params,
+                memory_current,
+                &mut entry.set,
+                done,
+                errors,
+            );
         }
         Intent::Quarantine(q) => {
             quarantine(writer, entry, &q, &d.params, memory_current, done, errors);
@@ -1826,7 +2253,13 @@ fn carry_out(
             } else {
                 format!("freezing {target} (not settled within 1 s)")
             }),
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => {
+                // Not frozen (a unit systemd is stopping, a cgroup gone): nothing for
+                // a release to thaw, nor for `enforce` to freeze again behind
+                // systemd's back.
+                entry.frozen = None;
+                errors.push(e.to_string());
+            }
         },
         Intent::Kill(target, grace) => {
             if entry.frozen.take().is_some() {
@@ -1943,25 +2376,37 @@ fn quarantine(
         // the write reclaim, or kill, in the writer's context).
         if fresh {
             entry.quarantine_id = w.id_of(q);
-            let kept: Vec<String> = origin_limits(w, &entry.cgroup)
-                .into_iter()
-                .filter_map(
-                    |(file, value)| match w.write_verified(q, file, &value, &value) {
-                        Ok(()) => Some(format!("{file} {value}")),
-                        Err(e) => {
-                            errors.push(e.to_string());
-                            None
-                        }
-                    },
-                )
-                .collect();
+            let mut kept = Vec::new();
+            for (file, value) in origin_limits(w, &entry.cgroup) {
+                match w.write_verified(q, file, &value, &value) {
+                    Ok(()) => {
+                        kept.push(format!("{file} {value}"));
+                        entry.set.insert(key(q, file), value);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
             if !kept.is_empty() {
                 done.push(format!("kept the offender's limits: {}", kept.join(", ")));
             }
         }
     }
-    Actuator::limits(w, q, step, memory_current, done, errors);
-    let (moved, vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
+    Actuator::limits(w, q, step, memory_current, &mut entry.set, done, errors);
+    let (mut moved, mut vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
+    // The offender's processes found elsewhere (a user moved them out of its cgroup).
+    for stray in std::mem::take(&mut entry.strays) {
+        if entry.moved.iter().any(|m| m.pid == stray.pid) {
+            continue; // the scope began with it
+        }
+        match w.move_pid(q, stray.pid) {
+            Ok(true) => {
+                moved += 1;
+                entry.moved.push(stray);
+            }
+            Ok(false) => vanished += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
     // A started scope has said which process it began with: the rest, if any.
     if !started || moved + vanished > 0 {
         let more = if started { " more" } else { "" };
@@ -2045,6 +2490,7 @@ fn quarantine_scope(
     let first = w
         .procs(&entry.cgroup)?
         .into_iter()
+        .chain(entry.strays.iter().map(|m| m.pid))
         .find(|p| !untouchable(*p))
         .ok_or_else(|| ActError::Systemd {
             unit: name.to_owned(),
@@ -2057,6 +2503,11 @@ fn quarantine_scope(
         .collect();
     w.start_scope(q, (&entry.cgroup, part_of), &[first], &limits)?;
     entry.quarantine_id = w.id_of(q);
+    for (file, value) in &kept {
+        if crate::systemd::property_for(file, value).is_some() {
+            in_force(w, &mut entry.set, q, file);
+        }
+    }
     // systemd moves the process once the scope's cgroup exists: a moment later.
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until
@@ -2066,10 +2517,12 @@ fn quarantine_scope(
         std::thread::sleep(Duration::from_millis(20));
     }
     if w.procs(q).is_ok_and(|inside| inside.contains(&first)) {
-        entry.moved.push(Moved {
-            pid: first,
-            from: entry.cgroup.clone(),
-        });
+        let from = entry
+            .strays
+            .iter()
+            .find(|m| m.pid == first)
+            .map_or_else(|| entry.cgroup.clone(), |m| m.from.clone());
+        entry.moved.push(Moved { pid: first, from });
     }
     done.push(format!(
         "started {name}{} with process {first}{}",
@@ -2457,16 +2910,7 @@ mod tests {
     }
 
     fn step(action: Action) -> Step {
-        Step {
-            action,
-            after_sec: 0,
-            cpu_max_percent: None,
-            memory_high_percent: None,
-            pids_max: None,
-            swap_max_mib: None,
-            cpu_weight: None,
-            grace_sec: None,
-        }
+        Step::bare(action)
     }
 
     /// An entry of rule "r" on /app, a unit's own cgroup, from its journal form.
@@ -2620,6 +3064,252 @@ mod tests {
         );
     }
 
+    /// A throttle on /app with a cap of each kind (`memory` bytes of memory now).
+    fn capped_at(act: &mut Actuator, memory: u64) {
+        let params = Step {
+            memory_high_percent: Some(100.0),
+            pids_max: Some(64),
+            cpu_weight: Some(10),
+            swap_max_mib: Some(0),
+            ..step(Action::Throttle)
+        };
+        let r = act.apply(&decision(Action::Throttle, 0, params), Some(memory));
+        assert!(r.errors.is_empty(), "{r:?}");
+    }
+
+    /// [`tree`], for a test that chowns its files to a user.
+    fn tree_as_root() -> (tempfile::TempDir, Writer) {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test chowns cgroup files to a user: run it as root (CI does)"
+        );
+        tree()
+    }
+
+    /// What a control file holds (empty: nothing).
+    fn holds(w: &Writer, rel: &str, file: &str) -> String {
+        w.read(rel, file).unwrap().unwrap_or_default()
+    }
+
+    /// [`capped_at`] 300 MiB.
+    fn capped(act: &mut Actuator) {
+        capped_at(act, 300 << 20);
+    }
+
+    /// Caps lifted behind cgsentry's back (root's files: systemd, or root by hand) are
+    /// put back and said so; the same check a tick later finds nothing. A freeze undone
+    /// likewise. A relax's widened cap is the one kept from then on, not a drift.
+    #[test]
+    fn caps_lifted_behind_its_back_are_put_back() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        capped(&mut act);
+        assert!(act.enforce().is_empty(), "nothing changed yet");
+        w.write_raw("/app", "memory.high", "max").unwrap();
+        w.write_raw("/app", "cpu.weight", "100").unwrap();
+        let r = act.enforce();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].action, "enforce");
+        assert!(r[0].errors.is_empty(), "{r:?}");
+        assert!(
+            r[0].done.contains(
+                "memory.high was changed to max (by root or systemd); put back to 314572800"
+            ),
+            "{r:?}"
+        );
+        assert!(r[0].done.contains("cpu.weight was changed to 100"), "{r:?}");
+        assert_eq!(holds(&w, "/app", "memory.high"), "314572800");
+        assert_eq!(holds(&w, "/app", "cpu.weight"), "10");
+        assert_eq!(holds(&w, "/app", "pids.max"), "64");
+        assert!(
+            act.entries()[0].quarantine.is_none(),
+            "root's files: no quarantine"
+        );
+        assert!(act.enforce().is_empty(), "put back: nothing left to do");
+
+        // A freeze undone is redone.
+        act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
+        assert_eq!(holds(&w, "/app", "cgroup.freeze"), "1");
+        w.write_raw("/app", "cgroup.freeze", "0").unwrap();
+        let r = act.enforce();
+        assert!(
+            r[0].done.contains("cgroup.freeze was changed to 0"),
+            "{r:?}"
+        );
+        assert_eq!(holds(&w, "/app", "cgroup.freeze"), "1");
+
+        // Relaxed: thawed and widened, and neither is undone.
+        let relax = Release {
+            stage: crate::decide::ReleaseStage::Relax,
+            ..full_release("/app", 0)
+        };
+        std::fs::write(w.dir("/app").join("memory.current"), "314572800").unwrap();
+        act.relax(&relax, 100 << 20).expect("an entry");
+        assert_eq!(holds(&w, "/app", "cgroup.freeze"), "0");
+        assert_eq!(holds(&w, "/app", "memory.high"), "367001600");
+        assert!(act.enforce().is_empty(), "the relax is cgsentry's own");
+        // Journaled: a restarted agent guards the same values.
+        let mut again = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        w.write_raw("/app", "pids.max", "max").unwrap();
+        let r = again.enforce();
+        assert!(r[0].done.contains("pids.max was changed to max"), "{r:?}");
+        assert_eq!(holds(&w, "/app", "pids.max"), "64");
+        // Released: nothing is guarded any more.
+        again.release(&full_release("/app", 0)).expect("an entry");
+        w.write_raw("/app", "pids.max", "1000").unwrap();
+        assert!(again.enforce().is_empty());
+    }
+
+    /// A cgroup delegated to a user (her manager's scope: she owns its control files)
+    /// whose cap she lifts is capped again and goes to quarantine, root's cgroup, with
+    /// the caps it had (frozen if it was); she cannot write there or move it back.
+    #[test]
+    fn a_delegated_cgroup_whose_cap_is_lifted_goes_to_quarantine() {
+        let (dir, w) = tree_as_root();
+        for f in ["memory.high", "cgroup.freeze", "cpu.weight", "pids.max"] {
+            nix::unistd::chown(
+                &w.dir("/app").join(f),
+                Some(nix::unistd::Uid::from_raw(1000)),
+                None,
+            )
+            .unwrap();
+        }
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        capped(&mut act);
+        act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
+        w.write_raw("/app", "memory.high", "max").unwrap();
+        let r = act.enforce();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].done.contains("(by uid 1000, its owner)"), "{r:?}");
+        assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
+        let q = "/cgsentry.slice/quarantine-app";
+        let a = &act.entries()[0];
+        assert_eq!(a.quarantine.as_deref(), Some(q), "{r:?}");
+        assert_eq!(a.moved.len(), 2, "{r:?}");
+        assert_eq!(a.frozen.as_deref(), Some(q), "{r:?}");
+        assert_eq!(holds(&w, q, "memory.high"), "314572800");
+        assert_eq!(holds(&w, q, "pids.max"), "64");
+        assert_eq!(holds(&w, q, "cpu.weight"), "10");
+        assert_eq!(holds(&w, q, "cgroup.freeze"), "1");
+        assert_eq!(holds(&w, "/app", "cgroup.freeze"), "0", "origin thawed");
+        // The quarantine's caps are guarded in turn; the empty origin's are not.
+        w.write_raw("/app", "memory.high", "max").unwrap();
+        assert!(act.enforce().is_empty());
+        w.write_raw(q, "cpu.weight", "100").unwrap();
+        let r = act.enforce();
+        assert!(
+            r[0].done
+                .contains("cpu.weight was changed to 100 (by root or systemd)"),
+            "{r:?}"
+        );
+        assert_eq!(holds(&w, q, "cpu.weight"), "10");
+    }
+
+    /// Contained in place in her own cgroup, a user moves the offender to another of
+    /// hers (out of the caps, without touching a file): it is followed, with the
+    /// children it forked there since, into quarantine; her other processes there
+    /// stay. A move by root (to a cgroup of root's) is not followed.
+    #[test]
+    fn processes_a_user_moves_out_of_her_capped_cgroup_are_followed() {
+        let (dir, w) = tree_as_root();
+        let proc = dir.path().join("proc");
+        let task = |pid: u32, ppid: u32, cgroup: &str| {
+            let d = proc.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+            std::fs::write(d.join("stat"), format!("{pid} (a) b) S {ppid} 1 1 0")).unwrap();
+        };
+        task(101, 1, "/app");
+        task(102, 101, "/app");
+        let other = w.dir("/other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("cgroup.procs"), "").unwrap();
+        let alice = Some(nix::unistd::Uid::from_raw(1000));
+        for f in [
+            w.dir("/app").join("cgroup.procs"),
+            other.join("cgroup.procs"),
+        ] {
+            nix::unistd::chown(&f, alice, None).unwrap();
+        }
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        act.w = act.w.clone().with_proc_root(&proc);
+        capped(&mut act);
+        assert!(act.enforce().is_empty(), "nothing moved yet");
+        // She moves 101 to /other, where it forks 103; 104 was hers there already.
+        std::fs::write(w.dir("/app").join("cgroup.procs"), "102\n").unwrap();
+        std::fs::write(other.join("cgroup.procs"), "104\n101\n103\n").unwrap();
+        task(101, 1, "/other");
+        task(103, 101, "/other");
+        task(104, 1, "/other");
+        let r = act.enforce();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(
+            r[0].done
+                .contains("process 101 was moved out of /app to /other"),
+            "{r:?}"
+        );
+        assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
+        let a = &act.entries()[0];
+        assert_eq!(
+            a.quarantine.as_deref(),
+            Some("/cgsentry.slice/quarantine-app")
+        );
+        let moved: Vec<(u32, &str)> = a.moved.iter().map(|m| (m.pid, m.from.as_str())).collect();
+        assert_eq!(
+            moved,
+            vec![(102, "/app"), (101, "/other"), (103, "/other")],
+            "{r:?}"
+        );
+
+        // She moved every process out, and her manager removed the empty cgroup.
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j2"), "q.slice");
+        act.w = act.w.clone().with_proc_root(&proc);
+        std::fs::write(w.dir("/app").join("cgroup.procs"), "101\n102\n").unwrap();
+        task(101, 1, "/app");
+        task(102, 101, "/app");
+        capped(&mut act);
+        assert!(act.enforce().is_empty());
+        std::fs::remove_dir_all(w.dir("/app")).unwrap();
+        std::fs::write(other.join("cgroup.procs"), "101\n102\n").unwrap();
+        task(101, 1, "/other");
+        task(102, 101, "/other");
+        let r = act.enforce();
+        assert!(
+            r[0].done
+                .contains("process 102 was moved out of /app to /other"),
+            "{r:?}"
+        );
+        let a = &act.entries()[0];
+        assert_eq!(
+            a.quarantine.as_deref(),
+            Some("/q.slice/quarantine-app"),
+            "{r:?}"
+        );
+        let moved: Vec<(u32, &str)> = a.moved.iter().map(|m| (m.pid, m.from.as_str())).collect();
+        assert_eq!(moved, vec![(101, "/other"), (102, "/other")], "{r:?}");
+
+        // A move by root to root's cgroup is root's business.
+        let (dir, w) = tree();
+        let proc = dir.path().join("proc");
+        let task = |pid: u32, cgroup: &str| {
+            let d = proc.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+        };
+        task(101, "/app");
+        nix::unistd::chown(&w.dir("/app").join("cgroup.procs"), alice, None).unwrap();
+        std::fs::create_dir(w.dir("/root")).unwrap();
+        std::fs::write(w.dir("/root").join("cgroup.procs"), "101\n").unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        act.w = act.w.clone().with_proc_root(&proc);
+        capped(&mut act);
+        assert!(act.enforce().is_empty());
+        std::fs::write(w.dir("/app").join("cgroup.procs"), "102\n").unwrap();
+        task(101, "/root");
+        assert!(act.enforce().is_empty());
+        assert!(act.entries()[0].quarantine.is_none());
+    }
+
     /// Incident D's release: capped (memory, pids, no swap) and frozen; relaxed =
     /// thawed with room (memory.high widened by half the machine's spare memory), the
     /// other caps (pids, swap, CPU weight) kept; then the full release restores every original.
@@ -2627,15 +3317,7 @@ mod tests {
     fn relax_thaws_and_widens_then_release_restores() {
         let (dir, w) = tree();
         let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
-        let cap = Step {
-            memory_high_percent: Some(100.0),
-            pids_max: Some(64),
-            swap_max_mib: Some(0),
-            cpu_weight: Some(10),
-            ..step(Action::Throttle)
-        };
-        let r = act.apply(&decision(Action::Throttle, 0, cap), Some(100 << 20));
-        assert!(r.errors.is_empty(), "{r:?}");
+        capped_at(&mut act, 100 << 20);
         assert_eq!(
             w.read("/app", "memory.swap.max").unwrap().as_deref(),
             Some("0")

@@ -594,6 +594,7 @@ impl Guard {
                 ReleaseStage::Full => self.actuator.release(r),
             });
         }
+        actions.extend(self.actuator.enforce());
         actions.extend(self.actuator.tick());
         for a in &actions {
             log_report(a);
@@ -1388,14 +1389,8 @@ mod tests {
                 step: 0,
                 action: crate::policy::Action::Throttle,
                 params: crate::policy::Step {
-                    action: crate::policy::Action::Throttle,
-                    after_sec: 0,
-                    cpu_max_percent: None,
-                    memory_high_percent: None,
                     pids_max: Some(8),
-                    swap_max_mib: None,
-                    cpu_weight: None,
-                    grace_sec: None,
+                    ..crate::policy::Step::bare(crate::policy::Action::Throttle)
                 },
                 dry_run: false,
                 protected_by: vec![],

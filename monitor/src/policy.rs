@@ -445,6 +445,23 @@ pub struct Step {
     pub grace_sec: Option<u64>,
 }
 
+impl Step {
+    /// A step of `action` with no limits, taken at once.
+    #[must_use]
+    pub fn bare(action: Action) -> Self {
+        Self {
+            action,
+            after_sec: 0,
+            cpu_max_percent: None,
+            memory_high_percent: None,
+            pids_max: None,
+            swap_max_mib: None,
+            cpu_weight: None,
+            grace_sec: None,
+        }
+    }
+}
+
 /// What to do about one kind of finding in the cgroups a rule matches.
 #[derive(Clone, Debug, Serialize)]
 pub struct Rule {
