@@ -117,6 +117,9 @@ fn write_error(path: &Path, file: &str, value: &str, source: io::Error, missing:
 /// thread; the unit allows the agent 64 tasks).
 const MAX_BLOCKED_WRITERS: usize = 8;
 
+/// Why a `memory.high` write was not even queued (see [`ActError::Busy`]).
+const NOT_WRITTEN: &str = "too many memory.high writes are blocked in the kernel; not written";
+
 /// The pool's queue: where jobs go in, and the receiver the workers share.
 type JobQueue = (mpsc::Sender<HighJob>, Arc<Mutex<mpsc::Receiver<HighJob>>>);
 
@@ -398,18 +401,7 @@ impl Writer {
     /// # Errors
     /// See [`Writer::write_verified`].
     pub fn set_cpu_max(&self, rel: &str, percent: Option<f64>) -> Result<(), ActError> {
-        let value = match percent {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "a validated positive percentage of a 100 ms period"
-            )]
-            Some(p) => format!(
-                "{} {CPU_PERIOD_US}",
-                ((p / 100.0 * CPU_PERIOD_US as f64) as u64).max(1000)
-            ),
-            None => format!("max {CPU_PERIOD_US}"),
-        };
+        let value = cpu_max_text(percent);
         self.write_verified(rel, "cpu.max", &value, &value)
     }
 
@@ -464,7 +456,7 @@ impl Writer {
                 return Err(ActError::Busy {
                     path,
                     value: value.to_owned(),
-                    why: "too many memory.high writes are blocked in the kernel; not written",
+                    why: NOT_WRITTEN,
                 });
             }
             files.insert(path.clone(), None);
@@ -1029,6 +1021,18 @@ fn key(cgroup: &str, file: &str) -> String {
     format!("{cgroup}\t{file}")
 }
 
+/// The files cgsentry set on `cgroup` and what they should hold, from an entry's
+/// [`Applied::set`]: only files of [`RESTORABLE`] (a journal is data; it never
+/// chooses which files root writes).
+fn guarded(set: &BTreeMap<String, String>, cgroup: &str) -> Vec<(String, String)> {
+    set.iter()
+        .filter_map(|(k, v)| {
+            let (c, file) = k.rsplit_once('\t')?;
+            (c == cgroup && RESTORABLE.contains(&file)).then(|| (file.to_owned(), v.clone()))
+        })
+        .collect()
+}
+
 /// What entry's offender had in place that its new quarantine `q` does not keep by
 /// itself: the caps cgsentry set on the origin (the tightest limits of the origin and
 /// its ancestors are kept already; `cpu.weight` is not one), and its freeze (moving
@@ -1037,13 +1041,7 @@ fn key(cgroup: &str, file: &str) -> String {
 fn carry_over(w: &Writer, entry: &mut Applied, q: &str, report: &mut Report) {
     use std::fmt::Write as _;
     let origin = entry.cgroup.clone();
-    let prefix = format!("{origin}\t");
-    let caps: Vec<(String, String)> = entry
-        .set
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
-        .collect();
-    for (file, want) in caps {
+    for (file, want) in guarded(&entry.set, &origin) {
         if w.read(q, &file).ok().flatten().as_deref() != Some(want.as_str()) {
             match w.restore(q, &file, &want) {
                 Ok(()) => {
@@ -1062,19 +1060,29 @@ fn carry_over(w: &Writer, entry: &mut Applied, q: &str, report: &mut Report) {
             }
             Err(e) => report.errors.push(e.to_string()),
         }
-        if let Err(e) = w.set_frozen(&origin, false) {
-            report.errors.push(e.to_string());
+        match w.set_frozen(&origin, false) {
+            Ok(_) | Err(ActError::Gone { .. }) => {}
+            Err(e) => report.errors.push(e.to_string()),
         }
     }
 }
 
-/// The most processes of one delegated offender remembered from tick to tick.
+/// Whether a process found outside its offender's cgroup is still in the cgroup it
+/// was found in.
+fn stray_still_there(w: &Writer, stray: &Moved) -> bool {
+    w.cgroup_of(stray.pid).as_deref() == Some(stray.from.as_str())
+}
+
+/// The most processes of one delegated offender remembered from tick to tick, and
+/// followed out of it at once.
 const SEEN_MAX: usize = 4096;
 
-/// `pid` and the processes of cgroup `cgroup` that descend from it (by their parent
-/// pids in `/proc/PID/stat`): a process moved out of its cgroup took none of its
-/// children, but those it forked since were born where it went.
-fn with_descendants(w: &Writer, pid: u32, cgroup: &str) -> Vec<u32> {
+/// The processes in `escaped` (pid → the cgroup it was moved to) and those of the same
+/// cgroups that descend from them (by the parent pids in `/proc/PID/stat`): a process
+/// moved out took none of its children, but those it forked since were born where it
+/// went. Each cgroup is read once; at most [`SEEN_MAX`].
+fn with_descendants(w: &Writer, escaped: &[(u32, String)]) -> Vec<Moved> {
+    use std::collections::{HashMap, HashSet};
     let parent_of = |p: u32| -> Option<u32> {
         let stat = std::fs::read_to_string(w.proc_root.join(p.to_string()).join("stat")).ok()?;
         // `pid (comm) state ppid …`: comm may hold anything, the last `)` ends it.
@@ -1085,58 +1093,76 @@ fn with_descendants(w: &Writer, pid: u32, cgroup: &str) -> Vec<u32> {
             .parse()
             .ok()
     };
-    let others: Vec<(u32, Option<u32>)> = w
-        .procs(cgroup)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| *p != pid)
-        .map(|p| (p, parent_of(p)))
-        .collect();
-    let mut out = vec![pid];
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for (p, parent) in &others {
-            if !out.contains(p) && parent.is_some_and(|pp| out.contains(&pp)) {
-                out.push(*p);
-                grew = true;
+    let mut out = Vec::new();
+    let mut taken = HashSet::new();
+    let mut by_cgroup: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for (pid, to) in escaped {
+        by_cgroup.entry(to.as_str()).or_default().push(*pid);
+    }
+    for (cgroup, roots) in by_cgroup {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for p in w
+            .procs(cgroup)
+            .unwrap_or_default()
+            .into_iter()
+            .take(4 * SEEN_MAX)
+        {
+            if let Some(parent) = parent_of(p) {
+                children.entry(parent).or_default().push(p);
             }
         }
+        let mut todo: std::collections::VecDeque<u32> = roots.into();
+        while let Some(p) = todo.pop_front() {
+            if out.len() >= SEEN_MAX {
+                return out;
+            }
+            if untouchable(p) || !taken.insert(p) {
+                continue;
+            }
+            out.push(Moved {
+                pid: p,
+                from: cgroup.to_owned(),
+            });
+            todo.extend(children.remove(&p).unwrap_or_default());
+        }
     }
-    out.retain(|p| !untouchable(*p));
     out
 }
 
 /// A file cgsentry set that holds something else now.
 struct Drift {
     file: String,
-    found: String,
+    /// What it holds (`None`: the file is gone while its cgroup is not: its controller
+    /// was turned off in the parent).
+    found: Option<String>,
     want: String,
-    /// The file's owner (see [`Writer::owner`]).
+    /// Who could have changed it: the file's owner, or for a file gone, the owner of
+    /// the parent's `cgroup.subtree_control` (see [`Writer::owner`]).
     owner: Option<u32>,
 }
 
 /// What changed in `target`'s files since cgsentry set them (see [`Actuator::enforce`]).
 fn drifted(w: &Writer, a: &Applied, target: &str) -> Vec<Drift> {
-    let prefix = format!("{target}\t");
-    let mut wanted: Vec<(String, String)> = a
-        .set
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_owned(), v.clone())))
-        .collect();
+    let mut wanted = guarded(&a.set, target);
     if a.frozen.as_deref() == Some(target) {
         wanted.push(("cgroup.freeze".into(), "1".into()));
     }
+    let parent = target.rsplit_once('/').map_or("/", |(p, _)| p);
+    let parent = if parent.is_empty() { "/" } else { parent };
     wanted
         .into_iter()
         .filter(|(file, _)| !w.writing(target, file))
         .filter_map(|(file, want)| {
-            let found = w.read(target, &file).ok().flatten()?;
-            (found != want).then(|| Drift {
-                owner: w.owner(target, &file),
+            let found = w.read(target, &file).ok()?;
+            let owner = match found {
+                Some(_) => w.owner(target, &file),
+                None => w.owner(parent, "cgroup.subtree_control"),
+            };
+            (found.as_deref() != Some(want.as_str())).then_some(Drift {
                 file,
                 found,
                 want,
+                owner,
             })
         })
         .collect()
@@ -1150,22 +1176,24 @@ fn in_force(w: &Writer, set: &mut BTreeMap<String, String>, cgroup: &str, file: 
     }
 }
 
-/// Records the `memory.high` cgsentry asked for: once written, or while the write is
-/// still blocked in the kernel (or queued behind one that is), since it lands when the
-/// reclaim ends; the value in the file until then is not a drift to undo.
-fn done_or_pending(
-    w: &Writer,
+/// Records in `set` the value `text` cgsentry wrote to `file` when it is the one to
+/// keep: written, or written and then found changed (someone else's value is there:
+/// a drift to undo, not a state to adopt), or for `memory.high` still blocked in the
+/// kernel (or queued behind a write that is), since it lands when the reclaim ends.
+fn asked(
     set: &mut BTreeMap<String, String>,
     cgroup: &str,
-    bytes: u64,
+    file: &str,
+    text: String,
     r: &Result<(), ActError>,
 ) {
-    match r {
-        Ok(()) => in_force(w, set, cgroup, "memory.high"),
-        Err(ActError::Timeout { .. } | ActError::Busy { .. }) => {
-            set.insert(key(cgroup, "memory.high"), memory_high_text(bytes));
-        }
-        Err(_) => {}
+    let keep = match r {
+        Ok(()) | Err(ActError::Verify { .. } | ActError::Timeout { .. }) => true,
+        Err(ActError::Busy { why, .. }) => *why != NOT_WRITTEN,
+        Err(_) => false,
+    };
+    if keep {
+        set.insert(key(cgroup, file), text);
     }
 }
 
@@ -1173,6 +1201,22 @@ fn done_or_pending(
 fn memory_high_text(bytes: u64) -> String {
     let page = procfs::page_size();
     (bytes / page * page).to_string()
+}
+
+/// `cpu.max` at `percent` of one CPU (`None`: "max"), as the kernel shows it.
+fn cpu_max_text(percent: Option<f64>) -> String {
+    match percent {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a validated positive percentage of a 100 ms period"
+        )]
+        Some(p) => format!(
+            "{} {CPU_PERIOD_US}",
+            ((p / 100.0 * CPU_PERIOD_US as f64) as u64).max(1000)
+        ),
+        None => format!("max {CPU_PERIOD_US}"),
+    }
 }
 
 /// All of it, persisted.
@@ -1521,12 +1565,12 @@ impl Actuator {
         done: &mut Vec<String>,
         errors: &mut Vec<String>,
     ) {
-        let mut put = |what: String, file: &str, r: Result<(), ActError>| {
+        let mut put = |what: String, file: &str, text: String, r: Result<(), ActError>| {
+            asked(set, target, file, text, &r);
             match r {
                 Ok(()) => done.push(what),
                 Err(e) => errors.push(e.to_string()),
             }
-            in_force(w, set, target, file);
         };
         // No more swap first: a memory.high below the usage then reclaims only what can
         // go without I/O and returns at once, instead of paging the offender out onto a
@@ -1535,6 +1579,7 @@ impl Actuator {
             put(
                 format!("memory.swap.max {mib} MiB"),
                 "memory.swap.max",
+                (mib << 20).to_string(),
                 w.set_swap_max(target, mib),
             );
         }
@@ -1542,6 +1587,7 @@ impl Actuator {
             put(
                 format!("pids.max {n}"),
                 "pids.max",
+                n.to_string(),
                 w.set_pids_max(target, Some(n)),
             );
         }
@@ -1549,6 +1595,7 @@ impl Actuator {
             put(
                 format!("cpu.max {p} %"),
                 "cpu.max",
+                cpu_max_text(Some(p)),
                 w.set_cpu_max(target, Some(p)),
             );
         }
@@ -1556,6 +1603,7 @@ impl Actuator {
             put(
                 format!("cpu.weight {weight}"),
                 "cpu.weight",
+                weight.to_string(),
                 w.set_cpu_weight(target, weight),
             );
         }
@@ -1566,12 +1614,12 @@ impl Actuator {
                 reason = "a validated positive percentage of a byte count"
             )]
             let bytes = (mem as f64 * p / 100.0) as u64;
-            let r = w.set_memory_high(target, bytes);
-            done_or_pending(w, set, target, bytes, &r);
-            match r {
-                Ok(()) => done.push(format!("memory.high {} MiB", bytes >> 20)),
-                Err(e) => errors.push(e.to_string()),
-            }
+            put(
+                format!("memory.high {} MiB", bytes >> 20),
+                "memory.high",
+                memory_high_text(bytes),
+                w.set_memory_high(target, bytes),
+            );
         }
     }
 
@@ -1629,6 +1677,7 @@ impl Actuator {
             errors.push(format!("{e} (carried out all the same)"));
         }
         let writer = self.w.clone();
+        let before = self.journal.entries[i].set.clone();
         carry_out(
             &writer,
             &mut self.journal.entries[i],
@@ -1638,10 +1687,67 @@ impl Actuator {
             &mut done,
             &mut errors,
         );
+        self.claim(i, &before);
         if let Err(e) = self.save() {
             errors.push(e.to_string());
         }
         report(done, errors)
+    }
+
+    /// Entry `i` has just written the files whose values changed in its `set` since
+    /// `before`: it keeps them from now on, and another entry on the same cgroup
+    /// (another rule's ladder) no longer keeps its older value for them (the latest
+    /// write is the one in force; two entries keeping two values would undo each
+    /// other every tick).
+    fn claim(&mut self, i: usize, before: &BTreeMap<String, String>) {
+        let changed: Vec<String> = self.journal.entries[i]
+            .set
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (j, other) in self.journal.entries.iter_mut().enumerate() {
+            if j != i {
+                for k in &changed {
+                    other.set.remove(k);
+                }
+            }
+        }
+    }
+
+    /// After `gone`'s release restored what its cgroups held before it, the other
+    /// entries on them (another rule's ladder) get their caps and freeze back at once:
+    /// the release of one rule does not lift another's.
+    fn reassert(&self, gone: &Applied, report: &mut Report) {
+        use std::fmt::Write as _;
+        let cgroups = [Some(gone.cgroup.as_str()), gone.quarantine.as_deref()];
+        for other in self.journal.entries.iter().filter(|o| !o.dry_run) {
+            for c in cgroups.into_iter().flatten() {
+                if other.target() != c || !other.still_ours(&self.w, c) {
+                    continue;
+                }
+                for (file, want) in guarded(&other.set, c) {
+                    if self.w.read(c, &file).ok().flatten().as_deref() == Some(want.as_str()) {
+                        continue;
+                    }
+                    match self.w.restore(c, &file, &want) {
+                        Ok(()) => {
+                            let _ =
+                                write!(report.done, ", kept rule {}'s {file} {want}", other.rule);
+                        }
+                        Err(e) => report.errors.push(e.to_string()),
+                    }
+                }
+                if other.frozen.as_deref() == Some(c) && !self.w.is_frozen(c) {
+                    match self.w.set_frozen(c, true) {
+                        Ok(_) => {
+                            let _ = write!(report.done, ", kept rule {}'s freeze", other.rule);
+                        }
+                        Err(e) => report.errors.push(e.to_string()),
+                    }
+                }
+            }
+        }
     }
 
     /// Records in entry `i` what step `d` is about to do (the journal is saved next,
@@ -1762,7 +1868,8 @@ impl Actuator {
     pub fn release(&mut self, r: &Release) -> Option<Report> {
         let i = self.find(&r.cgroup, &r.rule, r.cgroup_id)?;
         let a = self.journal.entries.remove(i);
-        let report = undo(&self.w, &a);
+        let mut report = undo(&self.w, &a);
+        self.reassert(&a, &mut report);
         if let Err(e) = self.save() {
             warn!("{e}");
         }
@@ -1790,6 +1897,11 @@ impl Actuator {
     /// entry with nothing to relax (no freeze, no `memory.high`) is released whole.
     pub fn relax(&mut self, r: &Release, room: u64) -> Option<Report> {
         let i = self.find(&r.cgroup, &r.rule, r.cgroup_id)?;
+        let before = self.journal.entries[i].set.clone();
+        // Another rule's freeze of the same cgroup stays.
+        let frozen_by_another = self.journal.entries.iter().enumerate().any(|(j, o)| {
+            j != i && o.frozen.is_some() && o.frozen == self.journal.entries[i].frozen
+        });
         let a = &mut self.journal.entries[i];
         let target = a.target().to_owned();
         let capped = a.originals.contains_key(&key(&target, "memory.high"));
@@ -1798,7 +1910,7 @@ impl Actuator {
         }
         let (mut done, mut errors) = (Vec::new(), Vec::new());
         let memory_current = self.w.memory_current(&target);
-        if let Some(f) = a.frozen.take() {
+        if let Some(f) = a.frozen.take().filter(|_| !frozen_by_another) {
             match self.w.set_frozen(&f, false) {
                 Ok(_) => done.push(format!("thawed {f}")),
                 Err(ActError::Gone { .. }) => {}
@@ -1814,7 +1926,13 @@ impl Actuator {
             let bytes = mem + (room as f64 * RELAX_SHARE) as u64;
             let r = self.w.set_memory_high(&target, bytes);
             // The widened cap is the one to keep from now on (not the old one put back).
-            done_or_pending(&self.w, &mut a.set, &target, bytes, &r);
+            asked(
+                &mut a.set,
+                &target,
+                "memory.high",
+                memory_high_text(bytes),
+                &r,
+            );
             match r {
                 Ok(()) => done.push(format!("memory.high widened to {} MiB", bytes >> 20)),
                 Err(e) => errors.push(e.to_string()),
@@ -1831,6 +1949,7 @@ impl Actuator {
             done: done.join(", "),
             errors,
         };
+        self.claim(i, &before);
         if let Err(e) = self.save() {
             warn!("{e}");
         }
@@ -1854,13 +1973,22 @@ impl Actuator {
     /// A `memory.high` write still blocked in the kernel is not a change.
     pub fn enforce(&mut self) -> Vec<Report> {
         let mut out = Vec::new();
+        // A cgroup being killed (thawed for its SIGTERM) is left to the kill.
+        let killing: Vec<String> = self
+            .journal
+            .entries
+            .iter()
+            .filter(|a| a.kill_deadline.is_some())
+            .map(|a| a.target().to_owned())
+            .collect();
         for i in 0..self.journal.entries.len() {
             let a = &self.journal.entries[i];
             let target = a.target().to_owned();
             let ours = a.still_ours(&self.w, &target);
-            // A cgroup gone since the last tick may have been emptied by its user.
+            // A cgroup gone or replaced since the last tick may have been emptied by
+            // its user (and made anew at the same path).
             if a.dry_run
-                || a.kill_deadline.is_some()
+                || killing.contains(&target)
                 || self.never.contains_key(&target)
                 || (!ours && a.seen.is_empty())
             {
@@ -1880,36 +2008,44 @@ impl Actuator {
             for (pid, to) in &escaped {
                 done.push(format!("process {pid} was moved out of {target} to {to}"));
             }
+            let mut delegated = escaped.first().and(self.journal.entries[i].delegated_to);
             for d in &drift {
+                let user = d.owner.filter(|u| *u != 0);
+                let found = d
+                    .found
+                    .as_deref()
+                    .unwrap_or("nothing (its controller was turned off)");
+                let by = user.map_or_else(|| "root or systemd".to_owned(), |u| format!("uid {u}"));
+                let what = format!("{} was changed to {found} (by {by})", d.file);
+                if d.file == "cgroup.freeze" && user.is_some() {
+                    // Her manager thaws a frozen unit to stop it: frozen again, its
+                    // processes could not act on the SIGTERM that follows. The caps
+                    // hold; the ladder goes on from there.
+                    done.push(format!(
+                        "{what}; left thawed: a user manager thaws a unit it stops"
+                    ));
+                    self.journal.entries[i].frozen = None;
+                    continue;
+                }
+                delegated = delegated.or(user);
                 let put = if d.file == "cgroup.freeze" {
                     self.w.set_frozen(&target, true).map(|_| ())
                 } else {
                     self.w.restore(&target, &d.file, &d.want)
                 };
-                let by = match d.owner {
-                    Some(0) | None => "root or systemd".to_owned(),
-                    Some(uid) => format!("uid {uid}, its owner"),
-                };
-                done.push(format!(
-                    "{} was changed to {} (by {by}); {}",
-                    d.file,
-                    d.found,
-                    match put {
-                        Ok(()) => format!("put back to {}", d.want),
-                        Err(ActError::Timeout { .. }) => format!("putting back {}", d.want),
-                        // Its stop must not wait for processes cgsentry holds.
-                        Err(ActError::Stopping { .. }) => "left so: systemd is stopping it".into(),
-                        Err(e) => {
-                            errors.push(e.to_string());
-                            "not put back".to_owned()
-                        }
+                done.push(match put {
+                    Ok(()) => format!("{what}; put back to {}", d.want),
+                    Err(ActError::Timeout { .. }) => format!("{what}; putting back {}", d.want),
+                    // Its stop must not wait for processes cgsentry holds.
+                    Err(ActError::Stopping { .. }) => {
+                        format!("{what}; left so: systemd is stopping it")
                     }
-                ));
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        format!("{what}; not put back")
+                    }
+                });
             }
-            let delegated = drift
-                .iter()
-                .find_map(|d| d.owner.filter(|u| *u != 0))
-                .or_else(|| escaped.first().and(self.journal.entries[i].delegated_to));
             if let Some(uid) = delegated
                 && self.journal.entries[i].quarantine.is_none()
             {
@@ -1944,9 +2080,10 @@ impl Actuator {
     }
 
     /// The processes of entry `i`'s offender, contained in place in a cgroup delegated
-    /// to a user, that she moved out since the last tick to another of her cgroups
-    /// (one whose `cgroup.procs` is hers: a move by root is root's business), with
-    /// where they are now.
+    /// to a user, that she moved out since the last tick (out of its subtree, or into
+    /// a cgroup made anew at its path) to another of her cgroups (one whose
+    /// `cgroup.procs` is hers: a move by root is root's business), with where they are
+    /// now.
     fn escaped(&mut self, i: usize, target: &str, ours: bool) -> Vec<(u32, String)> {
         let w = &self.w;
         let a = &mut self.journal.entries[i];
@@ -1962,18 +2099,20 @@ impl Actuator {
         };
         a.delegated_to = Some(uid);
         let mut now = if ours {
-            w.procs(target).unwrap_or_default()
+            w.procs_below(target).unwrap_or_default()
         } else {
             Vec::new()
         };
         let here: std::collections::HashSet<u32> = now.iter().copied().collect();
+        let below = format!("{}/", target.trim_end_matches('/'));
         let out = a
             .seen
             .iter()
             .filter(|p| !here.contains(p) && !untouchable(**p))
             .filter_map(|&p| {
                 let to = w.cgroup_of(p)?;
-                (to != target && w.owner(&to, "cgroup.procs") == Some(uid)).then_some((p, to))
+                let inside = ours && (to == target || to.starts_with(&below));
+                (!inside && w.owner(&to, "cgroup.procs") == Some(uid)).then_some((p, to))
             })
             .collect();
         now.truncate(SEEN_MAX);
@@ -1987,17 +2126,7 @@ impl Actuator {
     fn escalate(&mut self, index: usize, uid: u32, escaped: &[(u32, String)]) -> Report {
         let writer = self.w.clone();
         let entry = &mut self.journal.entries[index];
-        entry.strays = escaped
-            .iter()
-            .flat_map(|(pid, from)| {
-                with_descendants(&writer, *pid, from)
-                    .into_iter()
-                    .map(|pid| Moved {
-                        pid,
-                        from: from.clone(),
-                    })
-            })
-            .collect();
+        entry.strays = with_descendants(&writer, escaped);
         let origin = entry.cgroup.clone();
         let decision = Decision {
             cgroup_id: entry.cgroup_id.unwrap_or(0),
@@ -2394,9 +2523,12 @@ fn quarantine(
     Actuator::limits(w, q, step, memory_current, &mut entry.set, done, errors);
     let (mut moved, mut vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
     // The offender's processes found elsewhere (a user moved them out of its cgroup).
+    let began: std::collections::HashSet<u32> = entry.moved.iter().map(|m| m.pid).collect();
     for stray in std::mem::take(&mut entry.strays) {
-        if entry.moved.iter().any(|m| m.pid == stray.pid) {
-            continue; // the scope began with it
+        // Not the one the scope began with, and still where it was found (a pid that
+        // exited since may be anyone's now).
+        if began.contains(&stray.pid) || !stray_still_there(w, &stray) {
+            continue;
         }
         match w.move_pid(q, stray.pid) {
             Ok(true) => {
@@ -2490,7 +2622,13 @@ fn quarantine_scope(
     let first = w
         .procs(&entry.cgroup)?
         .into_iter()
-        .chain(entry.strays.iter().map(|m| m.pid))
+        .chain(
+            entry
+                .strays
+                .iter()
+                .filter(|m| stray_still_there(w, m))
+                .map(|m| m.pid),
+        )
         .find(|p| !untouchable(*p))
         .ok_or_else(|| ActError::Systemd {
             unit: name.to_owned(),
@@ -2503,11 +2641,6 @@ fn quarantine_scope(
         .collect();
     w.start_scope(q, (&entry.cgroup, part_of), &[first], &limits)?;
     entry.quarantine_id = w.id_of(q);
-    for (file, value) in &kept {
-        if crate::systemd::property_for(file, value).is_some() {
-            in_force(w, &mut entry.set, q, file);
-        }
-    }
     // systemd moves the process once the scope's cgroup exists: a moment later.
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until
@@ -2515,6 +2648,13 @@ fn quarantine_scope(
             .is_ok_and(|left| left.contains(&first))
     {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // systemd set the scope's properties before it moved the process: what they
+    // made the files hold is what the scope keeps.
+    for (file, value) in &kept {
+        if crate::systemd::property_for(file, value).is_some() {
+            in_force(w, &mut entry.set, q, file);
+        }
     }
     if w.procs(q).is_ok_and(|inside| inside.contains(&first)) {
         let from = entry
@@ -3180,7 +3320,11 @@ mod tests {
         w.write_raw("/app", "memory.high", "max").unwrap();
         let r = act.enforce();
         assert_eq!(r.len(), 1, "{r:?}");
-        assert!(r[0].done.contains("(by uid 1000, its owner)"), "{r:?}");
+        assert!(
+            r[0].done
+                .contains("memory.high was changed to max (by uid 1000)"),
+            "{r:?}"
+        );
         assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
         let q = "/cgsentry.slice/quarantine-app";
         let a = &act.entries()[0];
@@ -3205,42 +3349,52 @@ mod tests {
         assert_eq!(holds(&w, q, "cpu.weight"), "10");
     }
 
-    /// Contained in place in her own cgroup, a user moves the offender to another of
-    /// hers (out of the caps, without touching a file): it is followed, with the
-    /// children it forked there since, into quarantine; her other processes there
-    /// stay. A move by root (to a cgroup of root's) is not followed.
-    #[test]
-    fn processes_a_user_moves_out_of_her_capped_cgroup_are_followed() {
+    /// Process `pid` (child of `ppid`) in `cgroup`, as `/proc` below `proc` shows it.
+    fn task(proc: &Path, pid: u32, parent: u32, cgroup: &str) {
+        let d = proc.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+        std::fs::write(d.join("stat"), format!("{pid} (a) b) S {parent} 1 1 0")).unwrap();
+    }
+
+    /// Cgroup `rel` holding `procs`, made (if need be) by alice (uid 1000), whose
+    /// `cgroup.procs` she owns.
+    fn hers(w: &Writer, rel: &str, procs: &str) {
+        std::fs::create_dir_all(w.dir(rel)).unwrap();
+        let f = w.dir(rel).join("cgroup.procs");
+        std::fs::write(&f, procs).unwrap();
+        nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(1000)), None).unwrap();
+    }
+
+    /// Alice's /app (processes 101 and its child 102) capped in place, and seen once by
+    /// the guard; the tree, its writer, its `/proc` and the actuator.
+    fn her_capped_app() -> (tempfile::TempDir, Writer, PathBuf, Actuator) {
         let (dir, w) = tree_as_root();
         let proc = dir.path().join("proc");
-        let task = |pid: u32, ppid: u32, cgroup: &str| {
-            let d = proc.join(pid.to_string());
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
-            std::fs::write(d.join("stat"), format!("{pid} (a) b) S {ppid} 1 1 0")).unwrap();
-        };
-        task(101, 1, "/app");
-        task(102, 101, "/app");
-        let other = w.dir("/other");
-        std::fs::create_dir(&other).unwrap();
-        std::fs::write(other.join("cgroup.procs"), "").unwrap();
-        let alice = Some(nix::unistd::Uid::from_raw(1000));
-        for f in [
-            w.dir("/app").join("cgroup.procs"),
-            other.join("cgroup.procs"),
-        ] {
-            nix::unistd::chown(&f, alice, None).unwrap();
-        }
+        task(&proc, 101, 1, "/app");
+        task(&proc, 102, 101, "/app");
+        hers(&w, "/app", "101\n102\n");
         let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
         act.w = act.w.clone().with_proc_root(&proc);
         capped(&mut act);
         assert!(act.enforce().is_empty(), "nothing moved yet");
+        (dir, w, proc, act)
+    }
+
+    /// Contained in place in her own cgroup, a user moves the offender to another of
+    /// hers (out of the caps, without touching a file): it is followed, with the
+    /// children it forked there since, into quarantine; her other processes there
+    /// stay. So when she moved every process out and her manager removed the emptied
+    /// cgroup, or made a new one at its path.
+    #[test]
+    fn processes_a_user_moves_out_of_her_capped_cgroup_are_followed() {
+        let (_dir, w, proc, mut act) = her_capped_app();
         // She moves 101 to /other, where it forks 103; 104 was hers there already.
-        std::fs::write(w.dir("/app").join("cgroup.procs"), "102\n").unwrap();
-        std::fs::write(other.join("cgroup.procs"), "104\n101\n103\n").unwrap();
-        task(101, 1, "/other");
-        task(103, 101, "/other");
-        task(104, 1, "/other");
+        hers(&w, "/app", "102\n");
+        hers(&w, "/other", "104\n101\n103\n");
+        task(&proc, 101, 1, "/other");
+        task(&proc, 103, 101, "/other");
+        task(&proc, 104, 1, "/other");
         let r = act.enforce();
         assert_eq!(r.len(), 1, "{r:?}");
         assert!(
@@ -3262,17 +3416,11 @@ mod tests {
         );
 
         // She moved every process out, and her manager removed the empty cgroup.
-        let mut act = Actuator::open(dir.path(), &dir.path().join("j2"), "q.slice");
-        act.w = act.w.clone().with_proc_root(&proc);
-        std::fs::write(w.dir("/app").join("cgroup.procs"), "101\n102\n").unwrap();
-        task(101, 1, "/app");
-        task(102, 101, "/app");
-        capped(&mut act);
-        assert!(act.enforce().is_empty());
+        let (_dir, w, proc, mut act) = her_capped_app();
         std::fs::remove_dir_all(w.dir("/app")).unwrap();
-        std::fs::write(other.join("cgroup.procs"), "101\n102\n").unwrap();
-        task(101, 1, "/other");
-        task(102, 101, "/other");
+        hers(&w, "/other", "101\n102\n");
+        task(&proc, 101, 1, "/other");
+        task(&proc, 102, 101, "/other");
         let r = act.enforce();
         assert!(
             r[0].done
@@ -3280,34 +3428,134 @@ mod tests {
             "{r:?}"
         );
         let a = &act.entries()[0];
-        assert_eq!(
-            a.quarantine.as_deref(),
-            Some("/q.slice/quarantine-app"),
-            "{r:?}"
-        );
+        assert!(a.quarantine.is_some(), "{r:?}");
         let moved: Vec<(u32, &str)> = a.moved.iter().map(|m| (m.pid, m.from.as_str())).collect();
         assert_eq!(moved, vec![(101, "/other"), (102, "/other")], "{r:?}");
 
-        // A move by root to root's cgroup is root's business.
-        let (dir, w) = tree();
-        let proc = dir.path().join("proc");
-        let task = |pid: u32, cgroup: &str| {
-            let d = proc.join(pid.to_string());
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
-        };
-        task(101, "/app");
-        nix::unistd::chown(&w.dir("/app").join("cgroup.procs"), alice, None).unwrap();
+        // Out, then back into a cgroup she made anew at the same path.
+        let (_dir, w, _proc, mut act) = her_capped_app();
+        // (Made before the old one goes: a new inode, as a new cgroup has a new id.)
+        hers(&w, "/new", "101\n102\n");
+        std::fs::remove_dir_all(w.dir("/app")).unwrap();
+        std::fs::rename(w.dir("/new"), w.dir("/app")).unwrap();
+        let r = act.enforce();
+        assert!(
+            r[0].done
+                .contains("process 101 was moved out of /app to /app"),
+            "{r:?}"
+        );
+        assert!(act.entries()[0].quarantine.is_some(), "{r:?}");
+    }
+
+    /// What is not an escape: a move within the offender's own subtree (a `Delegate=`
+    /// service's jobs in sub-cgroups), and a move by root to a cgroup of root's. The
+    /// same fixture then shows her own move followed.
+    #[test]
+    fn moves_within_the_subtree_or_by_root_are_not_escapes() {
+        let (_dir, w, proc, mut act) = her_capped_app();
+        // Into a job cgroup below hers.
+        task(&proc, 101, 1, "/app/job");
+        for (cgroup, procs) in [("/app", "102\n"), ("/app/job", "101\n")] {
+            hers(&w, cgroup, procs);
+        }
+        assert!(act.enforce().is_empty());
         std::fs::create_dir(w.dir("/root")).unwrap();
         std::fs::write(w.dir("/root").join("cgroup.procs"), "101\n").unwrap();
-        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
-        act.w = act.w.clone().with_proc_root(&proc);
-        capped(&mut act);
-        assert!(act.enforce().is_empty());
-        std::fs::write(w.dir("/app").join("cgroup.procs"), "102\n").unwrap();
-        task(101, "/root");
+        hers(&w, "/app/job", "");
+        task(&proc, 101, 1, "/root");
         assert!(act.enforce().is_empty());
         assert!(act.entries()[0].quarantine.is_none());
+        hers(&w, "/app", "");
+        hers(&w, "/other", "102\n");
+        task(&proc, 102, 1, "/other");
+        let r = act.enforce();
+        let moved: Vec<u32> = act.entries()[0].moved.iter().map(|m| m.pid).collect();
+        assert_eq!(moved, vec![102], "{r:?}");
+    }
+
+    /// Her manager thaws a frozen unit of hers to stop it: frozen again, its processes
+    /// could not act on the SIGTERM that follows. A thaw of her own cgroup is left so
+    /// (the caps hold), and no quarantine follows from it.
+    #[test]
+    fn a_user_thawing_her_own_cgroup_is_not_fought() {
+        let (dir, w) = tree_as_root();
+        let f = w.dir("/app").join("cgroup.freeze");
+        nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(1000)), None).unwrap();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        capped(&mut act);
+        act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
+        w.write_raw("/app", "cgroup.freeze", "0").unwrap();
+        let r = act.enforce();
+        assert!(r[0].done.contains("left thawed"), "{r:?}");
+        assert_eq!(holds(&w, "/app", "cgroup.freeze"), "0");
+        let a = &act.entries()[0];
+        assert!(a.quarantine.is_none() && a.frozen.is_none(), "{r:?}");
+        assert!(act.enforce().is_empty());
+    }
+
+    /// Two rules' ladders on one cgroup: the latest write is the one kept (no fight
+    /// between their values), and the release of one does not lift the other's cap.
+    /// A journal's `set` names only files cgsentry changes: a forged one is never
+    /// written.
+    #[test]
+    fn two_rules_on_one_cgroup_and_forged_keys() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        capped(&mut act);
+        let tighter = Step {
+            memory_high_percent: Some(50.0),
+            ..step(Action::Throttle)
+        };
+        let d = Decision {
+            rule: "r2".into(),
+            ..decision(Action::Throttle, 0, tighter)
+        };
+        act.apply(&d, Some(300 << 20));
+        assert_eq!(holds(&w, "/app", "memory.high"), "157286400");
+        assert!(act.enforce().is_empty(), "no fight");
+        assert!(act.enforce().is_empty(), "no fight");
+        // r's release restores what /app held before r ("max"): r2's cap comes back.
+        let r = act.release(&full_release("/app", 0)).expect("r's entry");
+        assert!(
+            r.done.contains("kept rule r2's memory.high 157286400"),
+            "{r:?}"
+        );
+        assert_eq!(holds(&w, "/app", "memory.high"), "157286400");
+        assert!(act.enforce().is_empty());
+
+        // Forged: a journal asking for cgroup.procs and a path out of the tree.
+        let (dir, w) = tree();
+        let journal = dir.path().join("j");
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        capped(&mut act);
+        let file = journal.join("journal.json");
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text = text.replace(
+            "\"/app\\tpids.max\"",
+            "\"/app\\tcgroup.procs\": \"1\", \"/app\\t../../x\": \"y\", \"/app\\tpids.max\"",
+        );
+        assert!(text.contains("cgroup.procs"), "{text}");
+        std::fs::write(&file, text).unwrap();
+        let mut act = Actuator::open(dir.path(), &journal, "cgsentry.slice");
+        assert!(act.enforce().is_empty());
+        assert_eq!(holds(&w, "/app", "cgroup.procs"), "101\n102");
+        assert!(!dir.path().join("x").exists());
+    }
+
+    /// A controller turned off in the parent takes the capped files with it: that is a
+    /// drift, named, not silence.
+    #[test]
+    fn a_controller_turned_off_is_a_drift() {
+        let (dir, w) = tree();
+        let mut act = Actuator::open(dir.path(), &dir.path().join("j"), "cgsentry.slice");
+        capped(&mut act);
+        std::fs::remove_file(w.dir("/app").join("pids.max")).unwrap();
+        let r = act.enforce();
+        assert!(
+            r[0].done
+                .contains("pids.max was changed to nothing (its controller was turned off)"),
+            "{r:?}"
+        );
     }
 
     /// Incident D's release: capped (memory, pids, no swap) and frozen; relaxed =
