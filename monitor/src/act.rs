@@ -2643,10 +2643,7 @@ fn quarantine_scope(
     entry.quarantine_id = w.id_of(q);
     // systemd moves the process once the scope's cgroup exists: a moment later.
     let until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < until
-        && w.procs(&entry.cgroup)
-            .is_ok_and(|left| left.contains(&first))
-    {
+    while Instant::now() < until && !w.procs(q).is_ok_and(|inside| inside.contains(&first)) {
         std::thread::sleep(Duration::from_millis(20));
     }
     // systemd set the scope's properties before it moved the process: what they
