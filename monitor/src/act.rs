@@ -1042,13 +1042,12 @@ fn carry_over(w: &Writer, entry: &mut Applied, q: &str, report: &mut Report) {
     use std::fmt::Write as _;
     let origin = entry.cgroup.clone();
     for (file, want) in guarded(&entry.set, &origin) {
-        if w.read(q, &file).ok().flatten().as_deref() != Some(want.as_str()) {
-            match w.restore(q, &file, &want) {
-                Ok(()) => {
-                    let _ = write!(report.done, ", {file} {want} on {q}");
-                }
-                Err(e) => report.errors.push(e.to_string()),
+        match ensure(w, q, &file, &want) {
+            Ok(true) => {
+                let _ = write!(report.done, ", {file} {want} on {q}");
             }
+            Ok(false) => {}
+            Err(e) => report.errors.push(e.to_string()),
         }
         in_force(w, &mut entry.set, q, &file);
     }
@@ -1067,6 +1066,15 @@ fn carry_over(w: &Writer, entry: &mut Applied, q: &str, report: &mut Report) {
     }
 }
 
+/// Makes `file` of `cgroup` hold `want` when it holds something else; `Ok(true)`:
+/// it was written.
+fn ensure(w: &Writer, cgroup: &str, file: &str, want: &str) -> Result<bool, ActError> {
+    if w.read(cgroup, file).ok().flatten().as_deref() == Some(want) {
+        return Ok(false);
+    }
+    w.restore(cgroup, file, want).map(|()| true)
+}
+
 /// Whether a process found outside its offender's cgroup is still in the cgroup it
 /// was found in.
 fn stray_still_there(w: &Writer, stray: &Moved) -> bool {
@@ -1083,15 +1091,13 @@ const SEEN_MAX: usize = 4096;
 /// went. Each cgroup is read once; at most [`SEEN_MAX`].
 fn with_descendants(w: &Writer, escaped: &[(u32, String)]) -> Vec<Moved> {
     use std::collections::{HashMap, HashSet};
+    // The same reader of /proc/PID/stat as the collector's (a comm may hold anything).
     let parent_of = |p: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(w.proc_root.join(p.to_string()).join("stat")).ok()?;
-        // `pid (comm) state ppid …`: comm may hold anything, the last `)` ends it.
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        let stat = procfs::process::Process::new_with_root(w.proc_root.join(p.to_string()))
+            .ok()?
+            .stat()
+            .ok()?;
+        u32::try_from(stat.ppid).ok()
     };
     let mut out = Vec::new();
     let mut taken = HashSet::new();
@@ -1727,14 +1733,12 @@ impl Actuator {
                     continue;
                 }
                 for (file, want) in guarded(&other.set, c) {
-                    if self.w.read(c, &file).ok().flatten().as_deref() == Some(want.as_str()) {
-                        continue;
-                    }
-                    match self.w.restore(c, &file, &want) {
-                        Ok(()) => {
+                    match ensure(&self.w, c, &file, &want) {
+                        Ok(true) => {
                             let _ =
                                 write!(report.done, ", kept rule {}'s {file} {want}", other.rule);
                         }
+                        Ok(false) => {}
                         Err(e) => report.errors.push(e.to_string()),
                     }
                 }
@@ -3214,6 +3218,16 @@ mod tests {
         assert!(r.errors.is_empty(), "{r:?}");
     }
 
+    /// The guard's one report of a tick that finds `saying` and quarantines alice's
+    /// /app for it.
+    fn escalated(act: &mut Actuator, saying: &str) -> Vec<Report> {
+        let r = act.enforce();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].done.contains(saying), "{r:?}");
+        assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
+        r
+    }
+
     /// [`tree`], for a test that chowns its files to a user.
     fn tree_as_root() -> (tempfile::TempDir, Writer) {
         assert!(
@@ -3315,14 +3329,7 @@ mod tests {
         capped(&mut act);
         act.apply(&decision(Action::Freeze, 1, step(Action::Freeze)), None);
         w.write_raw("/app", "memory.high", "max").unwrap();
-        let r = act.enforce();
-        assert_eq!(r.len(), 1, "{r:?}");
-        assert!(
-            r[0].done
-                .contains("memory.high was changed to max (by uid 1000)"),
-            "{r:?}"
-        );
-        assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
+        let r = escalated(&mut act, "memory.high was changed to max (by uid 1000)");
         let q = "/cgsentry.slice/quarantine-app";
         let a = &act.entries()[0];
         assert_eq!(a.quarantine.as_deref(), Some(q), "{r:?}");
@@ -3351,7 +3358,10 @@ mod tests {
         let d = proc.join(pid.to_string());
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
-        std::fs::write(d.join("stat"), format!("{pid} (a) b) S {parent} 1 1 0")).unwrap();
+        // A whole line, as the kernel writes it (a comm with `) ` in it).
+        let rest = "1 1 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 1000 10000000 500 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0";
+        std::fs::write(d.join("stat"), format!("{pid} (a) b) S {parent} {rest}\n")).unwrap();
     }
 
     /// Cgroup `rel` holding `procs`, made (if need be) by alice (uid 1000), whose
@@ -3392,14 +3402,7 @@ mod tests {
         task(&proc, 101, 1, "/other");
         task(&proc, 103, 101, "/other");
         task(&proc, 104, 1, "/other");
-        let r = act.enforce();
-        assert_eq!(r.len(), 1, "{r:?}");
-        assert!(
-            r[0].done
-                .contains("process 101 was moved out of /app to /other"),
-            "{r:?}"
-        );
-        assert!(r[0].done.contains("/app is delegated to uid 1000"), "{r:?}");
+        let r = escalated(&mut act, "process 101 was moved out of /app to /other");
         let a = &act.entries()[0];
         assert_eq!(
             a.quarantine.as_deref(),
