@@ -594,6 +594,7 @@ impl Guard {
                 ReleaseStage::Full => self.actuator.release(r),
             });
         }
+        actions.extend(self.actuator.widen_as_freed());
         actions.extend(self.actuator.enforce());
         actions.extend(self.actuator.tick());
         for a in &actions {

@@ -531,11 +531,13 @@ fn operator_step(
     let began = Instant::now();
     let ran = Command::new(&op.program).args(&op.command).output();
     busy.push((began, Instant::now()));
+    let took = began.elapsed().as_secs_f64();
+    metrics.insert(key("operator_took_s"), json!(took));
     match ran {
         Ok(out) => {
             let code = out.status.code().unwrap_or(-1);
             say(&format!(
-                "operator: `{shown}` at {:.1} s: exit {code}",
+                "operator: `{shown}` at {:.1} s: exit {code} after {took:.1} s",
                 elapsed.as_secs_f64()
             ));
             for l in String::from_utf8_lossy(&out.stdout)
@@ -1020,6 +1022,23 @@ pub fn vm_run(path: &Path) -> Result<()> {
             json!(mem_peak.get(&r.cgroup).copied().unwrap_or(0)),
         );
         let lines = r.lines.lock().unwrap();
+        // The most a leak said it held: its footprint wherever it is charged (a
+        // quarantine's cgroup starts at 0 while the origin keeps what it had).
+        let leaked = lines
+            .iter()
+            .filter(|(_, l)| l["workload"] == "leak")
+            .filter_map(|(_, l)| l["mib"].as_u64())
+            .max();
+        if let Some(mib) = leaked {
+            metrics.insert(format!("leak_mib_max:{}", r.name), json!(mib));
+            // How far it grew beyond the most its own cgroup was ever charged: what a
+            // quarantine (or a cgroup it was moved to) let it take on top.
+            let peak = mem_peak.get(&r.cgroup).copied().unwrap_or(0);
+            metrics.insert(
+                format!("leak_mib_beyond_own_cgroup:{}", r.name),
+                json!(mib.saturating_sub(peak)),
+            );
+        }
         if let Some((_, last)) = lines.last() {
             metrics.insert(format!("last:{}", r.name), last.clone());
             if last["workload"] == "heartbeat" {

@@ -142,7 +142,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Operator>, 
 /// 60s`; or `systemctl daemon-reload`) run once, `after_s` after `when_capped`'s
 /// memory.high is first below max (the agent has throttled it). Metrics, each with
 /// `:<name>` when the step has a name: `operator_exit` (its exit code), `operator_s`
-/// (when, since the run started), `kept_limits` (the cgroup's memory.high, pids.max,
+/// (when, since the run started), `operator_took_s` (how long it ran), `kept_limits` (the cgroup's memory.high, pids.max,
 /// memory.swap.max and cpu.weight are what they were before the command),
 /// `procs_after` (processes left in the cgroup and below it once the command
 /// returned), `alive_after` (of the processes it had when first capped or just
