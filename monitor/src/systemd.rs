@@ -151,6 +151,29 @@ impl Bus {
         result
     }
 
+    /// `unit`'s stop timeout in µs (a service's or a scope's; `None`: another kind,
+    /// or not answered).
+    fn stop_timeout(&mut self, unit: &str) -> Option<u64> {
+        let interface = match unit.rsplit_once('.').map(|(_, kind)| kind) {
+            Some("service") => "org.freedesktop.systemd1.Service",
+            Some("scope") => "org.freedesktop.systemd1.Scope",
+            _ => return None,
+        };
+        self.with(|c| {
+            let path = ManagerBlocking::new(c)?.get_unit(unit)?;
+            let value = zbus::blocking::fdo::PropertiesProxy::builder(c)
+                .destination("org.freedesktop.systemd1")?
+                .path(path)?
+                .build()?
+                .get(
+                    zbus::names::InterfaceName::from_static_str(interface)?,
+                    "TimeoutStopUSec",
+                )?;
+            Ok(u64::try_from(value)?)
+        })
+        .ok()
+    }
+
     /// `f`'s outcome for `unit`: when systemd refused, [`Refusal::Stopping`] if the unit
     /// is being stopped.
     fn outcome(
@@ -548,9 +571,9 @@ impl Systemd {
     /// Starts the transient scope `name` in `slice` with `pids` in it (systemd moves
     /// them), `limits` (properties, as [`property_for`] names them) set on its cgroup
     /// before they enter, described as the quarantine of `origin`, and
-    /// `PartOf=part_of` when given: a `systemctl stop` or restart of the unit the
-    /// processes came from ends them in quarantine too, as it would have where they
-    /// were.
+    /// `PartOf=part_of` (and its stop timeout) when given: a `systemctl stop` or
+    /// restart of the unit the processes came from ends them in quarantine too, as it
+    /// would have where they were.
     ///
     /// # Errors
     /// systemd refused (a unit of that name exists, a PID is gone…), or did not
@@ -579,6 +602,13 @@ impl Systemd {
             ];
             if let Some(unit) = &part_of {
                 properties.push(("PartOf", Value::from(vec![unit.as_str()])));
+                // Stopped with that unit, its processes here get the time to end that
+                // they had there (`TimeoutStopSec=`; a scope's own default is
+                // systemd's, 90 s): an offender held by its memory cap may take all of
+                // it to get to its SIGTERM, then SIGKILL ends it as it would have.
+                if let Some(usec) = bus.stop_timeout(unit) {
+                    properties.push(("TimeoutStopUSec", Value::U64(usec)));
+                }
             }
             properties.extend(limits.iter().map(|(k, v)| (*k, Value::U64(*v))));
             Ok(bus.outcome(&name, |m| {
