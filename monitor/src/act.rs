@@ -941,6 +941,9 @@ pub struct Applied {
     /// raised back towards them ([`Actuator::widen_as_freed`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub whole_caps: BTreeMap<String, u64>,
+    /// The last failure to widen them, while it lasts (reported once).
+    #[serde(skip)]
+    pub widen_failed: Option<String>,
     /// The last drift [`Actuator::enforce`] reported, while it lasts: the same one (a
     /// file that cannot be put back, a unit systemd is stopping) is not logged again
     /// every tick.
@@ -1011,8 +1014,6 @@ impl Applied {
         }
     }
 
-    /// Whether `cgroup` is still the one this entry acted on: it exists, and its id is
-    /// the one recorded (an entry from before ids were kept trusts the path).
     /// Remembers `whole` as the offender's cap that `file` of its quarantine `q` holds
     /// less what it left behind (see [`Applied::whole_caps`]); `None`: it holds the
     /// cap itself, nothing to widen.
@@ -1023,6 +1024,22 @@ impl Applied {
         };
     }
 
+    /// What a step's limits on `target` wrote replaces what was there to widen:
+    /// `memory.high` (`high`, see [`Actuator::limits`]) and the step's own
+    /// `memory.swap.max`. A file the step did not write keeps its record.
+    fn after_limits(&mut self, target: &str, step: &Step, high: High) {
+        match high {
+            High::NotWritten => {}
+            High::Whole => self.record_whole(target, "memory.high", None),
+            High::Less { whole } => self.record_whole(target, "memory.high", Some(whole)),
+        }
+        if step.swap_max_mib.is_some() {
+            self.record_whole(target, "memory.swap.max", None);
+        }
+    }
+
+    /// Whether `cgroup` is still the one this entry acted on: it exists, and its id is
+    /// the one recorded (an entry from before ids were kept trusts the path).
     fn still_ours(&self, w: &Writer, cgroup: &str) -> bool {
         let is_ours = cgroup == self.cgroup || self.quarantine.as_deref() == Some(cgroup);
         match (is_ours, w.id_of(cgroup), self.recorded_id(cgroup)) {
@@ -1545,6 +1562,7 @@ impl Actuator {
             own_dropins,
             set: BTreeMap::new(),
             whole_caps: BTreeMap::new(),
+            widen_failed: None,
             last_drift: None,
             seen: Vec::new(),
             delegated_to: None,
@@ -1604,8 +1622,7 @@ impl Actuator {
 
     /// Limits of a step on `target` (originals remembered and journaled before); what
     /// is in force afterwards goes into `set` (see [`Applied::set`]).
-    /// Returns the whole `memory.high` cap when `target` holds it less what the
-    /// offender left charged elsewhere.
+    /// Returns what it did to `memory.high` (see [`High`]).
     fn limits(
         w: &Writer,
         target: &str,
@@ -1614,7 +1631,7 @@ impl Actuator {
         set: &mut BTreeMap<String, String>,
         done: &mut Vec<String>,
         errors: &mut Vec<String>,
-    ) -> Option<u64> {
+    ) -> High {
         // The memory.high to write (last), and the whole cap when it is less.
         let mut whole = None;
         let mut high = None;
@@ -1690,15 +1707,16 @@ impl Actuator {
                 w.set_cpu_weight(target, weight),
             );
         }
-        if let Some((bytes, what)) = high {
-            put(
-                what,
-                "memory.high",
-                memory_high_text(bytes),
-                w.set_memory_high(target, bytes),
-            );
-        }
-        whole
+        let Some((bytes, what)) = high else {
+            return High::NotWritten;
+        };
+        put(
+            what,
+            "memory.high",
+            memory_high_text(bytes),
+            w.set_memory_high(target, bytes),
+        );
+        whole.map_or(High::Whole, |whole| High::Less { whole })
     }
 
     /// Carries out one decision. `memory_current` is the offender's memory now (for
@@ -2058,6 +2076,9 @@ impl Actuator {
                 || !from_origin
                 || !a.still_ours(&w, &a.cgroup)
                 || !a.still_ours(&w, &q)
+                // Unreadable (going away, its memory controller turned off) is not
+                // freed: its pages are still charged, to it or to its parent.
+                || w.memory_current(&a.cgroup).is_none()
             {
                 continue;
             }
@@ -2065,29 +2086,36 @@ impl Actuator {
             let mut done = Vec::new();
             let mut errors = Vec::new();
             for (k, whole) in a.whole_caps.clone() {
-                let Some((c, file)) = k.rsplit_once('\t') else {
+                let Some((cgroup, file)) = k.rsplit_once('\t') else {
                     continue;
                 };
                 let have = a.set.get(&k).and_then(|v| v.parse::<u64>().ok());
                 let want: u64 = less_left_behind(file, &whole.to_string(), behind)
                     .parse()
                     .unwrap_or(0);
-                if c != q || have.is_none_or(|h| want < h.saturating_add(whole / 16)) {
+                if cgroup != q || have.is_none_or(|h| want < h.saturating_add(whole / 16)) {
                     continue;
                 }
                 let text = memory_high_text(want);
-                match w.restore(&q, file, &text) {
-                    Ok(()) => {
-                        done.push(format!(
-                            "{file} {} MiB of the offender's {} MiB",
-                            want >> 20,
-                            whole >> 20
-                        ));
-                        a.set.insert(k, text);
-                    }
+                let result = w.restore(&q, file, &text);
+                // A write still blocked in the kernel lands later: the guard keeps
+                // what it will write, as for any other (see `asked`).
+                asked(&mut a.set, &q, file, text, &result);
+                match result {
+                    Ok(()) => done.push(format!(
+                        "{file} {} MiB of the offender's {} MiB",
+                        want >> 20,
+                        whole >> 20
+                    )),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
+            // The same failure is reported once, not every tick.
+            let failed = (!errors.is_empty()).then(|| errors.join("; "));
+            if failed.is_some() && failed == a.widen_failed {
+                errors.clear();
+            }
+            a.widen_failed = failed;
             if done.is_empty() && errors.is_empty() {
                 continue;
             }
@@ -2522,8 +2550,8 @@ fn carry_out(
     match intent {
         Intent::None => {}
         Intent::Throttle(target) => {
-            let memory = footprint(writer, &entry.cgroup, &target, memory_current);
-            let whole = Actuator::limits(
+            let memory = footprint(writer, entry, &target, memory_current);
+            let high = Actuator::limits(
                 writer,
                 &target,
                 &d.params,
@@ -2532,7 +2560,7 @@ fn carry_out(
                 done,
                 errors,
             );
-            entry.record_whole(&target, "memory.high", whole);
+            entry.after_limits(&target, &d.params, high);
         }
         Intent::Quarantine(q) => {
             quarantine(writer, entry, &q, &d.params, memory_current, done, errors);
@@ -2613,7 +2641,7 @@ fn quarantine(
 ) {
     // Before anything moves: its processes gone, a user's manager removes her
     // emptied scope at once, and what it had charged goes with it.
-    let memory = footprint(w, &entry.cgroup, q, memory_current);
+    let memory = footprint(w, entry, q, memory_current);
     let mut fresh = entry.quarantine_id.is_none();
     let scope = is_scope_quarantine(q);
     // A scope systemd ended once it was empty (its processes gone) is started anew
@@ -2644,6 +2672,8 @@ fn quarantine(
                 // said so). debian-quarantine once had its leak reach the OOM killer
                 // here, with a one-step ladder and no quarantine at all.
                 let parent = q.rsplit_once('/').map_or("/", |(p, _)| p).to_owned();
+                let scope_files = format!("{q}\t");
+                entry.whole_caps.retain(|k, _| !k.starts_with(&scope_files));
                 q = free_quarantine_path(&parent, &entry.cgroup, "", |p| w.dir(p).exists());
                 entry.quarantine = Some(q.clone());
                 started = false;
@@ -2694,8 +2724,8 @@ fn quarantine(
             }
         }
     }
-    let whole = Actuator::limits(w, q, step, memory, &mut entry.set, done, errors);
-    entry.record_whole(q, "memory.high", whole);
+    let high = Actuator::limits(w, q, step, memory, &mut entry.set, done, errors);
+    entry.after_limits(q, step, high);
     let (mut moved, mut vanished) = move_all(w, &entry.cgroup, q, &mut entry.moved, errors);
     // The offender's processes found elsewhere (a user moved them out of its cgroup).
     let began: std::collections::HashSet<u32> = entry.moved.iter().map(|m| m.pid).collect();
@@ -2879,7 +2909,9 @@ const MIN_CAP: u64 = 1 << 20;
 /// with its mm lock held blocks the readers of its `/proc` files). An eighth keeps
 /// the gentle landing, at most an eighth above the cap.
 fn quarantine_cap(cap: u64, behind: u64) -> u64 {
-    cap.saturating_sub(behind).max(cap / 8)
+    cap.saturating_sub(behind)
+        .max(cap / 8)
+        .max(MIN_CAP.min(cap))
 }
 
 /// What the offender leaves charged behind when its processes move to a quarantine,
@@ -2977,26 +3009,48 @@ fn behind_note(behind: (u64, u64), origin: &str) -> String {
     }
 }
 
-/// The offender's memory for a step's `memory_high_percent` on `target`:
+/// The entry's offender's memory for a step's `memory_high_percent` on `target`:
 /// `memory_current` (the origin's, from the snapshot) where it is; in its quarantine,
 /// what is charged to both, with the part it left behind (see [`left_behind`]) to
 /// take off the quarantine's cap.
 fn footprint(
     w: &Writer,
-    origin: &str,
+    entry: &Applied,
     target: &str,
     memory_current: Option<u64>,
 ) -> Option<Footprint> {
     let total = memory_current?;
+    let origin = entry.cgroup.as_str();
     if target == origin {
         return Some(Footprint { total, behind: 0 });
     }
+    let here = w.memory_current(target).unwrap_or(0);
+    // A cgroup made anew at the origin's path (a service restarted) holds nothing of
+    // the offender's: what is charged where it is now is all that counts.
+    if w.id_of(origin).is_some() && !entry.still_ours(w, origin) {
+        return Some(Footprint {
+            total: here,
+            behind: 0,
+        });
+    }
     // The origin as the tick saw it when it is gone since.
-    let total = w.memory_current(origin).unwrap_or(total) + w.memory_current(target).unwrap_or(0);
+    let total = w.memory_current(origin).unwrap_or(total) + here;
     Some(Footprint {
         total,
         behind: left_behind(w, origin, &[]).0,
     })
+}
+
+/// What a step's limits did to `memory.high`.
+#[derive(Clone, Copy, Debug)]
+enum High {
+    NotWritten,
+    /// Written with the whole cap.
+    Whole,
+    /// Written with `whole` less what the offender left charged elsewhere.
+    Less {
+        whole: u64,
+    },
 }
 
 /// An offender's memory: all of it, and what of it is charged to a cgroup it is no
@@ -4770,6 +4824,25 @@ mod tests {
             again.entries()[0].whole_caps.get(&key(&q, "memory.high")),
             Some(&(400 * MIB))
         );
+
+        // A later step's own swap cap is its own (not widened back); the memory caps
+        // it did not write still widen.
+        let no_swap = Step {
+            swap_max_mib: Some(0),
+            ..step(Action::Throttle)
+        };
+        act.apply(&decision(Action::Throttle, 2, no_swap), Some(300 * MIB));
+        assert_eq!(mib(&q, "memory.swap.max"), Some(0));
+        charged(100, 60);
+        let r = act.widen_as_freed();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(mib(&q, "memory.high"), Some(400 - 60));
+        assert_eq!(mib(&q, "memory.swap.max"), Some(0), "{r:?}");
+        // An origin whose memory reads nothing (going away, its controller off) has
+        // not freed anything.
+        std::fs::remove_file(app.join("memory.current")).unwrap();
+        assert!(act.widen_as_freed().is_empty());
+        assert_eq!(mib(&q, "memory.high"), Some(400 - 60));
     }
 
     /// Two offenders whose paths give the same quarantine name get two quarantines.
