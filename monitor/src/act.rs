@@ -547,7 +547,13 @@ impl Writer {
     /// `memory.current` in bytes (`None`: gone or unreadable).
     #[must_use]
     pub fn memory_current(&self, rel: &str) -> Option<u64> {
-        self.read(rel, "memory.current").ok()??.parse().ok()
+        self.read_u64(rel, "memory.current")
+    }
+
+    /// A file holding one number (`None`: gone, unreadable or not a number).
+    #[must_use]
+    pub fn read_u64(&self, rel: &str, file: &str) -> Option<u64> {
+        self.read(rel, file).ok()??.parse().ok()
     }
 
     /// `memory.swap.max` in MiB (0: the cgroup's pages stay in RAM from now on).
@@ -1024,6 +1030,16 @@ impl Applied {
         };
     }
 
+    /// The offender's cap `whole` of `file`, as its quarantine `q` is to hold it: less
+    /// what it left `behind` (see [`less_left_behind`]), the whole cap remembered when
+    /// it is less.
+    fn lowered_for(&mut self, q: &str, file: &str, whole: &str, behind: (u64, u64)) -> String {
+        let value = less_left_behind(file, whole, behind);
+        let less = (value != whole).then(|| whole.parse().ok()).flatten();
+        self.record_whole(q, file, less);
+        value
+    }
+
     /// What a step's limits on `target` wrote replaces what was there to widen:
     /// `memory.high` (`high`, see [`Actuator::limits`]) and the step's own
     /// `memory.swap.max`. A file the step did not write keeps its record.
@@ -1067,8 +1083,8 @@ fn guarded(set: &BTreeMap<String, String>, cgroup: &str) -> Vec<(String, String)
 }
 
 /// What entry's offender had in place that its new quarantine `q` does not keep by
-/// itself: the caps cgsentry set on the origin (less what it left `behind`, see
-/// [`left_behind`], read before it moved) (the tightest limits of the origin and
+/// itself: the caps cgsentry set on the origin, less what it left `behind` (see
+/// [`left_behind`], read before it moved; the tightest limits of the origin and
 /// its ancestors are kept already; `cpu.weight` is not one), and its freeze (moving
 /// thawed the processes: the quarantine is frozen instead, and the empty origin
 /// thawed, so that the processes a release moves back do not land frozen).
@@ -1077,12 +1093,7 @@ fn carry_over(w: &Writer, entry: &mut Applied, q: &str, behind: (u64, u64), repo
     let origin = entry.cgroup.clone();
     let mut noted = false;
     for (file, whole) in guarded(&entry.set, &origin) {
-        let want = less_left_behind(&file, &whole, behind);
-        entry.record_whole(
-            q,
-            &file,
-            (want != whole).then(|| whole.parse().ok()).flatten(),
-        );
+        let want = entry.lowered_for(q, &file, &whole, behind);
         match ensure(w, q, &file, &want) {
             Ok(true) => {
                 let _ = write!(report.done, ", {file} {want} on {q}");
@@ -1263,8 +1274,13 @@ fn asked(
 
 /// `memory.high` for `bytes`, as the kernel keeps it (rounded down to pages).
 fn memory_high_text(bytes: u64) -> String {
+    in_pages(bytes).to_string()
+}
+
+/// `bytes` rounded down to whole pages, as the kernel keeps a memory limit.
+fn in_pages(bytes: u64) -> u64 {
     let page = procfs::page_size();
-    (bytes / page * page).to_string()
+    bytes / page * page
 }
 
 /// `cpu.max` at `percent` of one CPU (`None`: "max"), as the kernel shows it.
@@ -2090,9 +2106,7 @@ impl Actuator {
                     continue;
                 };
                 let have = a.set.get(&k).and_then(|v| v.parse::<u64>().ok());
-                let want: u64 = less_left_behind(file, &whole.to_string(), behind)
-                    .parse()
-                    .unwrap_or(0);
+                let want = in_pages(lowered(file, whole, behind).unwrap_or(whole));
                 if cgroup != q || have.is_none_or(|h| want < h.saturating_add(whole / 16)) {
                     continue;
                 }
@@ -2702,12 +2716,7 @@ fn quarantine(
             let mut kept = Vec::new();
             let behind = left_behind(w, &entry.cgroup, &stray_pids(w, entry));
             for (file, whole) in origin_limits(w, &entry.cgroup) {
-                let value = less_left_behind(file, &whole, behind);
-                entry.record_whole(
-                    q,
-                    file,
-                    (value != whole).then(|| whole.parse().ok()).flatten(),
-                );
+                let value = entry.lowered_for(q, file, &whole, behind);
                 match w.write_verified(q, file, &value, &value) {
                     Ok(()) => {
                         kept.push(format!("{file} {value}"));
@@ -2842,15 +2851,7 @@ fn quarantine_scope(
     let behind = left_behind(w, &entry.cgroup, &stray_pids(w, entry));
     let kept: Vec<(&'static str, String)> = origin_limits(w, &entry.cgroup)
         .into_iter()
-        .map(|(file, whole)| {
-            let value = less_left_behind(file, &whole, behind);
-            entry.record_whole(
-                q,
-                file,
-                (value != whole).then(|| whole.parse().ok()).flatten(),
-            );
-            (file, value)
-        })
+        .map(|(file, whole)| (file, entry.lowered_for(q, file, &whole, behind)))
         .collect();
     let limits: Vec<(&'static str, u64)> = kept
         .iter()
@@ -2927,30 +2928,19 @@ fn quarantine_cap(cap: u64, behind: u64) -> u64 {
 /// origin's charge is the exact figure for the rest, where forked processes sharing
 /// pages would count them many times over). Nothing readable: 0.
 fn left_behind(w: &Writer, cgroup: &str, strays: &[u32]) -> (u64, u64) {
+    // Parsed as the collector does; unreadable or malformed: nothing reclaimable.
     let stat: HashMap<String, u64> = w
         .read(cgroup, "memory.stat")
         .ok()
         .flatten()
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| {
-                    let (k, v) = l.split_once(' ')?;
-                    Some((k.to_owned(), v.trim().parse().ok()?))
-                })
-                .collect()
-        })
+        .and_then(|t| crate::cgroupfs::parse_keyed(&t).ok())
         .unwrap_or_default();
     let reclaimable: u64 = ["active_file", "inactive_file", "slab_reclaimable"]
         .iter()
         .filter_map(|k| stat.get(*k))
         .sum();
     let memory = w.memory_current(cgroup).unwrap_or(0);
-    let swap = w
-        .read(cgroup, "memory.swap.current")
-        .ok()
-        .flatten()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
+    let swap = w.read_u64(cgroup, "memory.swap.current").unwrap_or(0);
     let (mut rss, mut swapped) = (0, 0);
     for p in strays.iter().take(SEEN_MAX) {
         let status = procfs::process::Process::new_with_root(w.proc_root.join(p.to_string()))
@@ -2969,18 +2959,24 @@ fn left_behind(w: &Writer, cgroup: &str, strays: &[u32]) -> (u64, u64) {
 /// `value` of the cap `file` for a quarantine, less what the offender keeps charged to
 /// its origin (`behind`, see [`left_behind`]): memory caps as [`quarantine_cap`] says,
 /// swap's to 0 (`memory.swap.max` only stops more swapping), in pages as the kernel
-/// keeps them: the cap holds the offender, wherever its pages are charged. A quarantine given the cap as it was let the offender allocate
-/// all of it again: debian-user-quarantine's leak went from ~400 MiB when quarantined
-/// to 776 MiB under a cap of ~400. `max` and other files stay as they are.
+/// keeps them: the cap holds the offender, wherever its pages are charged. A
+/// quarantine given the cap as it was let the offender allocate all of it again:
+/// debian-user-quarantine's leak went from ~400 MiB when quarantined to 776 MiB under
+/// a cap of ~400. `max` and other files stay as they are.
 fn less_left_behind(file: &str, value: &str, behind: (u64, u64)) -> String {
-    let cap = |v: u64| match file {
+    match value.parse().ok().and_then(|v| lowered(file, v, behind)) {
+        Some(v) => memory_high_text(v),
+        None => value.to_owned(),
+    }
+}
+
+/// The cap `v` of `file` less what was left `behind` (see [`less_left_behind`]);
+/// `None`: nothing to take off.
+fn lowered(file: &str, v: u64, behind: (u64, u64)) -> Option<u64> {
+    match file {
         "memory.high" | "memory.max" if behind.0 > 0 => Some(quarantine_cap(v, behind.0)),
         "memory.swap.max" if behind.1 > 0 => Some(v.saturating_sub(behind.1)),
         _ => None,
-    };
-    match value.parse::<u64>().ok().and_then(cap) {
-        Some(v) => memory_high_text(v),
-        None => value.to_owned(),
     }
 }
 
